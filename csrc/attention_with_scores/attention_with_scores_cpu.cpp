@@ -1,0 +1,308 @@
+// attention_with_scores on the CPU: exact softmax attention that also returns the
+// attention each key receives, averaged over heads and scored query rows, without
+// ever materialising the [B, H, Nq, Nk] probability tensor.
+//
+// Work is split into tasks (batch, kv head, chunk of query rows). A task keeps its
+// K and V slices in float, and walks its query rows in blocks:
+//  * single pass (Nk <= kSinglePassMaxKeys): S = Q K^T for the block's full key
+//    range lives in a per-thread tile; one exp per element gives P, which feeds both
+//    O = P V and the column sums of the scored rows.
+//  * two passes (longer keys): an online-softmax pass over key blocks gives O and the
+//    row log-sum-exp; a second pass over key blocks, for the scored rows only, sums
+//    exp(s - lse) into the columns.
+// Column sums go to a per-task slot and are reduced in a fixed order afterwards:
+// the result is deterministic and independent of the thread count.
+#include <torch/library.h>
+
+#include "../common/cpu_utils.h"
+
+namespace tokenreduce {
+namespace {
+
+constexpr const char* kOp = "attention_with_scores";
+constexpr int64_t kSinglePassMaxKeys = 4096;
+constexpr int64_t kTileElems = int64_t(1) << 17;  // score tile budget per thread
+constexpr int64_t kKeyBlock = 1024;                // key block of the two-pass path
+constexpr int64_t kTargetTasks = 64;
+
+template <typename acc>
+struct Slice {  // a [rows, cols] row-major view in acc, either borrowed or converted
+  const acc* ptr = nullptr;
+  int64_t ld = 0;
+  std::vector<acc> buf;
+};
+
+// Borrow a [rows, cols] slice of an acc-typed tensor, or convert it into a buffer.
+template <typename scalar_t, typename acc>
+void load_slice(Slice<acc>& s, const scalar_t* base, int64_t row_stride, int64_t rows,
+                int64_t cols) {
+  if constexpr (std::is_same_v<scalar_t, acc>) {
+    if (row_stride >= cols) {
+      s.ptr = base;
+      s.ld = row_stride;
+      return;
+    }
+  }
+  s.buf.resize(std::max<int64_t>(rows * cols, 1));
+  for (int64_t r = 0; r < rows; ++r) load_row(base + r * row_stride, cols, s.buf.data() + r * cols);
+  s.ptr = s.buf.data();
+  s.ld = cols;
+}
+
+template <typename scalar_t>
+void attention_cpu_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                        bool causal, const at::Tensor& bias, const std::vector<double>& row_weight,
+                        at::Tensor& out, at::Tensor& partial, int64_t chunks, int64_t blocks_per_chunk,
+                        int64_t bq) {
+  using acc = acc_t<scalar_t>;
+  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), Dh = q.size(3);
+  const int64_t Hkv = k.size(1), Nk = k.size(2), Dv = v.size(3);
+  const int64_t group = H / Hkv;
+  const int64_t off = Nk - Nq;  // bottom-right causal alignment: row i sees keys j <= i + off
+  const bool single_pass = Nk <= kSinglePassMaxKeys;
+  const acc sc = static_cast<acc>(scale);
+  const scalar_t* qp = q.data_ptr<scalar_t>();
+  const scalar_t* kp = k.data_ptr<scalar_t>();
+  const scalar_t* vp = v.data_ptr<scalar_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  const acc* biasp = bias.defined() ? bias.data_ptr<acc>() : nullptr;
+  acc* partp = partial.data_ptr<acc>();
+  const int64_t ntasks = B * Hkv * chunks;
+  const int64_t nblocks = (Nq + bq - 1) / bq;
+  constexpr acc kNegInf = -std::numeric_limits<acc>::infinity();
+
+  parallel_for_cost(ntasks, group * blocks_per_chunk * bq * Nk * (Dh + Dv), [&](int64_t t0, int64_t t1) {
+    Slice<acc> K, V;
+    const int64_t kb = single_pass ? Nk : std::min(Nk, kKeyBlock);
+    std::vector<acc> Q(bq * Dh), Qs(bq * Dh), S(std::max<int64_t>(bq * kb, 1)), O(bq * Dv), Ot(bq * Dv);
+    std::vector<acc> rmax(bq), rsum(bq), rlse(bq);
+    std::vector<int64_t> scored;
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t c = task % chunks;
+      const int64_t hk = (task / chunks) % Hkv;
+      const int64_t b = task / (chunks * Hkv);
+      acc* colsum = partp + task * Nk;
+      std::fill(colsum, colsum + Nk, acc(0));
+      load_slice<scalar_t, acc>(K, kp + b * k.stride(0) + hk * k.stride(1), k.stride(2), Nk, Dh);
+      load_slice<scalar_t, acc>(V, vp + b * v.stride(0) + hk * v.stride(1), v.stride(2), Nk, Dv);
+      const acc* brow = biasp ? biasp + b * Nk : nullptr;
+      const int64_t blk_end = std::min(nblocks, (c + 1) * blocks_per_chunk);
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        for (int64_t blk = c * blocks_per_chunk; blk < blk_end; ++blk) {
+          const int64_t i0 = blk * bq, m = std::min(bq, Nq - i0);
+          // keys any row of this block may see
+          const int64_t jend = causal ? std::min(Nk, std::max<int64_t>(i0 + m + off, 0)) : Nk;
+          scalar_t* orow0 = op + ((b * H + h) * Nq + i0) * Dv;
+          if (jend <= 0) {
+            std::fill(orow0, orow0 + m * Dv, scalar_t(0));
+            continue;
+          }
+          for (int64_t r = 0; r < m; ++r)
+            load_row_scaled(qp + b * q.stride(0) + h * q.stride(1) + (i0 + r) * q.stride(2), Dh, sc,
+                            Q.data() + r * Dh);
+          // limit of keys row r may see, and the scored-row weights
+          auto row_limit = [&](int64_t r) {
+            return causal ? std::min(jend, std::max<int64_t>(i0 + r + off + 1, 0)) : jend;
+          };
+          if (single_pass) {
+            gemm_abt(Q.data(), Dh, K.ptr, K.ld, S.data(), jend, m, jend, Dh);
+            for (int64_t r = 0; r < m; ++r) {
+              acc* s = S.data() + r * jend;
+              const int64_t lim = row_limit(r);
+              if (brow) {
+#pragma omp simd
+                for (int64_t j = 0; j < lim; ++j) s[j] += brow[j];
+              }
+              acc mx = kNegInf;
+              for (int64_t j = 0; j < lim; ++j) mx = s[j] > mx ? s[j] : mx;
+              if (lim <= 0 || mx == kNegInf) {  // no admissible key: the row is zero
+                std::fill(s, s + jend, acc(0));
+                continue;
+              }
+              acc sum = 0;
+#pragma omp simd reduction(+ : sum)
+              for (int64_t j = 0; j < lim; ++j) {
+                const acc e = fast_exp(s[j] - mx);
+                s[j] = e;
+                sum += e;
+              }
+              std::fill(s + lim, s + jend, acc(0));
+              const acc inv = acc(1) / sum;
+              const acc w = static_cast<acc>(row_weight[i0 + r]);
+#pragma omp simd
+              for (int64_t j = 0; j < lim; ++j) s[j] *= inv;
+              if (w != acc(0)) {
+#pragma omp simd
+                for (int64_t j = 0; j < lim; ++j) colsum[j] += w * s[j];
+              }
+            }
+            gemm_ab(S.data(), jend, V.ptr, V.ld, O.data(), Dv, m, Dv, jend);
+          } else {
+            // pass 1: online softmax over key blocks -> O, row max and sum
+            std::fill(rmax.begin(), rmax.begin() + m, kNegInf);
+            std::fill(rsum.begin(), rsum.begin() + m, acc(0));
+            std::fill(O.begin(), O.begin() + m * Dv, acc(0));
+            for (int64_t j0 = 0; j0 < jend; j0 += kb) {
+              const int64_t n = std::min(kb, jend - j0);
+              gemm_abt(Q.data(), Dh, K.ptr + j0 * K.ld, K.ld, S.data(), n, m, n, Dh);
+              for (int64_t r = 0; r < m; ++r) {
+                acc* s = S.data() + r * n;
+                const int64_t lim = std::min<int64_t>(std::max<int64_t>(row_limit(r) - j0, 0), n);
+                if (brow) {
+#pragma omp simd
+                  for (int64_t j = 0; j < lim; ++j) s[j] += brow[j0 + j];
+                }
+                acc mx = rmax[r];
+                for (int64_t j = 0; j < lim; ++j) mx = s[j] > mx ? s[j] : mx;
+                if (mx == kNegInf) {
+                  std::fill(s, s + n, acc(0));
+                  continue;
+                }
+                const acc corr = fast_exp(rmax[r] - mx);
+                acc sum = 0;
+#pragma omp simd reduction(+ : sum)
+                for (int64_t j = 0; j < lim; ++j) {
+                  const acc e = fast_exp(s[j] - mx);
+                  s[j] = e;
+                  sum += e;
+                }
+                std::fill(s + lim, s + n, acc(0));
+                rsum[r] = rsum[r] * corr + sum;
+                rmax[r] = mx;
+                acc* o = O.data() + r * Dv;
+#pragma omp simd
+                for (int64_t d = 0; d < Dv; ++d) o[d] *= corr;
+              }
+              gemm_ab(S.data(), n, V.ptr + j0 * V.ld, V.ld, Ot.data(), Dv, m, Dv, n);
+              for (int64_t e = 0; e < m * Dv; ++e) O[e] += Ot[e];
+            }
+            scored.clear();
+            for (int64_t r = 0; r < m; ++r) {
+              const acc inv = rsum[r] > acc(0) ? acc(1) / rsum[r] : acc(0);
+              acc* o = O.data() + r * Dv;
+#pragma omp simd
+              for (int64_t d = 0; d < Dv; ++d) o[d] *= inv;
+              rlse[r] = rsum[r] > acc(0) ? rmax[r] + std::log(rsum[r]) : kNegInf;
+              if (row_weight[i0 + r] != 0.0 && rlse[r] != kNegInf) scored.push_back(r);
+            }
+            // pass 2: the scored rows' probabilities, summed into the columns
+            const int64_t ns = static_cast<int64_t>(scored.size());
+            for (int64_t e = 0; e < ns; ++e)
+              std::copy(Q.data() + scored[e] * Dh, Q.data() + (scored[e] + 1) * Dh,
+                        Qs.data() + e * Dh);
+            for (int64_t j0 = 0; ns > 0 && j0 < jend; j0 += kb) {
+              const int64_t n = std::min(kb, jend - j0);
+              gemm_abt(Qs.data(), Dh, K.ptr + j0 * K.ld, K.ld, S.data(), n, ns, n, Dh);
+              for (int64_t e = 0; e < ns; ++e) {
+                const int64_t r = scored[e];
+                const acc* s = S.data() + e * n;
+                const int64_t lim = std::min<int64_t>(std::max<int64_t>(row_limit(r) - j0, 0), n);
+                const acc w = static_cast<acc>(row_weight[i0 + r]), lse = rlse[r];
+                acc* cs = colsum + j0;
+                if (brow) {
+#pragma omp simd
+                  for (int64_t j = 0; j < lim; ++j) cs[j] += w * fast_exp(s[j] + brow[j0 + j] - lse);
+                } else {
+#pragma omp simd
+                  for (int64_t j = 0; j < lim; ++j) cs[j] += w * fast_exp(s[j] - lse);
+                }
+              }
+            }
+          }
+          for (int64_t e = 0; e < m * Dv; ++e) orow0[e] = static_cast<scalar_t>(O[e]);
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_with_scores_cpu(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, double scale,
+    bool causal, const std::optional<at::Tensor>& key_bias,
+    const std::optional<at::Tensor>& score_rows) {
+  check_dim(kOp, "q", q_in, 4, "[B, H, Nq, Dh]");
+  check_dim(kOp, "k", k_in, 4, "[B, Hkv, Nk, Dh]");
+  check_dim(kOp, "v", v_in, 4, "[B, Hkv, Nk, Dv]");
+  check_float(kOp, "q", q_in);
+  TR_CHECK_TYPE("attention_with_scores",
+                k_in.scalar_type() == q_in.scalar_type() && v_in.scalar_type() == q_in.scalar_type(),
+                "q, k and v must share a dtype, got ", q_in.scalar_type(), ", ", k_in.scalar_type(),
+                " and ", v_in.scalar_type());
+  check_device(kOp, "k", k_in, q_in);
+  check_device(kOp, "v", v_in, q_in);
+  const int64_t B = q_in.size(0), H = q_in.size(1), Nq = q_in.size(2), Dh = q_in.size(3);
+  const int64_t Hkv = k_in.size(1), Nk = k_in.size(2), Dv = v_in.size(3);
+  TR_CHECK_VALUE("attention_with_scores", k_in.size(0) == B && v_in.size(0) == B,
+                 "batch sizes differ: q ", q_in.sizes(), ", k ", k_in.sizes(), ", v ", v_in.sizes());
+  TR_CHECK_VALUE("attention_with_scores", k_in.size(3) == Dh, "k's head dim ", k_in.size(3),
+                 " differs from q's ", Dh);
+  TR_CHECK_VALUE("attention_with_scores", v_in.size(1) == Hkv && v_in.size(2) == Nk,
+                 "v ", v_in.sizes(), " must match k ", k_in.sizes(), " in heads and keys");
+  TR_CHECK_VALUE("attention_with_scores", Hkv > 0 && H % Hkv == 0, "q's heads (", H,
+                 ") must be a multiple of k's heads (", Hkv, ")");
+  TR_CHECK_VALUE("attention_with_scores", Nk > 0, "k must hold at least one key");
+
+  at::Tensor bias;
+  if (key_bias.has_value()) {
+    check_float(kOp, "key_bias", *key_bias);
+    check_device(kOp, "key_bias", *key_bias, q_in);
+    TR_CHECK_VALUE("attention_with_scores",
+                   key_bias->dim() == 2 && key_bias->size(0) == B && key_bias->size(1) == Nk,
+                   "key_bias must have shape [B, Nk] = [", B, ", ", Nk, "], got ", key_bias->sizes());
+    bias = key_bias->to(at::toOpMathType(q_in.scalar_type())).contiguous();
+  }
+
+  // weight of each query row in the scores: (times listed) / (H * R)
+  std::vector<double> row_weight(Nq, 0.0);
+  if (score_rows.has_value()) {
+    const at::Tensor& rows_t = *score_rows;
+    check_long(kOp, "score_rows", rows_t);
+    TR_CHECK_VALUE("attention_with_scores", rows_t.dim() == 1 && rows_t.numel() > 0,
+                   "score_rows must be a non-empty 1-D tensor of query positions, got shape ",
+                   rows_t.sizes());
+    const at::Tensor rows = rows_t.cpu().contiguous();
+    const int64_t R = rows.numel();
+    const int64_t* rp = rows.data_ptr<int64_t>();
+    for (int64_t e = 0; e < R; ++e) {
+      int64_t i = rp[e];
+      TR_CHECK_INDEX("attention_with_scores", i >= -Nq && i < Nq, "score_rows[", e, "] = ", i,
+                     " is out of range for Nq = ", Nq);
+      if (i < 0) i += Nq;
+      row_weight[i] += 1.0 / double(H * R);
+    }
+  } else {
+    for (auto& w : row_weight) w = 1.0 / double(H * std::max<int64_t>(Nq, 1));
+  }
+
+  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
+                   v = last_dim_contiguous(v_in);
+  at::Tensor out = at::empty({B, H, Nq, Dv}, q.options());
+  const auto acc_dtype = at::toOpMathType(q.scalar_type());
+
+  const bool single_pass = Nk <= kSinglePassMaxKeys;
+  int64_t bq = single_pass ? std::clamp<int64_t>(kTileElems / Nk, 16, 128) : 64;
+  bq = std::max<int64_t>(std::min(bq, Nq), 1);
+  const int64_t nblocks = (Nq + bq - 1) / bq;
+  const int64_t want = (kTargetTasks + B * Hkv - 1) / std::max<int64_t>(B * Hkv, 1);
+  int64_t chunks = std::max<int64_t>(std::min(nblocks, want), 1);
+  const int64_t blocks_per_chunk = std::max<int64_t>((nblocks + chunks - 1) / chunks, 1);
+  chunks = std::max<int64_t>((nblocks + blocks_per_chunk - 1) / blocks_per_chunk, 1);
+  at::Tensor partial = at::empty({B, Hkv * chunks, Nk}, q.options().dtype(acc_dtype));
+
+  if (B * H * Nq > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_with_scores_cpu", [&] {
+      attention_cpu_impl<scalar_t>(q, k, v, scale, causal, bias, row_weight, out, partial, chunks,
+                                   blocks_per_chunk, bq);
+    });
+    return {out, partial.sum(1)};
+  }
+  return {out, at::zeros({B, Nk}, q.options().dtype(acc_dtype))};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tokenreduce, CPU, m) {
+  m.impl("attention_with_scores", &attention_with_scores_cpu);
+}
+
+}  // namespace tokenreduce

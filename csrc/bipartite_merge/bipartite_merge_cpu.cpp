@@ -1,0 +1,225 @@
+// bipartite_merge on the CPU: ToMe's bipartite soft matching and size-weighted merge.
+//
+//  1. (b, block of A rows) tasks: a GEMM tile of A.B^T cosine scores, reduced at once to
+//     each A token's best B partner (ties to the smaller B index); the score matrix is
+//     never stored beyond the tile.
+//  2. per batch row: stable ranking of the A tokens by best score (ties to the smaller A
+//     index), the output slot of every token (ToMe's order or spatial order), and the
+//     members of every slot by a counting sort (ascending token index).
+//  3. (b, output slot) tasks: the size-weighted mean of the slot's members, summed in a
+//     fixed order: deterministic, no atomics.
+#include <torch/library.h>
+
+#include <algorithm>
+#include <numeric>
+
+#include "../common/cpu_utils.h"
+
+namespace tokenreduce {
+namespace {
+
+constexpr const char* kOp = "bipartite_merge";
+constexpr int64_t kRowBlock = 64;
+
+template <typename scalar_t, typename mscalar_t>
+void bipartite_merge_cpu_impl(const at::Tensor& x, const at::Tensor& metric, const at::Tensor& size,
+                              int64_t r, int64_t protect, bool tome_order, at::Tensor& merged,
+                              at::Tensor& size_out, at::Tensor& source) {
+  using acc = acc_t<scalar_t>;
+  using macc = acc_t<mscalar_t>;
+  const int64_t B = x.size(0), N = x.size(1), D = x.size(2), Dm = metric.size(2);
+  const int64_t Na = (N + 1) / 2, Nb = N / 2, No = N - r;
+  const int64_t pa = (protect + 1) / 2, pb = protect / 2;  // protected A rows / B columns
+
+  // 0. metric rows in float (borrowed when they already are) and their inverse norms
+  const mscalar_t* mp = metric.data_ptr<mscalar_t>();
+  const macc* mrows = nullptr;
+  int64_t mld = 0, mbs = 0;  // row stride, batch stride
+  std::vector<macc> mbuf;
+  if constexpr (std::is_same_v<mscalar_t, macc>) {
+    if (metric.stride(1) >= Dm) {
+      mrows = mp;
+      mld = metric.stride(1);
+      mbs = metric.stride(0);
+    }
+  }
+  if (!mrows) {
+    mbuf.resize(std::max<int64_t>(B * N * Dm, 1));
+    parallel_for_cost(B * N, Dm, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i)
+        load_row(mp + (i / N) * metric.stride(0) + (i % N) * metric.stride(1), Dm,
+                 mbuf.data() + i * Dm);
+    });
+    mrows = mbuf.data();
+    mld = Dm;
+    mbs = N * Dm;
+  }
+  std::vector<macc> inv(B * N);
+  parallel_for_cost(B * N, Dm, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const macc* row = mrows + (i / N) * mbs + (i % N) * mld;
+      const macc s = dot(row, row, Dm);
+      TORCH_CHECK_VALUE(std::isfinite(static_cast<double>(s)),
+                        "tokenreduce.bipartite_merge: metric has a non-finite value (NaN or Inf) in "
+                        "batch ", i / N, ", token ", i % N);
+      inv[i] = inv_norm(s);
+    }
+  });
+
+  // 1. best B partner of every A token
+  std::vector<macc> node_max(B * Na);
+  std::vector<int64_t> node_idx(B * Na);
+  const int64_t nblk = (Na + kRowBlock - 1) / kRowBlock;
+  parallel_for_cost(B * nblk, kRowBlock * Nb * Dm, [&](int64_t t0, int64_t t1) {
+    std::vector<macc> S(kRowBlock * std::max<int64_t>(Nb, 1));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / nblk, a0 = (t % nblk) * kRowBlock, m = std::min(kRowBlock, Na - a0);
+      const macc* base = mrows + b * mbs;
+      gemm_abt(base + 2 * a0 * mld, 2 * mld, base + mld, 2 * mld, S.data(), Nb, m, Nb, Dm);
+      const macc* ib = inv.data() + b * N;
+      for (int64_t e = 0; e < m; ++e) {
+        const int64_t a = a0 + e;
+        ArgMax<macc> am;
+        if (a >= pa) {
+          const macc* s = S.data() + e * Nb;
+          for (int64_t c = pb; c < Nb; ++c) am.push(s[c] * ib[2 * c + 1], c);
+        }
+        node_max[b * Na + a] = am.index >= 0 ? am.value * ib[2 * a] : -std::numeric_limits<macc>::infinity();
+        node_idx[b * Na + a] = std::max<int64_t>(am.index, 0);
+      }
+    }
+  });
+
+  // 2. ranking, slots and slot members
+  int64_t* srcp = source.data_ptr<int64_t>();
+  std::vector<int64_t> offsets(B * (No + 1)), members(B * N);
+  parallel_for_cost(B, 8 * N, [&](int64_t b0, int64_t b1) {
+    std::vector<int64_t> rank(Na), slot_b(Nb), cnt(No + 1);
+    for (int64_t b = b0; b < b1; ++b) {
+      const macc* nm = node_max.data() + b * Na;
+      std::iota(rank.begin(), rank.end(), 0);
+      std::stable_sort(rank.begin(), rank.end(), [&](int64_t i, int64_t j) { return nm[i] > nm[j]; });
+      int64_t* src = srcp + b * N;
+      // rank[0:r] merge; rank[r:] stay
+      if (tome_order) {
+        // protected tokens (index order), unmerged A (index order when protect > 0, else
+        // by descending score, as ToMe), then the unprotected B tokens
+        std::vector<int64_t> unm(rank.begin() + r, rank.end());
+        if (protect > 0) std::sort(unm.begin(), unm.end());
+        int64_t next = protect;
+        for (int64_t a : unm) src[2 * a] = a < pa ? 2 * a : next++;
+        for (int64_t c = 0; c < Nb; ++c) slot_b[c] = c < pb ? 2 * c + 1 : next++;
+      } else {
+        std::vector<uint8_t> gone(N, 0);
+        for (int64_t e = 0; e < r; ++e) gone[2 * rank[e]] = 1;
+        int64_t next = 0;
+        for (int64_t i = 0; i < N; ++i) {
+          if (gone[i]) continue;
+          if (i % 2 == 0) src[i] = next++;
+          else slot_b[i / 2] = next++;
+        }
+      }
+      for (int64_t c = 0; c < Nb; ++c) src[2 * c + 1] = slot_b[c];
+      for (int64_t e = 0; e < r; ++e) {
+        const int64_t a = rank[e];
+        src[2 * a] = slot_b[node_idx[b * Na + a]];
+      }
+      // counting sort of tokens by slot (ascending token index inside a slot)
+      int64_t* off = offsets.data() + b * (No + 1);
+      std::fill(cnt.begin(), cnt.end(), 0);
+      for (int64_t i = 0; i < N; ++i) ++cnt[src[i] + 1];
+      off[0] = 0;
+      for (int64_t s = 0; s < No; ++s) off[s + 1] = off[s] + cnt[s + 1];
+      std::copy(off, off + No, cnt.begin());
+      int64_t* mem = members.data() + b * N;
+      for (int64_t i = 0; i < N; ++i) mem[cnt[src[i]]++] = i;
+    }
+  });
+
+  // 3. size-weighted mean per slot
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  scalar_t* op = merged.data_ptr<scalar_t>();
+  const auto* sp = size.data_ptr<acc>();
+  auto* sop = size_out.data_ptr<acc>();
+  parallel_for_cost(B * No, 2 * D * N / std::max<int64_t>(No, 1), [&](int64_t t0, int64_t t1) {
+    std::vector<acc> row(D);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / No, s = t % No;
+      const int64_t* off = offsets.data() + b * (No + 1);
+      const int64_t* mem = members.data() + b * N;
+      std::fill(row.begin(), row.end(), acc(0));
+      acc total = 0;
+      for (int64_t e = off[s]; e < off[s + 1]; ++e) {
+        const int64_t i = mem[e];
+        const acc w = sp[b * N + i];
+        const scalar_t* xr = xp + b * x.stride(0) + i * x.stride(1);
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) row[d] += w * static_cast<acc>(xr[d]);
+        total += w;
+      }
+      sop[t] = total;
+      const acc inv_total = acc(1) / total;
+      scalar_t* o = op + t * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(row[d] * inv_total);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge_cpu(
+    const at::Tensor& x_in, int64_t r, const std::optional<at::Tensor>& metric_in,
+    const std::optional<at::Tensor>& size_in, int64_t protect, c10::string_view order) {
+  check_dim(kOp, "x", x_in, 3, "[B, N, D]");
+  check_float(kOp, "x", x_in);
+  TR_CHECK_VALUE("bipartite_merge", order == "tome" || order == "spatial",
+                 "order must be \"tome\" or \"spatial\", got \"", std::string(order), "\"");
+  const int64_t B = x_in.size(0), N = x_in.size(1), D = x_in.size(2);
+  TR_CHECK_VALUE("bipartite_merge", protect >= 0 && protect <= N, "protect=", protect,
+                 " must lie in [0, N=", N, "]");
+  TR_CHECK_VALUE("bipartite_merge", r >= 0 && r <= (N - protect) / 2, "r=", r,
+                 " must lie in [0, (N - protect) // 2 = ", (N - protect) / 2, "] (N=", N,
+                 ", protect=", protect, ")");
+  const auto acc_dtype = at::toOpMathType(x_in.scalar_type());
+  at::Tensor metric = metric_in.has_value() ? *metric_in : x_in;
+  if (metric_in.has_value()) {
+    check_float(kOp, "metric", metric);
+    check_device(kOp, "metric", metric, x_in);
+    TR_CHECK_VALUE("bipartite_merge", metric.dim() == 3 && metric.size(0) == B && metric.size(1) == N,
+                   "metric must have shape [B, N, Dm] = [", B, ", ", N, ", Dm], got ", metric.sizes());
+  }
+  at::Tensor size;
+  if (size_in.has_value()) {
+    check_float(kOp, "size", *size_in);
+    check_device(kOp, "size", *size_in, x_in);
+    TR_CHECK_VALUE("bipartite_merge", size_in->dim() == 2 && size_in->size(0) == B && size_in->size(1) == N,
+                   "size must have shape [B, N] = [", B, ", ", N, "], got ", size_in->sizes());
+    size = size_in->to(acc_dtype).contiguous();
+  } else {
+    size = at::ones({B, N}, x_in.options().dtype(acc_dtype));
+  }
+  const at::Tensor x = last_dim_contiguous(x_in);
+  metric = last_dim_contiguous(metric);
+  at::Tensor merged = at::empty({B, N - r, D}, x.options());
+  at::Tensor size_out = at::empty({B, N - r}, x.options().dtype(acc_dtype));
+  at::Tensor source = at::empty({B, N}, x.options().dtype(at::kLong));
+  if (r == 0) {  // nothing merges: ToMe returns the tokens untouched
+    merged.copy_(x);
+    size_out.copy_(size);
+    source.copy_(at::arange(N, source.options()).expand({B, N}));
+    return {merged, size_out, source};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bipartite_merge_cpu", [&] {
+    using xs_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, metric.scalar_type(), "bipartite_merge_cpu_metric", [&] {
+      bipartite_merge_cpu_impl<xs_t, scalar_t>(x, metric, size, r, protect, order == "tome", merged,
+                                               size_out, source);
+    });
+  });
+  return {merged, size_out, source};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tokenreduce, CPU, m) { m.impl("bipartite_merge", &bipartite_merge_cpu); }
+
+}  // namespace tokenreduce

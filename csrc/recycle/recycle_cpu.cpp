@@ -1,0 +1,212 @@
+// recycle on the CPU: pruned (source) tokens join their most similar kept (target)
+// token, or the slot given by `assign`, and each slot becomes the weighted mean of
+// its target and its sources.
+//
+//  1. (b, block of sources) tasks: gather and normalise the sources' feature rows, a
+//     GEMM tile against the normalised targets, arg-max per source (ties to the smaller
+//     target slot). Skipped when `assign` is given.
+//  2. per batch row: counting sort of the sources by slot (ascending source position).
+//  3. (b, slot) tasks: weighted mean of target and sources in a fixed order:
+//     deterministic, no atomics.
+#include <torch/library.h>
+
+#include "../common/cpu_utils.h"
+
+namespace tokenreduce {
+namespace {
+
+constexpr const char* kOp = "recycle";
+constexpr int64_t kRowBlock = 64;
+
+// Normalised feature rows of `idx` (n positions of batch b) into dst [n, Df].
+template <typename fscalar_t, typename acc>
+void gather_normalised(const at::Tensor& f, int64_t b, const int64_t* idx, int64_t n, acc* dst) {
+  const int64_t Df = f.size(2);
+  const fscalar_t* fp = f.data_ptr<fscalar_t>() + b * f.stride(0);
+  for (int64_t e = 0; e < n; ++e) {
+    acc* d = dst + e * Df;
+    load_row(fp + idx[e] * f.stride(1), Df, d);
+    const acc s = dot(d, d, Df);
+    TORCH_CHECK_VALUE(std::isfinite(static_cast<double>(s)),
+                      "tokenreduce.recycle: features have a non-finite value (NaN or Inf) in batch ",
+                      b, ", token ", idx[e]);
+    const acc iv = inv_norm(s);
+#pragma omp simd
+    for (int64_t d2 = 0; d2 < Df; ++d2) d[d2] *= iv;
+  }
+}
+
+template <typename fscalar_t>
+void assign_by_similarity(const at::Tensor& feats, const at::Tensor& target, const at::Tensor& source,
+                          at::Tensor& slot) {
+  using acc = acc_t<fscalar_t>;
+  const int64_t B = target.size(0), T = target.size(1), S = source.size(1), Df = feats.size(2);
+  const int64_t* tp = target.data_ptr<int64_t>();
+  const int64_t* sp = source.data_ptr<int64_t>();
+  int64_t* slp = slot.data_ptr<int64_t>();
+  // normalised targets of every batch row
+  std::vector<acc> tf(std::max<int64_t>(B * T * Df, 1));
+  parallel_for_cost(B, T * Df, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      gather_normalised<fscalar_t, acc>(feats, b, tp + b * T, T, tf.data() + b * T * Df);
+  });
+  const int64_t nblk = (S + kRowBlock - 1) / kRowBlock;
+  parallel_for_cost(B * nblk, kRowBlock * T * Df, [&](int64_t t0, int64_t t1) {
+    std::vector<acc> fs(kRowBlock * Df), sim(kRowBlock * T);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / nblk, s0 = (t % nblk) * kRowBlock, m = std::min(kRowBlock, S - s0);
+      gather_normalised<fscalar_t, acc>(feats, b, sp + b * S + s0, m, fs.data());
+      gemm_abt(fs.data(), Df, tf.data() + b * T * Df, Df, sim.data(), T, m, T, Df);
+      for (int64_t e = 0; e < m; ++e) {
+        ArgMax<acc> am;
+        for (int64_t c = 0; c < T; ++c) am.push(sim[e * T + c], c);
+        slp[b * S + s0 + e] = am.index;
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void aggregate(const at::Tensor& x, const at::Tensor& target, const at::Tensor& source,
+               const at::Tensor& weight, const at::Tensor& slot, bool include_target, at::Tensor& out,
+               at::Tensor& count, at::Tensor& wsum) {
+  using acc = acc_t<scalar_t>;
+  const int64_t B = x.size(0), N = x.size(1), D = x.size(2), T = target.size(1), S = source.size(1);
+  const int64_t* tp = target.data_ptr<int64_t>();
+  const int64_t* sp = source.data_ptr<int64_t>();
+  const int64_t* slp = slot.data_ptr<int64_t>();
+  const acc* wp = weight.defined() ? weight.data_ptr<acc>() : nullptr;
+  // 2. sources grouped by slot
+  std::vector<int64_t> offsets(B * (T + 1)), members(std::max<int64_t>(B * S, 1));
+  parallel_for_cost(B, 4 * S, [&](int64_t b0, int64_t b1) {
+    std::vector<int64_t> cnt(T + 1);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t* sl = slp + b * S;
+      int64_t* off = offsets.data() + b * (T + 1);
+      std::fill(cnt.begin(), cnt.end(), 0);
+      for (int64_t e = 0; e < S; ++e)
+        if (sl[e] >= 0) ++cnt[sl[e] + 1];
+      off[0] = 0;
+      for (int64_t c = 0; c < T; ++c) off[c + 1] = off[c] + cnt[c + 1];
+      std::copy(off, off + T, cnt.begin());
+      int64_t* mem = members.data() + b * S;
+      for (int64_t e = 0; e < S; ++e)
+        if (sl[e] >= 0) mem[cnt[sl[e]]++] = sp[b * S + e];
+    }
+  });
+  // 3. weighted means
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  int64_t* cp = count.data_ptr<int64_t>();
+  acc* wsp = wsum.data_ptr<acc>();
+  parallel_for_cost(B * T, 2 * D * (S + T) / std::max<int64_t>(T, 1), [&](int64_t t0, int64_t t1) {
+    std::vector<acc> row(D);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / T, c = t % T;
+      const int64_t* off = offsets.data() + b * (T + 1);
+      const int64_t* mem = members.data() + b * S;
+      std::fill(row.begin(), row.end(), acc(0));
+      acc total = 0;
+      auto add = [&](int64_t i) {
+        const acc w = wp ? wp[b * N + i] : acc(1);
+        const scalar_t* xr = xp + b * x.stride(0) + i * x.stride(1);
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) row[d] += w * static_cast<acc>(xr[d]);
+        total += w;
+      };
+      if (include_target) add(tp[t]);
+      for (int64_t e = off[c]; e < off[c + 1]; ++e) add(mem[e]);
+      cp[t] = (off[c + 1] - off[c]) + (include_target ? 1 : 0);
+      wsp[t] = total;
+      const acc inv = total != acc(0) ? acc(1) / total : acc(0);  // empty or zero-weight slot -> 0
+      scalar_t* o = op + t * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(row[d] * inv);
+    }
+  });
+}
+
+void check_positions(const char* name, const at::Tensor& idx, int64_t N) {
+  if (idx.numel() == 0) return;
+  const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
+  TORCH_CHECK_INDEX(lo >= 0 && hi < N, "tokenreduce.recycle: ", name, " holds positions in [", lo,
+                    ", ", hi, "], outside [0, N=", N, ")");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recycle_cpu(
+    const at::Tensor& x_in, const at::Tensor& target_in, const at::Tensor& source_in,
+    const std::optional<at::Tensor>& weight_in, const std::optional<at::Tensor>& assign_in,
+    const std::optional<at::Tensor>& features_in, c10::string_view metric, bool include_target) {
+  check_dim(kOp, "x", x_in, 3, "[B, N, D]");
+  check_float(kOp, "x", x_in);
+  TR_CHECK_VALUE("recycle", metric == "cosine", "metric must be \"cosine\", got \"",
+                 std::string(metric), "\"");
+  const int64_t B = x_in.size(0), N = x_in.size(1), D = x_in.size(2);
+  check_long(kOp, "target", target_in);
+  check_long(kOp, "source", source_in);
+  check_device(kOp, "target", target_in, x_in);
+  check_device(kOp, "source", source_in, x_in);
+  TR_CHECK_VALUE("recycle", target_in.dim() == 2 && target_in.size(0) == B,
+                 "target must have shape [B, T] with B=", B, ", got ", target_in.sizes());
+  TR_CHECK_VALUE("recycle", source_in.dim() == 2 && source_in.size(0) == B,
+                 "source must have shape [B, S] with B=", B, ", got ", source_in.sizes());
+  const int64_t T = target_in.size(1), S = source_in.size(1);
+  const at::Tensor target = target_in.contiguous(), source = source_in.contiguous();
+  check_positions("target", target, N);
+  check_positions("source", source, N);
+  const auto acc_dtype = at::toOpMathType(x_in.scalar_type());
+  at::Tensor weight;
+  if (weight_in.has_value()) {
+    check_float(kOp, "weight", *weight_in);
+    check_device(kOp, "weight", *weight_in, x_in);
+    TR_CHECK_VALUE("recycle", weight_in->dim() == 2 && weight_in->size(0) == B && weight_in->size(1) == N,
+                   "weight must have shape [B, N] = [", B, ", ", N, "], got ", weight_in->sizes());
+    weight = weight_in->to(acc_dtype).contiguous();
+  }
+  at::Tensor slot;
+  if (assign_in.has_value()) {
+    check_long(kOp, "assign", *assign_in);
+    check_device(kOp, "assign", *assign_in, x_in);
+    TR_CHECK_VALUE("recycle", assign_in->dim() == 2 && assign_in->size(0) == B && assign_in->size(1) == S,
+                   "assign must have shape [B, S] = [", B, ", ", S, "], got ", assign_in->sizes());
+    slot = assign_in->contiguous().clone();
+    if (slot.numel() > 0) {
+      const int64_t lo = slot.min().item<int64_t>(), hi = slot.max().item<int64_t>();
+      TORCH_CHECK_INDEX(lo >= -1 && hi < T, "tokenreduce.recycle: assign holds slots in [", lo, ", ",
+                        hi, "], outside [-1, T=", T, ")");
+    }
+  } else {
+    TR_CHECK_VALUE("recycle", T > 0 || S == 0, "sources need at least one target to join (T=0, S=",
+                   S, "); pass assign to drop them");
+    at::Tensor feats = features_in.has_value() ? *features_in : x_in;
+    if (features_in.has_value()) {
+      check_float(kOp, "features", feats);
+      check_device(kOp, "features", feats, x_in);
+      TR_CHECK_VALUE("recycle", feats.dim() == 3 && feats.size(0) == B && feats.size(1) == N,
+                     "features must have shape [B, N, Df] = [", B, ", ", N, ", Df], got ", feats.sizes());
+    }
+    feats = last_dim_contiguous(feats);
+    slot = at::empty({B, S}, x_in.options().dtype(at::kLong));
+    if (B * S > 0) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "recycle_assign", [&] {
+        assign_by_similarity<scalar_t>(feats, target, source, slot);
+      });
+    }
+  }
+  const at::Tensor x = last_dim_contiguous(x_in);
+  at::Tensor out = at::empty({B, T, D}, x.options());
+  at::Tensor count = at::empty({B, T}, x.options().dtype(at::kLong));
+  at::Tensor wsum = at::empty({B, T}, x.options().dtype(acc_dtype));
+  if (B * T > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "recycle_cpu", [&] {
+      aggregate<scalar_t>(x, target, source, weight, slot, include_target, out, count, wsum);
+    });
+  }
+  return {out, count, slot, wsum};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tokenreduce, CPU, m) { m.impl("recycle", &recycle_cpu); }
+
+}  // namespace tokenreduce

@@ -1,0 +1,22 @@
+import pytest
+import torch
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# tolerance of outputs stored in the input dtype (both sides accumulate in float32)
+TOL = {
+    torch.float32: dict(atol=2e-5, rtol=1e-4),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+    torch.float64: dict(atol=1e-10, rtol=1e-9),
+}
+
+
+@pytest.fixture
+def gen(request):
+    """A fresh generator per test, seeded from the test id so failures reproduce."""
+    g = torch.Generator().manual_seed(abs(hash(request.node.nodeid)) % (2**31))
+    return g
+
+
+def randn(g, *shape, dtype=torch.float32):
+    return torch.randn(*shape, generator=g).to(dtype)
