@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One command from a fresh clone: create .venv, install torch and the tools, build the
+# native ops, then run the main job (the kernel benchmarks against the PyTorch
+# references, on the built-in default shapes).
+#
+#   ./setup.sh            install + build + `tokenreduce info` + `tokenreduce bench`
+#   ./setup.sh --no-run   install + build only (what CI uses)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3}
+VENV=.venv
+RUN=1
+[ "${1:-}" = "--no-run" ] && RUN=0
+
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip"
+# torch first and pinned: a bare `torch` requirement would pull the newest CUDA build
+$VENV/bin/python -c "import torch" 2>/dev/null || $PIP install -q "torch==2.13.0"
+$PIP install -q setuptools wheel pybind11 ninja rich pytest pytest-benchmark numpy
+# build against the torch just installed (no isolated build env: it would fetch another torch)
+$PIP install -q --no-build-isolation --no-deps -e .
+
+if [ "$RUN" = 1 ]; then
+  "$VENV/bin/tokenreduce" info
+  "$VENV/bin/tokenreduce" bench
+fi

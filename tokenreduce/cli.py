@@ -1,0 +1,271 @@
+"""The ``tokenreduce`` command line (also ``python -m tokenreduce``).
+
+    tokenreduce info     versions, build, threads, devices, and the kernels each op has
+    tokenreduce bench    time the ops against their plain-PyTorch references
+
+Exit codes of ``bench``: 0 normally; 1 with ``--check`` when a full-mode speed target is
+missed; 2 when an op's output does not match its reference (nothing is timed then).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from . import benchmarks as bm
+
+OPS = bm.OP_NAMES
+
+
+# --------------------------------------------------------------------------------------
+# info
+# --------------------------------------------------------------------------------------
+
+
+def _has_kernel(qualname: str, key: str) -> bool:
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key))
+    except Exception:
+        return False
+
+
+def _has_fake(qualname: str) -> bool:
+    """A fake (meta) kernel registered with torch.library.register_fake."""
+    try:
+        from torch._library.simple_registry import singleton
+
+        return singleton.find(qualname).fake_impl.kernel is not None
+    except Exception:  # private API moved: register_fake also registers a Meta kernel
+        return _has_kernel(qualname, "Meta")
+
+
+def kernel_table() -> List[Dict[str, Any]]:
+    """Per op: whether the dispatcher has a CPU / CUDA kernel, a fake kernel (for
+    torch.compile / opcheck), and an autograd kernel."""
+    rows = []
+    for op in OPS:
+        name = f"tokenreduce::{op}"
+        rows.append({
+            "op": op,
+            "CPU": _has_kernel(name, "CPU"),
+            "CUDA": _has_kernel(name, "CUDA"),
+            "fake": _has_fake(name),
+            "autograd": _has_kernel(name, "Autograd"),
+        })
+    return rows
+
+
+def _yes(v: bool) -> str:
+    return "[green]yes[/]" if v else "[dim]-[/]"
+
+
+def cmd_info(args: argparse.Namespace, console: Console) -> int:
+    env = bm.env_info()
+    about = Table(title="tokenreduce", show_header=False, title_justify="left")
+    about.add_column(style="bold")
+    about.add_column()
+    about.add_row("tokenreduce", __version__)
+    about.add_row("torch", torch.__version__)
+    about.add_row("python", f"{platform.python_version()} ({sys.executable})")
+    about.add_row("platform", env["platform"])
+    build = env["build_info"]
+    about.add_row("build", ", ".join(f"{k}={v}" for k, v in build.items()))
+    about.add_row("threads", f"{torch.get_num_threads()} intra-op, "
+                             f"{torch.get_num_interop_threads()} inter-op "
+                             f"({os.cpu_count()} CPUs)")
+    about.add_row("CPU", env["cpu_model"])
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        names = ", ".join(torch.cuda.get_device_name(i) for i in range(n))
+        about.add_row("CUDA", f"available: {n} device(s): {names} (torch CUDA {torch.version.cuda})")
+    else:
+        why = "CPU-only torch" if torch.version.cuda is None else f"torch CUDA {torch.version.cuda}"
+        about.add_row("CUDA", f"not available ({why})")
+    console.print(about)
+
+    table = Table(title="kernels registered per op (torch dispatcher)", title_justify="left")
+    table.add_column("op", style="bold")
+    for col in ("CPU", "CUDA", "fake (Meta)", "autograd"):
+        table.add_column(col, justify="center")
+    for row in kernel_table():
+        table.add_row(row["op"], _yes(row["CPU"]), _yes(row["CUDA"]), _yes(row["fake"]),
+                      _yes(row["autograd"]))
+    console.print(table)
+    console.print("[dim]fake: a torch.library.register_fake kernel (torch.compile, opcheck); "
+                  "autograd: an Autograd dispatch kernel is registered (a forward-only op's "
+                  "raises on backward).[/]")
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# bench
+# --------------------------------------------------------------------------------------
+
+
+def _mib(n: Optional[int]) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.2f} MiB"
+
+
+def _target_cell(row: Dict[str, Any]) -> str:
+    if row["impl"] != "tokenreduce" or row["target"] is None:
+        return ""
+    if row["target_met"] is None:
+        return f"[dim]>={row['target']:g}x (quick: n/a)[/]"
+    mark = "[green]met[/]" if row["target_met"] else "[bold red]MISSED[/]"
+    return f"{mark} (>={row['target']:g}x)"
+
+
+def results_table(report: Dict[str, Any]) -> Table:
+    env = report["env"]
+    table = Table(
+        title=f"tokenreduce bench: {report['mode']} mode, {env['threads']} threads, "
+              f"{env['cpu_model']}, torch {env['torch']}, "
+              f"{env.get('allocator', {}).get('mode', '?')} allocator",
+        title_justify="left",
+    )
+    for col, just in (("op", "left"), ("shape", "left"), ("dtype", "left"),
+                      ("implementation", "left"), ("median ms (IQR)", "right"),
+                      ("speedup", "right"), ("GB/s", "right"), ("peak extra mem", "right"),
+                      ("target", "left")):
+        table.add_column(col, justify=just, no_wrap=col != "shape")
+    prev = None
+    for row in report["results"]:
+        first = (row["op"], row["shape"]) != prev
+        prev = (row["op"], row["shape"])
+        if first and table.rows:
+            table.add_section()
+        ours = row["impl"] == "tokenreduce"
+        table.add_row(
+            row["op"] if first else "",
+            row["shape"] if first else "",
+            row["dtype"] if first else "",
+            row["impl"],
+            f"{row['median_ms']:.3f} ({row['iqr_ms']:.3f})",
+            f"[bold]{row['speedup']:.2f}x[/]" if ours else "1.00x",
+            f"{row['gbps']:.3g}",
+            _mib(row.get("peak_extra_bytes")),
+            _target_cell(row),
+        )
+    table.caption = ("speedup = reference median / median (same run); GB/s = bytes the op "
+                     "must read and write / median")
+    return table
+
+
+def cmd_bench(args: argparse.Namespace, console: Console) -> int:
+    quick = bool(args.quick)
+    if args.threads is not None and args.threads < 1:
+        console.print("[red]--threads must be >= 1[/]")
+        return 2
+
+    def progress(case: bm.Case) -> None:
+        console.print(f"[dim]timing {case.op} [{case.shape}] ...[/]", highlight=False)
+
+    try:
+        report = bm.run(quick=quick, op_names=args.op, n_threads=args.threads,
+                        warmup=args.warmup, repeat=args.repeat, memory=not args.no_memory,
+                        allocator=args.allocator, progress=progress)
+    except AssertionError as e:
+        console.print(f"[bold red]wrong result, nothing timed:[/] {e}", highlight=False)
+        return 2
+    console.print(results_table(report))
+    for line in bm.memory_lines(report["results"]):
+        console.print(line, highlight=False)
+    if not args.no_memory:
+        console.print("[dim]peak extra memory: tensor bytes allocated through torch's CPU "
+                      "allocator during one call above those allocated before it, outputs "
+                      "included (torch.profiler, profile_memory=True); native scratch outside "
+                      "torch's allocator is not counted.[/]", highlight=False)
+    missed = [r for r in report["results"] if r["target_met"] is False]
+    if quick:
+        console.print("[dim]quick mode: small shapes; speed targets apply to the full shapes "
+                      "and are not checked.[/]")
+    elif missed:
+        for r in missed:
+            console.print(f"[bold red]target missed:[/] {r['op']} [{r['shape']}]: "
+                          f"{r['speedup']:.2f}x < {r['target']:g}x", highlight=False)
+    if args.json:
+        report["targets_checked"] = not quick
+        path = os.path.abspath(args.json)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+        console.print(f"results written to {path}", highlight=False)
+    if args.check and missed:
+        return 1
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------
+
+
+def _env_columns() -> int:
+    try:
+        return int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tokenreduce",
+        description="Fast, measurable visual token reduction: fused ops and their benchmarks.",
+    )
+    parser.add_argument("--version", action="version", version=f"tokenreduce {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    sub.add_parser("info", help="versions, build, threads, devices, and each op's kernels",
+                   description="Versions, build, threads, devices, and the kernels each op "
+                               "has per device (queried from the torch dispatcher).")
+
+    b = sub.add_parser("bench", help="time the ops against their plain-PyTorch references",
+                       description="Time each op and its plain-PyTorch reference in the same "
+                                   "run (median and IQR of repeated calls) and report the "
+                                   "speedup, effective GB/s and peak extra memory.")
+    b.add_argument("--quick", action="store_true",
+                   help="small shapes for smoke runs (targets are not checked)")
+    b.add_argument("--threads", type=int, default=2, metavar="N",
+                   help="torch threads during the measurement (default 2)")
+    b.add_argument("--op", action="extend", nargs="+", choices=OPS, metavar="NAME",
+                   help=f"only these ops (any of: {', '.join(OPS)})")
+    b.add_argument("--json", metavar="PATH", help="also save results and environment as JSON")
+    b.add_argument("--check", action="store_true",
+                   help="exit 1 if a full-mode speed target is missed")
+    b.add_argument("--repeat", type=int, default=None, metavar="N",
+                   help="timed calls per implementation (default 15; quick 12)")
+    b.add_argument("--warmup", type=int, default=None, metavar="N",
+                   help="untimed warm-up calls per implementation (default 3; quick 2)")
+    b.add_argument("--allocator", choices=("warm", "default"), default="warm",
+                   help="warm (default): fixed glibc malloc thresholds so freed memory is "
+                        "reused between calls and timings do not depend on the allocator's "
+                        "history; default: leave glibc's adaptive thresholds (large "
+                        "temporaries may be page-faulted in on every call)")
+    b.add_argument("--no-memory", action="store_true",
+                   help="skip the peak-memory measurement (torch.profiler)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    # a log or a pipe gets a wide table rather than Rich's 80-column default
+    console = Console() if sys.stdout.isatty() else Console(width=max(160, _env_columns()))
+    if args.command == "info":
+        return cmd_info(args, console)
+    if args.command == "bench":
+        return cmd_bench(args, console)
+    raise AssertionError(args.command)  # pragma: no cover
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
