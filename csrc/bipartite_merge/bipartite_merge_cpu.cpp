@@ -55,7 +55,7 @@ void bipartite_merge_cpu_impl(const at::Tensor& x, const at::Tensor& metric, con
     mbs = N * Dm;
   }
   std::vector<macc> inv(B * N);
-  parallel_for_cost(B * N, Dm, [&](int64_t i0, int64_t i1) {
+  auto norms = [&](int64_t i0, int64_t i1) {  // inverse norms of flat rows [i0, i1)
     for (int64_t i = i0; i < i1; ++i) {
       const macc* row = mrows + (i / N) * mbs + (i % N) * mld;
       const macc s = dot(row, row, Dm);
@@ -64,16 +64,22 @@ void bipartite_merge_cpu_impl(const at::Tensor& x, const at::Tensor& metric, con
                         "batch ", i / N, ", token ", i % N);
       inv[i] = inv_norm(s);
     }
-  });
+  };
+  // With enough batch rows, one task per batch row computes its norms right before its
+  // GEMM (the rows are still in cache); otherwise norms first, then row blocks of A.
+  const bool per_batch = B >= 2 * at::get_num_threads() && Na * Nb <= (int64_t(1) << 20);
+  if (!per_batch) parallel_for_cost(B * N, Dm, norms);
 
   // 1. best B partner of every A token
   std::vector<macc> node_max(B * Na);
   std::vector<int64_t> node_idx(B * Na);
-  const int64_t nblk = (Na + kRowBlock - 1) / kRowBlock;
-  parallel_for_cost(B * nblk, kRowBlock * Nb * Dm, [&](int64_t t0, int64_t t1) {
-    std::vector<macc> S(kRowBlock * std::max<int64_t>(Nb, 1));
+  const int64_t rb = per_batch ? std::max<int64_t>(Na, 1) : kRowBlock;
+  const int64_t nblk = (Na + rb - 1) / rb;
+  parallel_for_cost(B * nblk, rb * Nb * Dm, [&](int64_t t0, int64_t t1) {
+    std::vector<macc> S(rb * std::max<int64_t>(Nb, 1));
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / nblk, a0 = (t % nblk) * kRowBlock, m = std::min(kRowBlock, Na - a0);
+      const int64_t b = t / nblk, a0 = (t % nblk) * rb, m = std::min(rb, Na - a0);
+      if (per_batch) norms(b * N, (b + 1) * N);
       const macc* base = mrows + b * mbs;
       gemm_abt(base + 2 * a0 * mld, 2 * mld, base + mld, 2 * mld, S.data(), Nb, m, Nb, Dm);
       const macc* ib = inv.data() + b * N;
