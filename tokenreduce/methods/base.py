@@ -149,6 +149,9 @@ class Method:
     stage: ClassVar[Stage] = Stage.PROJECTOR
     needs: ClassVar[FrozenSet[Need]] = frozenset({Need.FEATURES})
     options: ClassVar[Dict[str, str]] = {}   # option name -> one-line help (for the CLI)
+    budgets: ClassVar[str] = "keep=K or ratio=r"   # how users state its budget, and presets
+    faithful_to: ClassVar[str] = ""    # commit / file / paper section the implementation follows
+    deviations: ClassVar[str] = ""     # deliberate differences from the authors (batching, bugs not reproduced)
 
     def __init__(self, keep: Optional[int] = None, ratio: Optional[float] = None, **opts: Any):
         unknown = set(opts) - set(self.options)
@@ -190,6 +193,7 @@ class Method:
     def describe(cls) -> Dict[str, Any]:
         return {"name": cls.name, "paper": cls.paper, "code": cls.code, "stage": cls.stage.value,
                 "needs": sorted(n.value for n in cls.needs), "options": dict(cls.options),
+                "budgets": cls.budgets, "faithful_to": cls.faithful_to, "deviations": cls.deviations,
                 "doc": (cls.__doc__ or "").strip().split("\n")[0]}
 
     def __repr__(self) -> str:
