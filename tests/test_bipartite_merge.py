@@ -170,3 +170,64 @@ def test_bad_input_raises(call, exc, needle):
     with pytest.raises(exc, match="tokenreduce.bipartite_merge") as info:
         call(x)
     assert needle in str(info.value)
+
+
+# --------------------------------------------------------------------------------------
+# Wide metrics (D >= 128) take the bf16-screened path: a bf16 GEMM of the unit rows picks
+# candidate partners, which are rescored in float32. Its result must be the float32 one.
+# Inputs are redrawn until the float64 decisions have margins far above float32 rounding
+# (top-2 partner gap and the merge boundary at rank r), so the comparison is exact.
+# --------------------------------------------------------------------------------------
+
+
+def _margins_ok(m: torch.Tensor, r: int, protect: int, margin: float = 2e-6) -> bool:
+    u = m.double() / m.double().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    s = u[:, ::2] @ u[:, 1::2].transpose(1, 2)
+    s[:, : (protect + 1) // 2] = -math.inf
+    s[:, :, : protect // 2] = -math.inf
+    top2 = s[:, (protect + 1) // 2:].topk(2, dim=-1).values
+    best = s.max(-1).values.sort(dim=-1, descending=True).values
+    return bool((top2[..., 0] - top2[..., 1]).min() > margin) and bool((best[:, r - 1] - best[:, r]).min() > margin)
+
+
+def _draw(gen, make, r, protect, tries=40):
+    for _ in range(tries):
+        x = make()
+        if _margins_ok(x.float(), r, protect):
+            return x
+    raise AssertionError("could not draw inputs with clear margins")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["random", "clustered", "two_level"])
+def test_wide_metric_screening_matches_reference(gen, dtype, kind):
+    B, N, D, r, protect = 2, 577, 1024, 250, 1
+    if kind == "clustered":  # fewer, wider-spread decisions so clear margins can be drawn
+        B, N, D, r = 2, 129, 256, 50
+
+    def make():
+        if kind == "random":  # scores ~ N(0, 1/32): a few candidates per row
+            return randn(gen, B, N, D, dtype=dtype)
+        if kind == "clustered":  # all cosines ~0.96: every column is a candidate (float32 fallback)
+            return (randn(gen, B, 1, D) + 0.2 * randn(gen, B, N, D)).to(dtype)
+        # a shared direction plus noise: cosines ~0.5 +- 0.03, many candidates in the band
+        return (randn(gen, B, 1, D) + randn(gen, B, N, D)).to(dtype)
+
+    x = _draw(gen, make, r, protect)
+    size = (torch.rand(B, N, generator=gen) + 0.5).to(dtype)
+    for order in ("tome", "spatial"):
+        merged, osize, source = ops.bipartite_merge(x, r, size=size, protect=protect, order=order)
+        rm, rs, rsrc = reference.bipartite_merge(x, r, size=size, protect=protect, order=order)
+        assert torch.equal(source, rsrc)
+        torch.testing.assert_close(merged, rm, **TOL[dtype])
+        torch.testing.assert_close(osize, rs)
+
+
+def test_wide_separate_metric_screening(gen):
+    B, N, D, Dm, r = 3, 301, 40, 256, 120
+    x = randn(gen, B, N, D)
+    k = _draw(gen, lambda: randn(gen, B, N, Dm) + 0.5 * randn(gen, B, 1, Dm), r, 0)
+    merged, osize, source = ops.bipartite_merge(x, r, metric=k)
+    rm, rs, rsrc = reference.bipartite_merge(x, r, metric=k)
+    assert torch.equal(source, rsrc)
+    torch.testing.assert_close(merged, rm)

@@ -2,7 +2,11 @@
 //
 //  1. (b, block of A rows) tasks: a GEMM tile of A.B^T cosine scores, reduced at once to
 //     each A token's best B partner (ties to the smaller B index); the score matrix is
-//     never stored beyond the tile.
+//     never stored beyond the tile. For float metrics of width >= kScreenMinDim the tile
+//     is screened first with a bfloat16 GEMM of the unit rows (about 3x the fp32 GEMM's
+//     speed); only the B columns whose screened score lies within twice a rigorous error
+//     bound of the row's screened maximum are rescored in float32, so the chosen partner
+//     and its score are those of the float32 computation (see screen_eps).
 //  2. per batch row: stable ranking of the A tokens by best score (ties to the smaller A
 //     index), the output slot of every token (ToMe's order or spatial order), and the
 //     members of every slot by a counting sort (ascending token index).
@@ -20,6 +24,17 @@ namespace {
 
 constexpr const char* kOp = "bipartite_merge";
 constexpr int64_t kRowBlock = 64;
+constexpr int64_t kScreenMinDim = 128;  // bf16 screening pays off from this metric width
+constexpr int64_t kScreenMinCols = 32;  // ... and this many B columns
+
+// Bound on |screened score - float32 score| for unit rows of width d. Rounding the unit
+// rows to bf16 (unit roundoff u = 2^-8) moves a dot product by at most (2u + u^2), the
+// GEMM's float32 accumulation and the float32 rescoring by at most d * 2^-24 each, and
+// rounding the GEMM's result to bf16 by u (|score| <= 1); 1e-5 covers the float32 norms.
+inline float screen_eps(int64_t d) {
+  const double u = 1.0 / 256.0;
+  return static_cast<float>(3 * u + 4 * u * u + 2.2 * static_cast<double>(d) / 16777216.0 + 1e-5);
+}
 
 template <typename scalar_t, typename mscalar_t>
 void bipartite_merge_cpu_impl(const at::Tensor& x, const at::Tensor& metric, const at::Tensor& size,
@@ -55,7 +70,10 @@ void bipartite_merge_cpu_impl(const at::Tensor& x, const at::Tensor& metric, con
     mbs = N * Dm;
   }
   std::vector<macc> inv(B * N);
-  auto norms = [&](int64_t i0, int64_t i1) {  // inverse norms of flat rows [i0, i1)
+  // bf16 screening (float metrics only; double keeps the plain float64 GEMM)
+  const bool screen = std::is_same_v<macc, float> && Dm >= kScreenMinDim && Nb >= kScreenMinCols;
+  std::vector<at::BFloat16> unit(screen ? B * N * Dm : 0);  // unit rows in bf16
+  auto norms = [&](int64_t i0, int64_t i1) {  // inverse norms (and bf16 unit rows) of flat rows [i0, i1)
     for (int64_t i = i0; i < i1; ++i) {
       const macc* row = mrows + (i / N) * mbs + (i % N) * mld;
       const macc s = dot(row, row, Dm);
@@ -63,6 +81,12 @@ void bipartite_merge_cpu_impl(const at::Tensor& x, const at::Tensor& metric, con
                         "tokenreduce.bipartite_merge: metric has a non-finite value (NaN or Inf) in "
                         "batch ", i / N, ", token ", i % N);
       inv[i] = inv_norm(s);
+      if (screen) {
+        const float w = static_cast<float>(inv[i]);
+        at::BFloat16* u = unit.data() + i * Dm;
+#pragma omp simd
+        for (int64_t d = 0; d < Dm; ++d) u[d] = static_cast<at::BFloat16>(static_cast<float>(row[d]) * w);
+      }
     }
   };
   // With enough batch rows, one task per batch row computes its norms right before its
@@ -75,14 +99,46 @@ void bipartite_merge_cpu_impl(const at::Tensor& x, const at::Tensor& metric, con
   std::vector<int64_t> node_idx(B * Na);
   const int64_t rb = per_batch ? std::max<int64_t>(Na, 1) : kRowBlock;
   const int64_t nblk = (Na + rb - 1) / rb;
+  const float eps2 = 2 * screen_eps(Dm);
   parallel_for_cost(B * nblk, rb * Nb * Dm, [&](int64_t t0, int64_t t1) {
-    std::vector<macc> S(rb * std::max<int64_t>(Nb, 1));
+    std::vector<macc> S;
+    std::vector<at::BFloat16> Sh(screen ? rb * std::max<int64_t>(Nb, 1) : 0);
+    std::vector<float> thr(screen ? rb : 0);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / nblk, a0 = (t % nblk) * rb, m = std::min(rb, Na - a0);
       if (per_batch) norms(b * N, (b + 1) * N);
       const macc* base = mrows + b * mbs;
-      gemm_abt(base + 2 * a0 * mld, 2 * mld, base + mld, 2 * mld, S.data(), Nb, m, Nb, Dm);
       const macc* ib = inv.data() + b * N;
+      if (screen) {
+        const at::BFloat16* ub = unit.data() + b * N * Dm;
+        gemm_abt(ub + 2 * a0 * Dm, 2 * Dm, ub + Dm, 2 * Dm, Sh.data(), Nb, m, Nb, Dm);
+        int64_t cand = 0;  // candidates in the tile: rescoring them must stay cheaper than the GEMM
+        for (int64_t e = 0; e < m; ++e) {
+          const at::BFloat16* sh = Sh.data() + e * Nb;
+          float mx = -std::numeric_limits<float>::infinity();
+          for (int64_t c = pb; c < Nb; ++c) mx = std::max(mx, static_cast<float>(sh[c]));
+          thr[e] = mx - eps2;
+          for (int64_t c = pb; c < Nb; ++c) cand += static_cast<float>(sh[c]) >= thr[e];
+        }
+        if (cand * 8 <= m * Nb) {
+          for (int64_t e = 0; e < m; ++e) {
+            const int64_t a = a0 + e;
+            ArgMax<macc> am;
+            if (a >= pa) {
+              const at::BFloat16* sh = Sh.data() + e * Nb;
+              const macc* ar = base + 2 * a * mld;
+              for (int64_t c = pb; c < Nb; ++c)
+                if (static_cast<float>(sh[c]) >= thr[e]) am.push(dot(ar, base + (2 * c + 1) * mld, Dm) * ib[2 * c + 1], c);
+            }
+            node_max[b * Na + a] = am.index >= 0 ? am.value * ib[2 * a] : -std::numeric_limits<macc>::infinity();
+            node_idx[b * Na + a] = std::max<int64_t>(am.index, 0);
+          }
+          continue;
+        }
+        // near-duplicate tokens everywhere: the float32 GEMM is cheaper than rescoring
+      }
+      S.resize(rb * std::max<int64_t>(Nb, 1));
+      gemm_abt(base + 2 * a0 * mld, 2 * mld, base + mld, 2 * mld, S.data(), Nb, m, Nb, Dm);
       for (int64_t e = 0; e < m; ++e) {
         const int64_t a = a0 + e;
         ArgMax<macc> am;
