@@ -14,11 +14,13 @@ def cases(g):
     src = torch.tensor([[1, 2, 3, 4, 6, 7], [0, 3, 4, 5, 6, 19]])
     q, k, v = randn(g, 2, 4, 9, 8), randn(g, 2, 2, 11, 8), randn(g, 2, 2, 11, 6)
     xg = x.double().requires_grad_()
+    mask = torch.rand(2, 21, generator=g) > 0.2
+    mask[0, 3] = mask[1, 4] = True  # the given first picks must be eligible
     return [
         (torch.ops.tokenreduce.attention_with_scores.default, (q, k, v, 0.35, False, None, None)),
         (torch.ops.tokenreduce.attention_with_scores.default, (q, k, v, 0.35, True, randn(g, 2, 11), torch.tensor([0, -1]))),
         (torch.ops.tokenreduce.kcenter.default, (x, 5, "cosine", 0, None, False, None)),
-        (torch.ops.tokenreduce.kcenter.default, (x, 5, "l2", 0, torch.tensor([3, 4]), False, torch.rand(2, 21, generator=g) > 0.2)),
+        (torch.ops.tokenreduce.kcenter.default, (x, 5, "l2", 0, torch.tensor([3, 4]), False, mask)),
         (torch.ops.tokenreduce.kcenter.default, (x, 4, "cosine", 0, None, True, None)),
         (torch.ops.tokenreduce.bipartite_merge.default, (x, 7, None, None, 1, "tome")),
         (torch.ops.tokenreduce.bipartite_merge.default, (xg, 6, randn(g, 2, 21, 5), torch.rand(2, 21, generator=g) + 1, 0, "spatial")),
