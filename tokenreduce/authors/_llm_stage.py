@@ -22,15 +22,14 @@ def llm_inputs(B: int, n_img: int, D: int = 256, H: int = 8, Dh: int = 32, pre: 
     return dict(hidden=hidden.to(dtype), q=q.to(dtype), k=k.to(dtype), v=v.to(dtype), start=pre, n_img=n_img)
 
 
-def eager_probs(q: Tensor, k: Tensor, causal: bool = True) -> Tensor:
-    """The authors' eager attention probabilities [H, Tq, Tk] for one sample (float32 softmax,
-    bottom-right aligned causal mask as HF's 4-d mask)."""
-    Tq, Tk = q.shape[-2], k.shape[-2]
-    logits = q.float() @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1])
+def eager_probs(q: Tensor, k: Tensor, causal: bool = True, rows=None) -> Tensor:
+    """The authors' eager attention probabilities [H, R, Tk] for one sample: rows ``rows``
+    (absolute positions, default all) of the float32 softmax under HF's causal 4-d mask."""
+    Tk = k.shape[-2]
+    rows = torch.arange(q.shape[-2]) if rows is None else torch.as_tensor(rows)
+    logits = q[:, rows].float() @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1])
     if causal:
-        i = torch.arange(Tq)[:, None] + (Tk - Tq)
-        j = torch.arange(Tk)[None, :]
-        logits = logits.masked_fill(j > i, float("-inf"))
+        logits = logits.masked_fill(torch.arange(Tk)[None, :] > rows[:, None], float("-inf"))
     return torch.softmax(logits, dim=-1)
 
 

@@ -17,7 +17,7 @@ def pdrop_stage_authors(q: Tensor, k: Tensor, start: int, n_cur: int, keep_len: 
     out = []
     for i in range(q.shape[0]):
         last = q.shape[2] - 1                                       # prompt_total_len - 1 (prefill)
-        attn = eager_probs(q[i][:, last:last + 1], k[i], causal=True)   # [H, 1, T]
+        attn = eager_probs(q[i], k[i], causal=True, rows=[last])         # [H, 1, T]
         avg = attn.mean(dim=0)[:, start:start + n_cur].mean(dim=0)
         out.append(avg.topk(keep_len).indices.sort().values)
     return torch.stack(out)

@@ -17,7 +17,7 @@ def visiondrop_stage_authors(hidden: Tensor, q: Tensor, k: Tensor, start: int, n
     """-> (tokens [B, d + c, D], index [B, d + c]: dominant then contextual targets)."""
     toks, idxs = [], []
     for i in range(hidden.shape[0]):
-        attn = eager_probs(q[i][:, start:start + n], k[i], causal=True)        # [H, n, T]
+        attn = eager_probs(q[i], k[i], causal=True, rows=torch.arange(start, start + n))  # [H, n, T]
         score = attn.mean(dim=0)[:, start:start + n].mean(dim=0)             # [n]
         metric = k[i].float().mean(0)[start:start + n]                         # [n, Dh]
         vis = hidden[i, start:start + n]
