@@ -78,3 +78,17 @@ def bench_case(B: int, quick: bool):
         imp = vflowopt_importance_authors(eager_vit_probs(qkv_[0], qkv_[1]))
         return vflowopt_merge_authors(x_, imp, h, w, a, L)
     return ours, authors, (x, qkv)
+
+
+def patch_entropy_authors(pixel_values: Tensor, patch_size: int = 14) -> Tensor:
+    """SigLipVisionEmbeddings.forward's entropy as the authors compute it: unfold patches, x255 to
+    uint8, grey = 0.3333-weighted channel sum, rounded, 256-bin histogram, -sum p log2(p + 1e-10)."""
+    B, C, H, W = pixel_values.shape
+    p = pixel_values.unfold(2, patch_size, patch_size).unfold(3, patch_size, patch_size)
+    p = p.permute(0, 2, 3, 1, 4, 5).contiguous().view(-1, C, patch_size, patch_size)
+    p = (p * 255).to(dtype=torch.uint8).to(torch.float32)
+    grey = (p * torch.tensor([0.3333, 0.3333, 0.3333]).view(1, 3, 1, 1)).sum(dim=1)
+    flat = torch.round(grey.view(grey.size(0), -1)).to(torch.long)
+    hist = torch.zeros(flat.shape[0], 256).scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float32))
+    prob = hist / hist.sum(dim=1, keepdim=True)
+    return (-torch.sum(prob * torch.log2(prob + 1e-10), dim=1)).view(B, -1)

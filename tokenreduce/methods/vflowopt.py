@@ -83,6 +83,7 @@ class VFlowOpt(Method):
         """(kept top tokens, recycled L, cells C)."""
         ch, cw = self.cells(h, w)
         C = ch * cw
+        self.budget_tokens(n)                                   # validates keep / ratio
         if self.budget.ratio is not None:
             L = int(round(n * (1 - self.budget.ratio))) + int(n / (self.a * self.a))
         else:
