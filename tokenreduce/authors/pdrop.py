@@ -38,7 +38,7 @@ def pdrop_ours(stages: List[Dict[str, object]], layers=(8, 16, 24), **budget) ->
     out = []
     for s, d in enumerate(stages):
         st, n = d["start"], d["n_img"]
-        _, sc = ops.attention_with_scores(d["q"], d["k"], d["v"], causal=True, score_rows=[-1])
+        _, sc = ops.attention_with_scores(d["q"][:, :, -1:], d["k"], d["v"], causal=True)   # last row only
         ctx = Context(x=d["hidden"][:, st:st + n], query_attn={layers[s]: sc[:, st:st + n]},
                       layer=layers[s] - 1, state=state)
         out.append(m(ctx).index)

@@ -71,7 +71,9 @@ class Feather(Method):
 
     def stage_counts(self, n: int, grid=None) -> List[int]:
         r = self._r(n)
-        n1 = min(n, int(n * r + 1e-9) + int(self.grid_mask(n, grid).sum()))
+        h, w = grid if grid is not None else square_grid(n)
+        n_grid = len(range(0, h, self.stride)) * len(range(0, w, self.stride))
+        n1 = min(n, int(n * r + 1e-9) + n_grid)
         return [n1, max(1, int(n1 * r * r + 1e-9))]
 
     def keep_tokens(self, n: int) -> int:
