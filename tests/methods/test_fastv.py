@@ -1,10 +1,12 @@
+import os
+import sys
 import pytest
 import torch
 
 import tokenreduce.methods as M
-from tokenreduce import ops
 from tokenreduce.authors._llm_stage import llm_inputs
 from tokenreduce.authors.fastv import fastv_authors, fastv_ours
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # helpers_b, whatever the import mode
 from helpers_b import LOW, check_errors, check_reduction, overlap
 
 

@@ -1,9 +1,12 @@
+import os
+import sys
 import pytest
 import torch
 
 import tokenreduce.methods as M
 from tokenreduce.authors._llm_stage import drop_image_tokens, llm_inputs
 from tokenreduce.authors.feather import feather_ours, feather_stage1_authors, feather_stage2_authors
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # helpers_b, whatever the import mode
 from helpers_b import LOW, check_errors, check_reduction, overlap
 
 

@@ -1,11 +1,14 @@
+import os
+import sys
 import math
 
 import pytest
 import torch
 
 import tokenreduce.methods as M
-from tokenreduce.authors.flowcut import (_gather_heads, adaptive_prune_ratio, flowcut_authors, flowcut_ours,
+from tokenreduce.authors.flowcut import (adaptive_prune_ratio, flowcut_authors, flowcut_ours,
                                          make_layers)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # helpers_b, whatever the import mode
 from helpers_b import LOW, check_errors, overlap
 
 

@@ -1,9 +1,11 @@
+import os
+import sys
 import pytest
 import torch
 
 import tokenreduce.methods as M
-from tokenreduce import ops
 from tokenreduce.authors.hiprune import eager_vit_probs, hiprune_authors, hiprune_ours, vit_layer_qkv
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # helpers_b, whatever the import mode
 from helpers_b import LOW, check_errors, check_reduction, overlap
 
 

@@ -1,8 +1,11 @@
+import os
+import sys
 import pytest
 import torch
 
 import tokenreduce.methods as M
 from tokenreduce.authors.holov import holov_authors, holov_ours
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # helpers_b, whatever the import mode
 from helpers_b import LOW, check_errors, check_reduction, overlap
 
 

@@ -1,8 +1,11 @@
+import os
+import sys
 import pytest
 import torch
 
 import tokenreduce.methods as M
 from tokenreduce.authors.pdrop import make_stages, pdrop_authors, pdrop_ours
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # helpers_b, whatever the import mode
 from helpers_b import LOW, check_errors, check_reduction, overlap
 
 RATIOS = [1.0, 0.5, 0.25, 0.125]

@@ -1,3 +1,5 @@
+import os
+import sys
 import math
 
 import pytest
@@ -9,6 +11,7 @@ from tokenreduce.authors.hiprune import eager_vit_probs, vit_layer_qkv
 from tokenreduce.authors.vflowopt import (patch_entropy_authors, vflowopt_importance_authors,
                                           vflowopt_merge_authors)
 from tokenreduce.methods.vflowopt import patch_entropy
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # helpers_b, whatever the import mode
 from helpers_b import LOW, check_errors, check_reduction, overlap
 
 A = 17.386981849158786

@@ -6,7 +6,6 @@ of the accumulated score (sorted, [CLS] kept). The layer inputs are simulated: p
 of the original tokens, gathered to the tokens still alive."""
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch

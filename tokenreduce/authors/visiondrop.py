@@ -5,12 +5,12 @@ strided contextual targets on normalised head-mean keys, argmax assignment, targ
 members; output [dominant (spatial order, boolean-mask gather), contextual]; per-sample loop."""
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict
 
 import torch
 from torch import Tensor
 
-from ._llm_stage import drop_image_tokens, eager_probs, llm_inputs
+from ._llm_stage import eager_probs, llm_inputs
 
 
 def visiondrop_stage_authors(hidden: Tensor, q: Tensor, k: Tensor, start: int, n: int, d: int, c: int):

@@ -9,7 +9,7 @@ current hidden states (Need.LOOKAHEAD), head mean, ranks the image tokens; the t
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional
 
 from . import register
 from .base import Context, Method, Need, Reduction, Stage, keep_indices, require, topk_indices

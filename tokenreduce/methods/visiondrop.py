@@ -12,13 +12,13 @@ token joins its most cosine-similar target (head-mean keys); a contextual token 
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 
 from . import register
 from .base import Context, Method, Need, Reduction, Stage, gather_tokens, require, topk_indices
-from .. import ops
+from .. import ops  # noqa: F401  (loads the native ops; recycle is called raw for its slot output)
 
 
 @register
