@@ -52,6 +52,22 @@ class Need(str, enum.Enum):
     GRID = "grid"                    # ctx.grid: the patch grid (h, w) of the image tokens
     TEXT = "text"                    # ctx.text: text-token features [B, T, D]
     PIXELS = "pixels"                # ctx.pixels: the image [B, C, H, W]
+    # -- added for the LLM-stage methods of PyramidDrop / VisionDrop / FEATHER (additive) --
+    # LOOKAHEAD: at a reduce call after layer L, the attention statistics keyed L + 1 are
+    # those of layer L + 1 computed on the current hidden states *before* layer L + 1 runs
+    # (its input norm, q/k projections and RoPE; fused attention_with_scores, no eager
+    # softmax), as PyramidDrop, VisionDrop and FEATHER score tokens; attention_layers()
+    # then lists L + 1 while reduce_layers() lists L.
+    LOOKAHEAD = "lookahead"
+    # ctx.visual_attn[layer]: [B, N] attention each image token receives from the image-token
+    # queries only (softmax over the whole causal sequence, mean over heads and image rows;
+    # i.e. attention_with_scores with score_rows = the image positions, image keys sliced),
+    # VisionDrop's visual-only score.
+    VISUAL_ATTN = "visual_attn"
+    # ctx.query_attn_norope[layer]: [B, N] last token -> image tokens computed from q/k
+    # *without* RoPE, softmax over the image keys only (not the whole sequence), head mean:
+    # FEATHER's score (attention_with_scores on (q_last, k_image) before rotary embedding).
+    QUERY_ATTN_NOROPE = "query_attn_norope"
 
 
 @dataclass
@@ -73,6 +89,8 @@ class Context:
     attn_received: Dict[int, Tensor] = field(default_factory=dict)  # layer -> [B, N]
     query_attn: Dict[int, Tensor] = field(default_factory=dict)     # layer -> [B, N]
     values: Dict[int, Tensor] = field(default_factory=dict)         # layer -> [B, N, Dv]
+    visual_attn: Dict[int, Tensor] = field(default_factory=dict)    # layer -> [B, N] (Need.VISUAL_ATTN)
+    query_attn_norope: Dict[int, Tensor] = field(default_factory=dict)  # layer -> [B, N] (Need.QUERY_ATTN_NOROPE)
     text: Optional[Tensor] = None               # [B, T, D]
     pixels: Optional[Tensor] = None             # [B, C, H, W]
     size: Optional[Tensor] = None               # [B, N] tokens each input already stands for
@@ -180,7 +198,11 @@ class Method:
 
     def keep_tokens(self, n: int) -> int:
         """Image tokens kept at the end, out of ``n``."""
-        return self.budget.tokens(n)
+        return self.budget_tokens(n)
+
+    def budget_tokens(self, n: int) -> int:
+        """The user's budget (keep / ratio) resolved against ``n``; errors name the method."""
+        return resolve_keep(n, self.budget.keep, self.budget.ratio, self.name)
 
     # -- the work ----------------------------------------------------------------
     def reduce(self, ctx: Context) -> Reduction:
@@ -259,3 +281,46 @@ def square_grid(n: int) -> Tuple[int, int]:
     if s * s != n:
         raise ValueError(f"tokenreduce.methods: {n} image tokens do not form a square grid; pass grid=(h, w)")
     return s, s
+
+
+def require(ctx: Context, method: str, field_name: str, layer: Optional[int] = None,
+            shape: Optional[Tuple[int, ...]] = None) -> Any:
+    """``ctx.<field_name>`` (or ``ctx.<field_name>[layer]``), with a clear error naming the
+    method, the need and the layer when the model did not provide it or its shape is off."""
+    val = getattr(ctx, field_name, None)
+    where = f"ctx.{field_name}"
+    if layer is not None:
+        where = f"ctx.{field_name}[{layer}]"
+        val = val.get(layer) if isinstance(val, dict) else None
+    if val is None:
+        raise ValueError(f"tokenreduce.methods.{method}: needs {where}, which the model did not provide "
+                         f"(declare/collect it via needs and attention_layers())")
+    if shape is not None and isinstance(val, Tensor) and tuple(val.shape[:len(shape)]) != tuple(shape):
+        raise ValueError(f"tokenreduce.methods.{method}: {where} must have shape {list(shape)}, "
+                         f"got {list(val.shape)} (not aligned with ctx.x?)")
+    return val
+
+
+def padded_selection(ctx: Context, index: Tensor, valid: Optional[Tensor] = None) -> Reduction:
+    """A `Reduction` that keeps image tokens ``index`` ``[B, K]`` in the given order (positions
+    among the image tokens) where ``valid`` ``[B, K]`` (default all) is True; invalid slots are
+    padding: zero token, index -1, size 0 (consumers mask slots of size 0). [CLS] is prepended
+    when ``ctx.has_cls``. Used by methods whose authors pad to a static count (HoloV, VFlowOpt)."""
+    x = ctx.x
+    B, N, _ = x.shape
+    c = int(ctx.has_cls)
+    if valid is None:
+        valid = torch.ones(index.shape, dtype=torch.bool, device=x.device)
+    pos = index.clamp_min(0) + c
+    if c:
+        pos = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=x.device), pos], dim=1)
+        valid = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=x.device), valid], dim=1)
+    tokens = gather_tokens(x, pos) * valid.unsqueeze(-1).to(x.dtype)
+    size = (torch.gather(ctx.size.float(), 1, pos) if ctx.size is not None
+            else torch.ones(pos.shape, dtype=torch.float32, device=x.device)) * valid
+    out_index = torch.where(valid, pos, torch.full_like(pos, -1))
+    K = pos.shape[1]
+    src = torch.full((B, N + 1), -1, dtype=torch.long, device=x.device)
+    slots = torch.arange(K, device=x.device).expand(B, K)
+    src = src.scatter(1, torch.where(valid, pos, torch.full_like(pos, N)), slots)[:, :N]
+    return Reduction(tokens, out_index, src, size)

@@ -1,0 +1,66 @@
+"""FEATHER as the authors run it (markendo/FEATHER llama2_models.py FastVLlamaModel with
+fastv_predefined_mask='no_rope_s=3', fastv_k=[8, 16], fastv_ratio=0.7): the last token's
+query against the image keys only, no RoPE, float32 softmax over the image keys, head mean;
+stage 1 = unique(top int(N r) + the [::s, ::s] grid), stage 2 = top int(n1 r^2); sorted;
+per-sample loop (the authors run batch 1)."""
+from __future__ import annotations
+
+import math
+from typing import Dict
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ._llm_stage import llm_inputs
+
+
+def feather_attention(q: Tensor, k: Tensor, image_idx: Tensor) -> Tensor:
+    """calculate_attention_weight without RoPE, one sample: q/k [H, T, Dh] -> [n]."""
+    qt = q[:, -1:, :].float()
+    ki = k[:, image_idx, :].float()
+    w = qt @ ki.transpose(1, 2) / math.sqrt(q.shape[-1])
+    return torch.softmax(w, dim=-1).mean(dim=0)[0]
+
+
+def feather_stage1_authors(q: Tensor, k: Tensor, start: int, n: int, r: float = 0.3, stride: int = 3):
+    out = []
+    for i in range(q.shape[0]):
+        idx = torch.arange(start, start + n)
+        score = feather_attention(q[i], k[i], idx)
+        top = score.topk(int(n * r)).indices
+        g = int(math.sqrt(n))
+        strided = torch.from_numpy(np.arange(n).reshape(g, g)[::stride, ::stride].flatten())
+        out.append(torch.unique(torch.cat([top, strided]), sorted=True))
+    return out                                                      # list: counts may differ per sample
+
+
+def feather_stage2_authors(q: Tensor, k: Tensor, start: int, n1: int, r: float = 0.3):
+    out = []
+    for i in range(q.shape[0]):
+        score = feather_attention(q[i], k[i], torch.arange(start, start + n1))
+        out.append(score.topk(int(n1 * r * r)).indices.sort().values)
+    return torch.stack(out)
+
+
+def feather_ours(stage: Dict[str, object], layer: int, method, state: dict):
+    from .. import ops
+    from ..methods import Context
+    st, n = stage["start"], stage["n_img"]
+    q, k, v = stage["q"], stage["k"], stage["v"]
+    _, sc = ops.attention_with_scores(q[:, :, -1:], k[:, :, st:st + n], v[:, :, st:st + n])
+    ctx = Context(x=stage["hidden"][:, st:st + n], query_attn_norope={layer: sc}, layer=layer - 1, state=state)
+    return method(ctx)
+
+
+def bench_case(B: int, quick: bool):
+    from ..methods import build
+    n, D, H, Dh = (81, 128, 4, 32) if quick else (576, 4096, 32, 128)
+    d = llm_inputs(B, n, D, H, Dh, seed=0)
+
+    def ours(stage):
+        return feather_ours(stage, 8, build("feather"), {})
+
+    def authors(stage):
+        return feather_stage1_authors(stage["q"], stage["k"], stage["start"], n)
+    return ours, authors, (d,)

@@ -1,0 +1,115 @@
+"""FlowCut as the authors run it (TungChintao/FlowCut flowcut/modeling_clip_flowcut.py and
+utils_flowcut.py): in every CLIP layer eager attention, [CLS] attention (head mean), [CLS]-value
+softmax attention (head mean), L1 norm of the head-mean value; score accumulated 0.5/0.5; when
+the remaining-layer count rpl is even, prune to max(n - adaptive_prune_ratio, target) by top-k
+of the accumulated score (sorted, [CLS] kept). The layer inputs are simulated: per layer q/k/v
+of the original tokens, gathered to the tokens still alive."""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+
+def compute_score(cls_attn: Tensor, semantic_attn: Tensor, value: Tensor) -> Tensor:
+    rel = cls_attn / cls_attn.sum(dim=-1, keepdim=True)
+    sem = semantic_attn / semantic_attn.sum(dim=-1, keepdim=True)
+    return (rel + sem) * torch.norm(value, p=1, dim=-1)
+
+
+def adaptive_prune_ratio(attn: Tensor, rpl: int, target_num: int) -> int:
+    N = attn.shape[-1]
+    prob = attn / attn.sum(dim=-1, keepdim=True)
+    ent = -torch.sum(prob * torch.log(prob), dim=-1)
+    ratio = ent / torch.log(torch.tensor(float(N)))
+    r = (N - target_num) / rpl ** 0.5 * (1 - ratio ** 2)
+    if r.shape[0] > 1:
+        r = r.max(0).values
+    return int(r.round())
+
+
+def _gather_heads(t: Tensor, keep: Tensor) -> Tensor:
+    return torch.gather(t, 2, keep[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
+
+
+def flowcut_authors(layers_qkv: Sequence[Tuple[Tensor, Tensor, Tensor]], target: int, select_layer: int,
+                    prune_nums: Optional[Sequence[int]] = None) -> List[Tensor]:
+    """layers_qkv[l] = (q, k, v) [B, H, 1+N, Dh] of the original tokens; target = tokens kept
+    including [CLS] (the authors' ``target``). Returns the kept original image positions
+    [B, n_s] (0-based among the image tokens, sorted) after each pruning point."""
+    B, H, N0, Dh = layers_qkv[0][0].shape
+    keep = torch.arange(N0).expand(B, N0)          # alive tokens, original positions incl. [CLS]
+    cum, out, p = None, [], 0
+    for idx in range(select_layer):
+        rpl = select_layer - idx - 1
+        if keep.shape[1] <= target:
+            break
+        q, k, v = (_gather_heads(t.float(), keep) for t in layers_qkv[idx])
+        attn = torch.softmax(q @ k.transpose(-1, -2) * Dh ** -0.5, dim=-1)
+        cls_attention = attn[:, :, 0, 1:].mean(dim=1)
+        semantic = torch.softmax(v[:, :, :1] @ v.transpose(-1, -2), dim=-1).mean(dim=1)[:, 0]   # [B, N]
+        v_metric = v.mean(dim=1)
+        scores = compute_score(cls_attention, semantic[:, 1:], v_metric[:, 1:])
+        cum = scores.clone() if cum is None else 0.5 * cum + 0.5 * scores
+        if rpl % 2 == 0:
+            n = keep.shape[1]
+            if prune_nums is not None:
+                prune_num = prune_nums[p]
+            else:
+                prune_num = adaptive_prune_ratio(cls_attention, rpl, target - 1) if rpl else n
+            p += 1
+            target_num = max(n - prune_num, target)
+            ki = torch.topk(cum, target_num - 1, dim=1).indices.sort(dim=1).values
+            cum = torch.gather(cum, 1, ki)
+            keep = torch.cat([keep[:, :1], torch.gather(keep[:, 1:], 1, ki)], dim=1)
+            out.append(keep[:, 1:] - 1)
+    return out
+
+
+def flowcut_ours(x: Tensor, layers_qkv, keep: int, num_layers: int, **opts) -> List[Tensor]:
+    """The engine's path: fused [CLS]-row scores per layer, values, progressive method calls."""
+    from .. import ops
+    from ..methods import Context, build
+    m = build("flowcut", keep=keep, heads=layers_qkv[0][0].shape[1], **opts)
+    red_layers = m.reduce_layers(num_layers)
+    B, N0, D = x.shape
+    alive = torch.arange(N0).expand(B, N0)
+    state: dict = {}
+    out, cls_attn, values = [], {}, {}
+    for l in range(red_layers[-1] + 1):
+        q, k, v = (_gather_heads(t, alive) for t in layers_qkv[l])
+        _, sc = ops.attention_with_scores(q, k, v, score_rows=[0])
+        cls_attn[l] = sc
+        values[l] = v.transpose(1, 2).reshape(B, alive.shape[1], -1)
+        if l in red_layers:
+            xc = torch.gather(x, 1, alive.unsqueeze(-1).expand(-1, -1, D))
+            red = m(Context(x=xc, has_cls=True, cls_attn=cls_attn, values=values, layer=l,
+                            num_layers=num_layers, state=state))
+            alive = torch.gather(alive, 1, red.index)
+            out.append(alive[:, 1:] - 1)
+            cls_attn, values = {}, {}
+    return out
+
+
+def make_layers(B: int, N0: int, H: int, Dh: int, L: int, seed: int = 0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [tuple((torch.randn(B, H, N0, Dh, generator=g) * s).to(dtype) for s in (2.0, 1.0, 1.0)) for _ in range(L)]
+
+
+def bench_case(B: int, quick: bool):
+    from ..methods import build
+    N0, D, H, Dh, L = (65, 64, 4, 16, 8) if quick else (577, 1024, 16, 64, 24)
+    keep = 16 if quick else 64
+    layers = make_layers(B, N0, H, Dh, L - 2)
+    x = torch.randn(B, N0, D, generator=torch.Generator().manual_seed(9))
+    m = build("flowcut", keep=keep, heads=H)
+    sched = m.schedule(N0 - 1, L)
+    prune = [a - b for a, b in zip([N0 - 1] + sched[:-1], sched)]
+
+    def ours(x_, lay):
+        return flowcut_ours(x_, lay, keep, L)
+
+    def authors(x_, lay):
+        return flowcut_authors(lay, keep + 1, L - 2, prune)
+    return ours, authors, (x, layers)

@@ -1,0 +1,64 @@
+"""PyramidDrop as the authors run it (Cooperx521/PyramidDrop modeling_llama_pdrop.py
+pdrop_rank_drop): at each stage, layer l's q/k (with RoPE) on the current sequence, the last
+instruction token's row with the causal mask, float32 softmax, head mean, image span,
+top int(N0 * ratio[s+1]), sorted; per-sample loop."""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+from torch import Tensor
+
+from ._llm_stage import drop_image_tokens, eager_probs, llm_inputs
+
+
+def pdrop_stage_authors(q: Tensor, k: Tensor, start: int, n_cur: int, keep_len: int) -> Tensor:
+    """One rank-and-drop: q/k [B, H, T, Dh] of layer l -> kept image positions [B, keep_len] sorted."""
+    out = []
+    for i in range(q.shape[0]):
+        last = q.shape[2] - 1                                       # prompt_total_len - 1 (prefill)
+        attn = eager_probs(q[i], k[i], causal=True, rows=[last])         # [H, 1, T]
+        avg = attn.mean(dim=0)[:, start:start + n_cur].mean(dim=0)
+        out.append(avg.topk(keep_len).indices.sort().values)
+    return torch.stack(out)
+
+
+def pdrop_authors(stages: List[Dict[str, object]], ratios: Sequence[float]) -> List[Tensor]:
+    """Stage by stage; stages[s] holds the q/k of layer l_s on the stage's sequence."""
+    n0 = stages[0]["n_img"]
+    return [pdrop_stage_authors(d["q"], d["k"], d["start"], d["n_img"], int(n0 * ratios[s + 1]))
+            for s, d in enumerate(stages)]
+
+
+def pdrop_ours(stages: List[Dict[str, object]], layers=(8, 16, 24), **budget) -> List[Tensor]:
+    from .. import ops
+    from ..methods import Context, build
+    m = build("pdrop", layers=tuple(layers), **budget)
+    state: dict = {}
+    out = []
+    for s, d in enumerate(stages):
+        st, n = d["start"], d["n_img"]
+        _, sc = ops.attention_with_scores(d["q"][:, :, -1:], d["k"], d["v"], causal=True)   # last row only
+        ctx = Context(x=d["hidden"][:, st:st + n], query_attn={layers[s]: sc[:, st:st + n]},
+                      layer=layers[s] - 1, state=state)
+        out.append(m(ctx).index)
+    return out
+
+
+def make_stages(B: int, n0: int, D: int, H: int, Dh: int, lam: float = 0.5, S: int = 3, seed: int = 0):
+    """Consistent stage inputs: each stage keeps what the authors' previous stage kept."""
+    d = llm_inputs(B, n0, D, H, Dh, seed=seed)
+    stages = [d]
+    for s in range(S - 1):
+        kept = pdrop_stage_authors(d["q"], d["k"], d["start"], d["n_img"], int(n0 * lam ** (s + 1)))
+        d = drop_image_tokens(d, kept, seed=seed + s + 1)
+        stages.append(d)
+    return stages
+
+
+def bench_case(B: int, quick: bool):
+    n, D, H, Dh = (64, 128, 4, 32) if quick else (576, 4096, 32, 128)
+    stages = make_stages(B, n, D, H, Dh)
+    ours = lambda st: pdrop_ours(st)
+    authors = lambda st: pdrop_authors(st, [1.0, 0.5, 0.25, 0.125])
+    return ours, authors, (stages,)
