@@ -59,22 +59,19 @@ def vision_parts(model: nn.Module) -> VisionParts:
         m = model
         return VisionParts("dinov2", lambda px: m.embeddings(px), m.encoder.layer, True, m.config.patch_size,
                            lambda h: (m.layernorm(h), m.layernorm(h)[:, 0]), m.config)
-    if name in ("CLIPVisionModel", "CLIPVisionModelWithProjection"):
+    if hasattr(model, "vision_model"):   # older nesting (transformers 4) and full CLIP / SigLIP models
         model = model.vision_model
         name = type(model).__name__
-    if name == "CLIPVisionTransformer":
+    if name.startswith("CLIPVision") and hasattr(model, "pre_layrnorm"):
         vm = model
         return VisionParts("clip", lambda px: vm.pre_layrnorm(vm.embeddings(px)), vm.encoder.layers, True,
                            vm.config.patch_size, lambda h: (h, vm.post_layernorm(h[:, 0])), vm.config)
-    if name == "SiglipVisionModel":
-        model = model.vision_model
-        name = type(model).__name__
-    if name == "SiglipVisionTransformer":
+    if name.startswith("SiglipVision"):
         vm = model
 
         def fin(h):
             last = vm.post_layernorm(h)
-            pooled = vm.head(last) if getattr(vm, "use_head", True) and hasattr(vm, "head") else last.mean(1)
+            pooled = vm.head(last) if getattr(vm, "use_head", False) else last.mean(1)
             return last, pooled
         return VisionParts("siglip", lambda px: vm.embeddings(px), vm.encoder.layers, False,
                            vm.config.patch_size, fin, vm.config)
