@@ -302,7 +302,12 @@ def tokenreduce_attention(module: nn.Module, query: Tensor, key: Tensor, value: 
         # one extra pass over the scored row only (cost O(Nk)): causal stays bottom-right aligned
         qr = query[:, :, :1] if kind == "cls" else query[:, :, -1:]
         c = causal if kind == "query" else False
-        _, s = attention_with_scores(qr, key, value, scale=scale, causal=c, key_bias=bias_f)
+        kb = bias_f
+        if kind == "cls" and causal:   # row 0 of a causal layer sees key 0 only (after the first Nk - Nq)
+            first = Nk - Nq
+            kb = torch.zeros(B, Nk, device=query.device).masked_fill(
+                torch.arange(Nk, device=query.device) > first, float("-inf"))[:, :] + (0 if bias_f is None else bias_f)
+        _, s = attention_with_scores(qr, key, value, scale=scale, causal=c, key_bias=kb)
         rec.put(kind, part, layer, s)
     return out.transpose(1, 2).contiguous(), None
 
