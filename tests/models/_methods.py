@@ -87,3 +87,18 @@ class TopQueryLLM(Method):
     def reduce(self, ctx):
         s = ctx.query_attn[ctx.layer]
         return keep_indices(ctx, topk_indices(s, self.keep_tokens(ctx.n_image)))
+
+
+class EveryOtherLLM(Method):
+    """Keeps image tokens 0, 2, 4, ... after LLM layer 1 (a selection that does not depend on
+    the query, so a recompute with one more token selects the same tokens)."""
+    name = "test-everyother-llm"
+    stage = Stage.LLM
+    needs = frozenset({Need.FEATURES})
+
+    def reduce_layers(self, L):
+        return [1]
+
+    def reduce(self, ctx):
+        B, N, _ = ctx.x.shape
+        return keep_indices(ctx, torch.arange(0, N, 2).expand(B, -1))
