@@ -61,6 +61,7 @@ def first_token_agreement(ref_logits: Tensor, red_logits: Tensor) -> Tensor:
     return ref_logits.argmax(-1) == red_logits.argmax(-1)
 
 
+@torch.no_grad()
 def encoder_fidelity(full, reduced, decoder=None, fill: str = "zeros") -> Dict[str, Tensor]:
     """Fidelity of a reduced encoder run against the full run (both `VisionOutput` of
     `run_vision` with ``feature_layer=None``); ``decoder``: DINOv2-S's saliency head."""
