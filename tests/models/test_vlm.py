@@ -153,3 +153,31 @@ def test_qwen2vl_batch_of_different_grids_matches_single_runs(qwen):
     torch.testing.assert_close(lg, torch.cat([l0, l1]), atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="same image-token count"):
         VL.VLMRunner(m, TopQueryLLM(keep=4, at=1)).next_token_logits(ids, am, px, image_grid_thw=thw)
+
+
+def test_llava_next_anyres_full_llm_and_projector():
+    m = P.build("tiny-llava-next")
+    g = torch.Generator().manual_seed(0)
+    B = 2
+    sizes = torch.tensor([[56, 112], [56, 112]])           # base image + 1 x 2 tiles
+    px = torch.randn(B, 3, 3, 56, 56, generator=g)
+    with torch.no_grad():
+        f = m.model.get_image_features(pixel_values=px, image_sizes=sizes, vision_feature_layer=-2,
+                                       vision_feature_select_strategy="default")
+    f = f.pooler_output if hasattr(f, "pooler_output") else f
+    n = f[0].shape[0]                                        # packed tokens incl. newline tokens
+    L = n + 10
+    ids = torch.randint(1, 290, (B, L), generator=g)
+    ids[:, 4:4 + n] = 300
+    am = torch.ones(B, L, dtype=torch.long)
+    with torch.no_grad():
+        ref = m(input_ids=ids, attention_mask=am, pixel_values=px, image_sizes=sizes).logits[:, -1]
+    torch.testing.assert_close(VL.VLMRunner(m, None).next_token_logits(ids, am, px, image_sizes=sizes), ref,
+                               atol=1e-5, rtol=1e-4)
+    r = VL.VLMRunner(m, TopQueryLLM(keep=n, at=1))
+    torch.testing.assert_close(r.next_token_logits(ids, am, px, image_sizes=sizes), ref, atol=1e-5, rtol=1e-4)
+    r = VL.VLMRunner(m, TopQueryLLM(keep=8, at=1))
+    assert r.generate(ids, am, px, image_sizes=sizes, max_new_tokens=3).shape == (2, 3)
+    r = VL.VLMRunner(m, TopNormProjector(keep=8))
+    assert r.generate(ids, am, px, image_sizes=sizes, max_new_tokens=3).shape == (2, 3)
+    assert r.last.inputs_embeds.shape[1] == L - n + 8
