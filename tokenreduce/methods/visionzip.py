@@ -49,6 +49,12 @@ class VisionZip(Method):
     deviations = ("ties go to the lower position (torch.topk unspecified); fp16/bf16 similarities "
                   "accumulate in float32")
 
+    def __init__(self, keep=None, ratio=None, **opts):
+        d, c = opts.get("dominant"), opts.get("contextual")
+        if (d is None) != (c is None) or (d is not None and (keep is not None or ratio is not None)):
+            fail(self.name, "give dominant= and contextual= together, or keep=/ratio= alone")
+        super().__init__(keep, ratio, **opts)
+
     def default_budget_ok(self) -> bool:
         return self.opts.get("dominant") is not None and self.opts.get("contextual") is not None
 
