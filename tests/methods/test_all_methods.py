@@ -27,7 +27,9 @@ def make_ctx(method, n_tokens: int, *, has_cls: bool, dtype, layer, L, seed=0, s
     def attn_row():
         return torch.softmax(torch.randn(B, N, generator=g) * 2, dim=-1)
 
-    layers = range(L)
+    layers = {l + L if l < 0 else l for l in method.attention_layers(L)}
+    if layer is not None:
+        layers.add(layer)
     side = int(round((N - has_cls) ** 0.5))
     grid = (side, side) if side * side == N - has_cls else None
     return Context(
