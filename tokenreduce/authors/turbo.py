@@ -19,12 +19,12 @@ def turbo_one(x: Tensor, metric: Tensor, cls_attn: Tensor, r: int, alpha: float 
     m = metric.float() / metric.float().norm(dim=-1, keepdim=True)
     A, Bs = list(range(0, N, 2)), list(range(1, N, 2))
     sem = cls_attn.float() / cls_attn.float().max()
+    sims = m[0::2] @ m[1::2].t()                      # [len(A), len(B)]
     degree, partner = {}, {}
-    for a in A[1:]:                                   # A[0] is [CLS]
-        sims = torch.stack([m[a] @ m[b] for b in Bs])
-        j = int(sims.argmax())
+    for i, a in enumerate(A[1:], start=1):            # A[0] is [CLS]
+        j = int(sims[i].argmax())
         partner[a] = Bs[j]
-        degree[a] = alpha * float(sem[a]) - float(sims[j])
+        degree[a] = alpha * float(sem[a]) - float(sims[i, j])
     merged_a = sorted(degree, key=lambda a: (degree[a], a))[:r]
     acc = {b: (x[b].float() * size[b], float(size[b])) for b in Bs}
     for a in merged_a:

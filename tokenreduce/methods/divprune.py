@@ -24,7 +24,8 @@ class DivPrune(Method):
     budgets = "keep=K or ratio=r; LLaVA-1.5 presets keep=192/128/64 of 576"
     faithful_to = ("vbdi/divprune DivPrune() (the greedy loop over 1 - pairwise cosine: first "
                    "pick argmax of the second-smallest column distance, then argmax of the min "
-                   "distance to the picked rows) = tokenreduce.ops.kcenter(first='isolated')")
+                   "distance to the picked rows) = tokenreduce.ops.kcenter(first='isolated'); the "
+                   "authors run it on the projected features (after mm_projector): pass those as ctx.x")
     deviations = ("output in spatial order (the order of picks is what ops.kcenter returns); "
                   "ties to the lower position; distances accumulated in float32 for fp16/bf16")
 
