@@ -10,8 +10,8 @@ from .. import ops
 from ._common import check_x, fail, layer_stat, need_cls
 from .base import Context, Method, Need, Reduction, Stage, image_part, keep_indices, topk_indices
 
-_PAPER = ("Li et al., ToDRE: Visual Token Pruning via Diversity and Task Awareness for Efficient "
-          "Large Vision-Language Models, arXiv 2505.18757")
+_PAPER = ("ToDRE: Visual Token Pruning via Diversity and Task Awareness for Efficient "
+          "Large Vision-Language Models, 2025 (title as in the project seeds)")
 
 
 @register

@@ -24,7 +24,7 @@ class Turbo(MergeSchedule):
     """
     name = "turbo"
     paper = ("Ju et al., Turbo: Informativity-Driven Acceleration Plug-In for Vision-Language "
-             "Large Models, ECCV 2024")
+             "Large Models, arXiv, Jul 2024")
     code = "paper only (no code followed)"
     needs = frozenset({Need.FEATURES, Need.KEYS, Need.CLS_ATTN})
     options = {"r": "tokens merged in every block",

@@ -20,7 +20,7 @@ class VTCCLS(Method):
     position ids); [CLS] first. x ``[B, 1 + n, D]`` -> ``[B, 1 + keep, D]``.
     """
     name = "vtc-cls"
-    paper = "Wang et al., [CLS] Token Tells Everything Needed for Training-free Efficient MLLMs (VTC-CLS), arXiv 2412.05819"
+    paper = "[CLS] Token Tells Everything Needed for Training-free Efficient MLLMs (VTC-CLS), arXiv, Dec 2024"
     code = "github.com/THU-MIG/VTC-CLS"
     stage = Stage.PROJECTOR
     needs = frozenset({Need.FEATURES, Need.CLS_ATTN})
