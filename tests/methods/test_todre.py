@@ -34,3 +34,12 @@ def test_stage2_relevance():
     assert torch.equal(red.index, want)
     with pytest.raises(ValueError, match=r"todre-llm.*query_attn\[2\]"):
         m(Context(x=x))
+
+
+def test_stage2_matches_loop():
+    from tokenreduce.authors.todre import todre_stage2
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 576, 128, generator=g)
+    rel = torch.softmax(torch.randn(3, 576, generator=g), dim=1)
+    red = build("todre-llm", keep=100)(Context(x=x, query_attn={1: rel}))
+    torch.testing.assert_close(red.tokens, todre_stage2(x, rel, 100), rtol=0, atol=0)
