@@ -15,3 +15,20 @@ def per_sample(d, b):
     """Batch row b of a ClipLike as a batch of one."""
     return ClipLike(d.x[b:b + 1], d.keys[b:b + 1], {l: t[b:b + 1] for l, t in d.cls_heads.items()},
                     {l: t[b:b + 1] for l, t in d.cls_attn.items()}, d.grid)
+
+
+# fixtures (imported by the test modules: a conftest.py here would shadow tests/conftest.py,
+# which other test files import as ``conftest``)
+import pytest  # noqa: E402
+
+from tokenreduce.authors.synthetic import clip_like  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def clip1():
+    return clip_like(1, 576, 1024, seed=11, layers=range(24))
+
+
+@pytest.fixture(scope="session")
+def clip3():
+    return clip_like(3, 576, 1024, seed=12, layers=range(24))

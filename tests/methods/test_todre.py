@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from _inputs import ctx_of
+from _inputs import clip1, clip3, ctx_of  # noqa: F401 (fixtures)
 from tokenreduce import ops
 from tokenreduce.authors.divprune import divprune
 from tokenreduce.methods import Context, build
