@@ -4,6 +4,8 @@ and the registry / describe / markdown output."""
 from __future__ import annotations
 
 import pytest
+import sys
+
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -37,6 +39,8 @@ def make_ctx(method, n_tokens: int, *, has_cls: bool, dtype, layer, L, seed=0, s
         keys=torch.randn(B, N, DK, generator=g).to(dtype),
         cls_attn={l: attn_row() for l in layers}, attn_received={l: attn_row() for l in layers},
         query_attn={l: attn_row() for l in layers},
+        visual_attn={l: attn_row() for l in layers},
+        query_attn_norope={l: attn_row() for l in layers},
         values={l: torch.randn(B, N, DK, generator=g).to(dtype) for l in layers},
         text=torch.randn(B, T, D, generator=g).to(dtype),
         pixels=torch.rand(B, 3, 48, 48, generator=g).to(dtype),
@@ -150,7 +154,9 @@ def test_registry_and_describe():
         assert d["stage"] in {s.value for s in Stage}
         assert set(d["needs"]) <= {n.value for n in Need}
         cls = M.get(d["name"])
-        assert cls.__doc__ and len(cls.__doc__.strip().splitlines()) >= 3, d["name"]
+        # the algorithm in a few lines, in the class docstring or its module's
+        mod_doc = sys.modules[cls.__module__].__doc__ or ""
+        assert cls.__doc__ and len((cls.__doc__ + "\n" + mod_doc).strip().splitlines()) >= 3, d["name"]
     table = M.markdown_table()
     assert table.count("\n") == len(NAMES) + 2
     for n in NAMES:
