@@ -133,7 +133,7 @@ def _flash_fwd(
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
-    has = l_i > 0.0
+    has = l_i != 0.0  # False only with no admissible key; NaN stays NaN as in eager attention
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     out = tl.where(has[:, None], out, 0.0)
     lse2 = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
@@ -198,7 +198,7 @@ def _column_scores(
             s = s * qk_scale
             if HAS_BIAS:
                 s = s + bias2[None, :]
-            live = lse > float("-inf")  # rows with no admissible key add nothing
+            live = lse != float("-inf")  # rows with no admissible key add nothing (NaN propagates)
             ok = n_mask[None, :] & live[:, None]
             if CAUSAL:
                 ok = ok & (offs_n[None, :] <= rows[:, None] + off)
@@ -227,6 +227,10 @@ def _default_config(q: Tensor, Nq: int, Nk: int, Dh: int, Dv: int, R: int, inter
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_R=16 if R <= 16 else 32, SCORE_BLOCK_N=32,
                     fwd_warps=4, fwd_stages=1, score_warps=4, score_stages=1, head_splits=None)
     big_d = max(Dh, Dv) > 64
+    if q.dtype == torch.float32:  # fp32 tiles take twice the shared memory
+        return dict(BLOCK_M=64, BLOCK_N=32 if big_d else 64, BLOCK_R=16 if R <= 16 else 32,
+                    SCORE_BLOCK_N=64, fwd_warps=4, fwd_stages=2, score_warps=4, score_stages=2,
+                    head_splits=None)
     return dict(
         BLOCK_M=128 if Nq >= 128 and not big_d else 64,
         BLOCK_N=64,
