@@ -378,11 +378,13 @@ def attention_with_scores(
     B, H, Nq, Dh = q.shape
     Nk = k.shape[2]
     R = Nq if score_rows is None else score_rows.numel()
+    rows = None if score_rows is None else _normalise_rows(score_rows, Nq)
     out, lse2, (cfg, flags, scale, bias, sbb, sbn, interpret) = _forward(
         q, k, v, scale, causal, key_bias, R, config)
-    if B * H * Nq == 0 or B == 0:
+    if B * H * Nq == 0:
         return out, torch.zeros((B, Nk), dtype=torch.float32, device=q.device)
-    rows = lse2 if score_rows is None else _normalise_rows(score_rows, Nq)  # dummy when arange
+    if rows is None:
+        rows = lse2  # a dummy pointer: the kernel walks arange(Nq)
 
     BN = cfg["SCORE_BLOCK_N"]
     n_blocks = triton.cdiv(Nk, BN)
