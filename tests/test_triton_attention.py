@@ -147,8 +147,11 @@ def _run_worker() -> dict:
         report = json.loads(path.read_text())
         assert report["device"] == "cpu-interpreter" and report["rows"], report
         for row in report["rows"]:
-            assert row["winner"] in row["ms"], row
-            assert row["max_abs_err_scores"] < 1e-4, row
+            assert row["winner"] in ("native", "triton") and row["winner"] in row["ms"], row
+            assert {"native", "triton", "triton_fwd"} <= set(row["ms"]) and not row["unavailable"], row
+            assert row["max_abs_err_scores"] < 1e-4 and max(row["max_abs_err_out"].values()) < 5e-2, row
+        checks = {row["checked_against"] for row in report["rows"]}
+        assert checks == {"reference", "reference of the scored row"}, checks
         return ""
 
     extra("lse_matches_logsumexp", lse_matches_logsumexp)
@@ -313,3 +316,13 @@ def test_native_path_unchanged_and_compiles(clean_selection):
     want = torch.ops.tokenreduce.attention_with_scores(q, k, v, 8**-0.5, False, None, torch.tensor([0]))
     got = torch.compile(f, fullgraph=True, backend="eager")(q, k, v)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_default_table_falls_back_to_native_for_float64(clean_selection):
+    clean_selection.setitem(backends.DEFAULTS[OP], "cpu", "triton")
+    assert backends.select(OP, "cpu", dtype=torch.bfloat16) == "triton"
+    assert backends.select(OP, "cpu", dtype=torch.float64) == "native"
+    assert backends.select(OP, "cpu", "triton", torch.float64) == "triton"  # explicit: kept
+    q = torch.randn(1, 2, 5, 8, dtype=torch.float64)
+    out, scores = ops.attention_with_scores(q, q, q)  # the default picks triton, float64 runs native
+    assert out.dtype == torch.float64 and scores.dtype == torch.float64

@@ -21,7 +21,8 @@ Precedence, first match wins:
   1. the call's ``backend=`` argument (e.g. ``ops.attention_with_scores(..., backend="triton")``);
   2. the innermost `use_backend` context, then `set_backend`;
   3. the environment variable (``TOKENREDUCE_ATTENTION_BACKEND`` for attention_with_scores);
-  4. the default table.
+  4. the default table (falling back to "native" for dtypes the chosen backend does not take,
+     see `DTYPES`: float64 has no Triton kernel).
 
 The choice reads only static information (device type and compute capability, cached), never
 tensor data, so it costs no host sync and traces under ``torch.compile``.
@@ -36,7 +37,7 @@ from typing import Dict, Iterator, Optional, Tuple, Union
 import torch
 
 __all__ = [
-    "BACKENDS", "DEFAULTS", "ENV_VARS", "available", "select", "set_backend", "get_backend",
+    "BACKENDS", "DEFAULTS", "DTYPES", "ENV_VARS", "available", "select", "set_backend", "get_backend",
     "use_backend", "device_key",
 ]
 
@@ -53,6 +54,11 @@ ENV_VARS: Dict[str, str] = {
 #: default backend per op and device key ("cpu", "sm_80", "sm_90", ...; "cuda" = any other GPU)
 DEFAULTS: Dict[str, Dict[str, str]] = {
     "attention_with_scores": {"cpu": "native", "sm_80": "native", "sm_90": "native", "cuda": "native"},
+}
+
+#: dtypes a backend takes where it is not "all": the default table falls back to "native" for others
+DTYPES: Dict[Tuple[str, str], Tuple[torch.dtype, ...]] = {
+    ("attention_with_scores", "triton"): (torch.float32, torch.float16, torch.bfloat16),
 }
 
 _overrides: Dict[str, str] = {}  # set_backend
@@ -130,8 +136,13 @@ def use_backend(op: str, name: str) -> Iterator[None]:
         _stack[op].pop()
 
 
-def select(op: str, device: Union[torch.device, str], requested: Optional[str] = None) -> str:
-    """The backend that runs `op` on `device` (see the module docstring for the precedence)."""
+def select(op: str, device: Union[torch.device, str], requested: Optional[str] = None,
+           dtype: Optional[torch.dtype] = None) -> str:
+    """The backend that runs `op` on `device` (see the module docstring for the precedence).
+
+    When the default table picks a backend that does not take `dtype` (e.g. float64 on
+    "triton"), "native" runs instead; an explicit choice is kept (and the op raises).
+    """
     _check_op(op)
     if requested is not None:
         return _check_name(op, requested, "backend=")
@@ -143,6 +154,9 @@ def select(op: str, device: Union[torch.device, str], requested: Optional[str] =
         return _check_name(op, env.strip().lower(), ENV_VARS[op])
     table = DEFAULTS[op]
     key = device_key(device)
-    if key in table:
-        return table[key]
-    return table["cuda"] if torch.device(device).type == "cuda" else table["cpu"]
+    if key not in table:
+        key = "cuda" if torch.device(device).type == "cuda" else "cpu"
+    name = table[key]
+    if dtype is not None and dtype not in DTYPES.get((op, name), (dtype,)):
+        return "native"
+    return name

@@ -111,7 +111,7 @@ def attention_with_scores(
     propagates to ``out`` and ``scores`` as in eager attention. The ``[B, H, Nq, Nk]``
     probabilities are never materialised. Forward only: no autograd.
     """
-    if _backends.select("attention_with_scores", q.device, backend) == "triton":
+    if _backends.select("attention_with_scores", q.device, backend, q.dtype) == "triton":
         try:
             from .triton import attention_with_scores as _triton_attention
         except ImportError as e:
