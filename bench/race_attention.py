@@ -52,10 +52,12 @@ SWEEP = [  # Triton block configs tried with --sweep (the default config is alwa
     dict(BLOCK_M=64, BLOCK_N=64, fwd_warps=4, fwd_stages=3),
     dict(BLOCK_M=128, BLOCK_N=64, fwd_warps=8, fwd_stages=3),
     dict(BLOCK_M=128, BLOCK_N=128, fwd_warps=8, fwd_stages=2),
-    dict(BLOCK_M=64, BLOCK_N=32, fwd_warps=4, fwd_stages=4),
-    dict(SCORE_BLOCK_N=64, score_warps=4, score_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=64, fwd_warps=8, fwd_stages=2),
+    dict(BLOCK_M=128, BLOCK_N=32, fwd_warps=4, fwd_stages=4),
     dict(SCORE_BLOCK_N=128, score_warps=8, score_stages=2),
-    dict(SCORE_BLOCK_N=32, score_warps=2, score_stages=2),
+    dict(SCORE_BLOCK_N=32, score_warps=4, score_stages=3),
+    dict(BLOCK_R=32, SCORE_BLOCK_N=64, score_warps=4, score_stages=2),
+    dict(BLOCK_R=16, SCORE_BLOCK_N=128, score_warps=4, score_stages=2),
 ]
 L2_BYTES = 50 * 2**20  # H100 50 MB, A100 40 MB: rotate enough copies to exceed it
 

@@ -28,6 +28,28 @@ def _signature(kernel, pointers, constexprs, floats):
             for n in kernel.arg_names}
 
 
+def _registers(cubin: bytes) -> str:
+    """', N regs, S B stack' from the bundled cuobjdump (stack > 0 means register spills)."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        text = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
+    finally:
+        os.unlink(f.name)
+    m = re.search(r"REG:(\d+) STACK:(\d+)", text)
+    return f", {m.group(1)} regs, {m.group(2)} B stack" if m else ""
+
+
 def main(argv=None) -> int:
     import torch
     import triton
@@ -81,6 +103,7 @@ def main(argv=None) -> int:
                         ok = smem <= SMEM_LIMIT.get(cap, 99 * 1024)
                         failures += not ok
                         status = f"ok, {smem} B shared" if ok else f"SHARED MEMORY {smem} B over the sm_{cap} limit"
+                        status += _registers(compiled.asm["cubin"])
                     except Exception as e:
                         failures += 1
                         status = f"FAILED: {type(e).__name__}: {str(e)[:300]}"
