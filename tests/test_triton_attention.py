@@ -31,6 +31,7 @@ CASES = {
     "n1_d16_f32": (2, 4, 1, 1, 1, 16, 16, "float32", False, None, None, ""),
     "splits_strided_causal_nq33_nk65_bf16": (2, 4, 2, 33, 65, 64, 64, "bfloat16", True, "mask", None, "strided,splits"),
     "rows_splits_n7_d24_f32": (2, 4, 2, 7, 7, 24, 24, "float32", False, None, [6, 0, 6], "splits"),
+    "rows_list_neg_causal_n33_d16_f32": (2, 4, 2, 33, 33, 16, 16, "float32", True, None, [-33, -2, 5], "list"),
 }
 TOL_OUT = {"float32": (2e-5, 1e-4), "float16": (2e-3, 2e-3), "bfloat16": (2e-2, 2e-2)}
 TOL_SCORES = (2e-6, 1e-4)  # scores are float32 sums of float32 probabilities on both sides
@@ -61,7 +62,7 @@ def _make_case(B, H, Hkv, Nq, Nk, Dh, Dv, dtype, causal, bias, rows, extra, seed
             key_bias[0, : Nk // 2] = -math.inf
         elif bias == "dead":
             key_bias[1] = -math.inf
-    score_rows = None if rows is None else torch.tensor(rows)
+    score_rows = None if rows is None else rows if "list" in extra else torch.tensor(rows)
     return q, k, v, dict(causal=causal, key_bias=key_bias, score_rows=score_rows)
 
 
@@ -211,6 +212,10 @@ def test_triton_interpreter(interpreter_results, name):
         ((torch.randn(1, 2, 4, 8, dtype=torch.float64),) * 3, {}, TypeError, "float64"),
         ((torch.randn(1, 3, 4, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)), {}, ValueError, "multiple of k's heads"),
         ((torch.randn(1, 2, 4, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)), {"score_rows": [4]}, IndexError, "score_rows[0] = 4"),
+        ((torch.randn(1, 2, 4, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)), {"score_rows": torch.tensor([0, -5])}, IndexError, "score_rows[1] = -5"),
+        ((torch.randn(1, 2, 4, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)), {"score_rows": [0, 1.5]}, TypeError, "score_rows must hold ints"),
+        ((torch.randn(1, 2, 4, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)), {"score_rows": []}, ValueError, "non-empty"),
+        ((torch.randn(1, 2, 4, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)), {"score_rows": torch.tensor([0.5])}, TypeError, "int64"),
         ((torch.randn(1, 2, 4, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)), {"key_bias": torch.randn(1, 4)}, ValueError, "key_bias"),
         ((torch.randn(1, 2, 4, 8), torch.randn(1, 2, 0, 8), torch.randn(1, 2, 0, 8)), {}, ValueError, "at least one key"),
     ],

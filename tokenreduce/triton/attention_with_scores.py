@@ -187,6 +187,7 @@ def _column_scores(
                 rows = offs_r
             else:
                 rows = tl.load(Rows + offs_r, mask=r_mask, other=0)
+                rows = tl.where(rows < 0, rows + Nq, rows)  # negatives count from the end
             q = tl.load(q_base + rows[:, None] * sqm + offs_d[None, :] * sqd,
                         mask=r_mask[:, None] & d_mask[None, :], other=0.0)
             if DOT_FP32:
@@ -278,12 +279,16 @@ def _check(q: Tensor, k: Tensor, v: Tensor, key_bias: Optional[Tensor], score_ro
             _fail(f"key_bias must be a floating tensor, got {key_bias.dtype}", TypeError)
         if tuple(key_bias.shape) != (B, Nk):
             _fail(f"key_bias must have shape [B, Nk] = [{B}, {Nk}], got {tuple(key_bias.shape)}")
-    if score_rows is not None:
-        if score_rows.dtype != torch.long:
-            _fail(f"score_rows must be an int64 tensor, got {score_rows.dtype}", TypeError)
-        if score_rows.dim() != 1 or score_rows.numel() == 0:
-            _fail(f"score_rows must be a non-empty 1-D tensor of query positions, got shape "
-                  f"{tuple(score_rows.shape)}")
+    if isinstance(score_rows, Tensor):
+        _check_rows(score_rows)
+
+
+def _check_rows(score_rows: Tensor):
+    if score_rows.dtype != torch.long:
+        _fail(f"score_rows must be an int64 tensor, got {score_rows.dtype}", TypeError)
+    if score_rows.dim() != 1 or score_rows.numel() == 0:
+        _fail(f"score_rows must be a non-empty 1-D tensor of query positions, got shape "
+              f"{tuple(score_rows.shape)}")
 
 
 def _interpret_for(device: torch.device) -> bool:
@@ -296,17 +301,28 @@ def _interpret_for(device: torch.device) -> bool:
     return False
 
 
-def _normalise_rows(score_rows: Tensor, Nq: int) -> Tensor:
-    """score_rows with negatives wrapped; out-of-range positions raise (CPU) or assert on device."""
+def _rows_tensor(score_rows, Nq: int, device: torch.device) -> Tensor:
+    """score_rows as an int64 tensor on `device`; out-of-range positions raise (host data) or fail
+    a device-side assertion (CUDA tensors: no host sync). Negatives are wrapped in the kernel."""
+    if not isinstance(score_rows, Tensor):  # ints: checked and sent in one host-to-device copy
+        rows = [score_rows] if isinstance(score_rows, int) else list(score_rows)
+        for e, i in enumerate(rows):
+            if isinstance(i, bool) or not isinstance(i, int):
+                _fail(f"score_rows must hold ints, got {type(i).__name__} at {e}", TypeError)
+            if not -Nq <= i < Nq:
+                _fail(f"score_rows[{e}] = {i} is out of range for Nq = {Nq}", IndexError)
+        if not rows:
+            _fail("score_rows must be a non-empty 1-D tensor of query positions, got shape (0,)")
+        return torch.tensor(rows, dtype=torch.long, device=device)
     if score_rows.device.type == "cpu":  # the data is already on the host: check it eagerly
         bad = (score_rows < -Nq) | (score_rows >= Nq)
         if bool(bad.any()):
             e = int(bad.to(torch.uint8).argmax())
             _fail(f"score_rows[{e}] = {int(score_rows[e])} is out of range for Nq = {Nq}", IndexError)
-    else:  # no host sync: a device-side assertion
+    else:
         torch._assert_async(((score_rows >= -Nq) & (score_rows < Nq)).all(),
                             f"tokenreduce.{_OP}: score_rows out of range for Nq = {Nq}")
-    return torch.where(score_rows < 0, score_rows + Nq, score_rows).contiguous()
+    return score_rows.contiguous()
 
 
 def flash_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None, causal: bool = False,
@@ -369,14 +385,11 @@ def attention_with_scores(
     with no admissible key add 0 but still count in the mean). float32 / float16 / bfloat16,
     any strides. ``config`` overrides block sizes (see `_default_config`; for benchmarks).
     """
-    if score_rows is not None and not isinstance(score_rows, Tensor):
-        rows = [score_rows] if isinstance(score_rows, int) else list(score_rows)
-        score_rows = torch.tensor(rows, dtype=torch.long, device=q.device)
     _check(q, k, v, key_bias, score_rows)
     B, H, Nq, Dh = q.shape
     Nk = k.shape[2]
-    R = Nq if score_rows is None else score_rows.numel()
-    rows = None if score_rows is None else _normalise_rows(score_rows, Nq)
+    rows = None if score_rows is None else _rows_tensor(score_rows, Nq, q.device)
+    R = Nq if rows is None else rows.numel()
     out, lse2, (cfg, flags, scale, bias, sbb, sbn, interpret) = _forward(
         q, k, v, scale, causal, key_bias, R, config)
     if B * H * Nq == 0:
