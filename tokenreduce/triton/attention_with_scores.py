@@ -11,27 +11,32 @@ Two kernels, no [B, H, Nq, Nk] buffer, no atomics, deterministic:
    ``lse2 = log2(sum_j 2^(s2_j))``, float32 [B, H, Nq]; ``-inf`` for a row with no admissible key
    (its output is 0).
 2. `_column_scores`: one program per (key block, b, head split). For every head of its split and
-   every scored query row it recomputes ``s2 = q.k * qk_scale + bias2`` and sums the exact
-   probabilities ``p = 2^(s2 - lse2)`` in a [BLOCK_R, BLOCK_N] register tile, reduced over rows
-   once at the end (the final, not the running,
-   normaliser: no rescale pitfall). Rows come either as ``arange(Nq)`` (all rows scored; causal
-   skips the rows that cannot see the block) or as a gathered index list (``score_rows``, repeats
-   counted), so [CLS] / last-token scores cost one GEMV over K per head. Head splits write
-   float32 partials [B, S, Nk] summed afterwards in a fixed order; with one split the kernel writes
-   the scores directly.
+   every scored query row it recomputes ``s2 = q.k * qk_scale + bias2`` and accumulates the exact
+   probabilities ``p = 2^(s2 - lse2)`` (the final normaliser, not the running one: no rescale
+   pitfall) in a [BLOCK_R, BLOCK_N] register tile, reduced over rows once at the end. Rows are
+   either ``arange(Nq)`` (all rows scored; causal skips the rows that cannot see the block) or
+   the gathered ``score_rows`` (negatives wrapped in the kernel, repeats counted), so [CLS] /
+   last-token scores cost one GEMV over K per head. Head splits (to fill the GPU at small B)
+   write float32 partials [B, S, Nk] summed afterwards in a fixed order; with one split the
+   kernel writes the scores directly. Each row counts 1 / (H * R), R = rows listed (as the
+   reference: a row with no admissible key adds 0 but still counts in the mean).
 
-A fused single pass (P resident while computing O) would need cross-program column reductions
-(partials of size [B, H * Nq / BLOCK_M, Nk]) for exactness; the two-kernel design is the
-reference here and the GPU race (`bench/race_attention.py`) decides against the native kernel.
+Why no fused single pass: exact column sums need each row's final LSE before its probabilities
+are summed across rows, so a one-kernel variant either keeps the row block's whole P resident
+(not expressible in Triton for Nk in the hundreds: no addressable shared memory) or runs two
+passes over the keys inside the program, which costs the same Q K^T and exp work as the two
+kernels here. A CUDA kernel can keep P in shared memory (KERNELS.md (a), short sequences);
+the race (`bench/race_attention.py`) picks the faster backend per architecture.
 
 CPU tensors run only under the Triton interpreter: ``TRITON_INTERPRET=1`` must be set before
 triton is first imported in the process (triton wraps its own library functions at import), so
-tests run these kernels in a subprocess. The interpreter cannot run ``tl.dot`` on bfloat16 (numpy has no bfloat16), so there bfloat16 tiles are
-upcast to float32 before the dot (``DOT_FP32``); on the GPU the dot runs on bfloat16 tensor cores.
+the tests run these kernels in a subprocess. The interpreter cannot run ``tl.dot`` on bfloat16
+(numpy has no bfloat16), so there bfloat16 tiles are upcast to float32 before the dot
+(``DOT_FP32``); on the GPU the dot runs on bfloat16 tensor cores. float32 inputs use
+``input_precision="ieee"`` (no TF32), as the native kernel computes in full float32.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
