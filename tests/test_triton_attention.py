@@ -155,6 +155,21 @@ def _run_worker() -> dict:
         assert checks == {"reference", "reference of the scored row"}, checks
         return ""
 
+    def backward_raises():
+        q, k, v, _ = _make_case(1, 2, 2, 5, 5, 16, 16, "float32", False, None, None, "", seed=11)
+        q.requires_grad_()
+        out, scores = ops.attention_with_scores(q, k, v, backend="triton")
+        ref = reference.attention_with_scores(q.detach(), k, v)
+        err = _close("out", out.detach(), ref[0], 2e-5, 1e-4)
+        assert out.requires_grad, "out is cut from the graph"
+        try:
+            out.sum().backward()
+        except NotImplementedError as e:
+            assert "forward-only" in str(e) and "tokenreduce.attention_with_scores" in str(e), str(e)
+            return err
+        return "backward did not raise"
+
+    extra("backward_raises", backward_raises)
     extra("lse_matches_logsumexp", lse_matches_logsumexp)
     extra("ops_routes_to_triton", ops_routes_to_triton)
     extra("nan_propagates", nan_propagates)
@@ -179,7 +194,7 @@ import torch  # noqa: E402
 from tokenreduce import backends, ops  # noqa: E402
 
 HAVE_TRITON = backends.available("attention_with_scores") == ("native", "triton")
-WORKER_CHECKS = list(CASES) + ["lse_matches_logsumexp", "ops_routes_to_triton", "nan_propagates",
+WORKER_CHECKS = list(CASES) + ["backward_raises", "lse_matches_logsumexp", "ops_routes_to_triton", "nan_propagates",
                                "deterministic", "race_dry_run"]
 
 

@@ -389,8 +389,30 @@ def attention_with_scores(
     in q's dtype, scores float32 [B, Nk] (head- and row-mean of the probabilities; scored rows
     with no admissible key add 0 but still count in the mean). float32 / float16 / bfloat16,
     any strides. ``config`` overrides block sizes (see `_default_config`; for benchmarks).
+    Forward only: with inputs that require grad, backward raises (as the native op).
     """
     _check(q, k, v, key_bias, score_rows)
+    if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in (q, k, v, key_bias)):
+        return _ForwardOnly.apply(
+            lambda: _attention(q, k, v, scale, causal, key_bias, score_rows, config), q, k, v, key_bias)
+    return _attention(q, k, v, scale, causal, key_bias, score_rows, config)
+
+
+class _ForwardOnly(torch.autograd.Function):
+    """Connects the outputs to the inputs so that a backward raises instead of dropping grads."""
+
+    @staticmethod
+    def forward(ctx, run, *inputs):
+        return run()
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            f"tokenreduce.{_OP}: the op is forward-only (no backward); "
+            "train with torch.nn.functional.scaled_dot_product_attention")
+
+
+def _attention(q, k, v, scale, causal, key_bias, score_rows, config):
     B, H, Nq, Dh = q.shape
     Nk = k.shape[2]
     rows = None if score_rows is None else _rows_tensor(score_rows, Nq, q.device)
