@@ -346,3 +346,27 @@ def test_default_table_falls_back_to_native_for_float64(clean_selection):
     q = torch.randn(1, 2, 5, 8, dtype=torch.float64)
     out, scores = ops.attention_with_scores(q, q, q)  # the default picks triton, float64 runs native
     assert out.dtype == torch.float64 and scores.dtype == torch.float64
+
+
+# ---- on a GPU: the compiled kernels against the reference (skipped without CUDA) ---------
+
+
+@pytest.mark.skipif(not (HAVE_TRITON and torch.cuda.is_available()), reason="needs triton and a CUDA device")
+@pytest.mark.parametrize("name", list(CASES))
+def test_triton_cuda_matches_reference(name):
+    from tokenreduce import reference
+    from tokenreduce.triton import attention_with_scores
+
+    case = CASES[name]
+    q, k, v, kw = _make_case(*case, seed=2000 + list(CASES).index(name))
+    q, k, v = q.cuda(), k.cuda(), v.cuda()
+    if kw["key_bias"] is not None:
+        kw["key_bias"] = kw["key_bias"].cuda()
+    if isinstance(kw["score_rows"], torch.Tensor):
+        kw["score_rows"] = kw["score_rows"].cuda()
+    config = dict(head_splits=3) if "splits" in case[-1] else None
+    out, scores = attention_with_scores(q, k, v, config=config, **kw)
+    rout, rscores = reference.attention_with_scores(q, k, v, **kw)
+    assert out.dtype == q.dtype and scores.dtype == torch.float32
+    torch.testing.assert_close(out, rout, atol=TOL_OUT[case[7]][0], rtol=TOL_OUT[case[7]][1])
+    torch.testing.assert_close(scores, rscores, atol=TOL_SCORES[0], rtol=TOL_SCORES[1])
