@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from . import _C  # noqa: F401  (loads the native library and registers the ops)
+from . import backends as _backends
 
 __all__ = ["attention_with_scores", "kcenter", "bipartite_merge", "recycle"]
 
@@ -79,6 +80,7 @@ def attention_with_scores(
     causal: bool = False,
     key_bias: Optional[Tensor] = None,
     score_rows: Optional[Union[Tensor, Sequence[int], int]] = None,
+    backend: Optional[str] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Exact softmax attention that also returns the attention each key receives.
 
@@ -95,6 +97,9 @@ def attention_with_scores(
         score_rows: query positions whose attention is scored, a LongTensor ``[R]`` or
             ints (negative counts from the end): ``[0]`` for [CLS], ``[-1]`` for the last
             token. ``None`` scores every row.
+        backend: ``"native"`` (the torch op) or ``"triton"`` (`tokenreduce.triton`); ``None``
+            follows `tokenreduce.backends.select` (overrides, env var
+            ``TOKENREDUCE_ATTENTION_BACKEND``, then the per-device default table).
 
     Returns:
         out: ``softmax(q k^T * scale + key_bias + mask) v`` ``[B, H, Nq, Dv]``, dtype of q.
@@ -106,6 +111,13 @@ def attention_with_scores(
     propagates to ``out`` and ``scores`` as in eager attention. The ``[B, H, Nq, Nk]``
     probabilities are never materialised. Forward only: no autograd.
     """
+    if _backends.select("attention_with_scores", q.device, backend, q.dtype) == "triton":
+        try:
+            from .triton import attention_with_scores as _triton_attention
+        except ImportError as e:
+            _fail("attention_with_scores", f"backend 'triton' needs the triton package ({e})", RuntimeError)
+        return _triton_attention(q, k, v, scale=scale, causal=causal, key_bias=key_bias,
+                                 score_rows=score_rows)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if score_rows is not None and not isinstance(score_rows, Tensor):
