@@ -280,6 +280,10 @@ def cmd_profile(args: argparse.Namespace, console: Console) -> int:
             json.dump({"model": args.model, "real_weights": preset.real,
                        "images": [n for n, _ in ims], "rows": rows}, fh, indent=2)
             fh.write("\n")
+    return 0
+
+
+# --------------------------------------------------------------------------------------
 # methods
 # --------------------------------------------------------------------------------------
 

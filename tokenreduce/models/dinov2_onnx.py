@@ -243,7 +243,11 @@ def onnx_subgraph(inputs, outputs, model=None):
         nodes, "subgraph", [helper.make_tensor_value_info(i, onnx.TensorProto.FLOAT, None) for i in inputs],
         [helper.make_empty_tensor_value_info(o) for o in outputs],
         [t for t in g.initializer if t.name in used])
-    return helper.make_model(graph, opset_imports=m.opset_import)
+    sub = helper.make_model(graph, opset_imports=m.opset_import)
+    # keep the file's IR version: make_model stamps the onnx package's newest, which
+    # onnxruntime may not read yet (onnx 1.23 writes IR 14, onnxruntime 1.31 reads <= 13)
+    sub.ir_version = m.ir_version
+    return sub
 
 
 def have_onnxruntime() -> bool:
