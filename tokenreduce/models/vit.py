@@ -199,14 +199,13 @@ def plan_layers(method: Method, L: int, nominal_layers: Optional[int] = None, de
     """Map ``method``'s declared layers onto a model with ``L`` layers (see `LayerPlan`).
     ``nominal_layers`` forces the depth the method's numbers refer to; by default the model's
     own depth when the declarations fit it, else ``max(default_nominal, L)``.
-    ``reduce_top``: the last model layer a reduction may follow (``L - 2`` for lookahead)."""
+    ``reduce_top``: the last model layer a mapped reduction may follow (``L - 2`` for
+    lookahead); an identity plan is returned as declared (callers check what can run)."""
     Ln = nominal_layers
     if Ln is None:
         try:
-            red = [_resolve(l, L, "") for l in method.reduce_layers(L)]
+            [_resolve(l, L, "") for l in method.reduce_layers(L)]
             [_resolve(l, L, "") for l in method.attention_layers(L)]
-            if reduce_top is not None and red and max(red) > reduce_top:
-                raise ValueError("reduce layer beyond reduce_top")
             Ln = L
         except ValueError:
             Ln = max(default_nominal, L)
@@ -216,9 +215,6 @@ def plan_layers(method: Method, L: int, nominal_layers: Optional[int] = None, de
     top = L - 1 if reduce_top is None else reduce_top
     plan.reduce = [(r, plan.model_layer(r, top)) for r in red]
     plan.attention = [(l, r, plan.model_layer(r)) for l, r in att]
-    if not plan.mapped and reduce_top is not None and any(a > reduce_top for _, a in plan.reduce):
-        raise ValueError(f"tokenreduce.models: {method.name} reduces after layer {max(a for _, a in plan.reduce)} "
-                         f"but a later layer is needed (only {L} layers)")
     return plan
 
 
@@ -353,7 +349,7 @@ def run_vision(model: nn.Module, pixel_values: Tensor, method: Optional[Method] 
             h = parts.layers[i](h, None)
             for nominal in reduce_at.get(i, ()):
                 ctx = _context(h, parts, tracker_full, grid, rec, method, part, L, nominal, size, state,
-                               pixel_values, plan)
+                               pixel_values, plan, key_layer=i)
                 ctx.text = text
                 red = method(ctx)
                 _check_method(method, h, red, f"after layer {i}")
@@ -395,9 +391,10 @@ def run_vision(model: nn.Module, pixel_values: Tensor, method: Optional[Method] 
 
 def _context(h: Tensor, parts: VisionParts, tracker_full: Tracker, grid, rec, method: Method, part: str,
              L: int, layer: int, size: Optional[Tensor], state, pixel_values,
-             plan: Optional[LayerPlan] = None) -> Context:
+             plan: Optional[LayerPlan] = None, key_layer: Optional[int] = None) -> Context:
     """``layer``: the method's (nominal) layer number of this call; statistics come from the
-    model layers the plan maps the method's layers to."""
+    model layers the plan maps the method's layers to; ``key_layer``: the model layer whose keys
+    are ``ctx.keys`` (default ``layer``)."""
     plan = plan if plan is not None else plan_layers(method, L, nominal_layers=L)
     c = int(parts.has_cls)
     full = h.shape[1] == grid[0] * grid[1] + c
@@ -407,5 +404,5 @@ def _context(h: Tensor, parts: VisionParts, tracker_full: Tracker, grid, rec, me
                   heads=heads)
     fill_context_scores(ctx, rec, method, part, L, plan=plan)
     if Need.KEYS in method.needs:
-        ctx.keys = rec.get("keys", part, plan.model_layer(layer) if plan.mapped else layer)
+        ctx.keys = rec.get("keys", part, layer if key_layer is None else key_layer)
     return ctx

@@ -377,8 +377,8 @@ class VLMRunner:
         self.cfg = model.config
         self.image_token = self.cfg.image_token_id
         self.lm = model.model.language_model
-        if method is not None and (method.stage == Stage.LLM or method.needs & {Need.CLS_ATTN, Need.ATTN_RECEIVED,
-                                                                             Need.VALUES, Need.QUERY_ATTN}):
+        if method is not None and (method.stage == Stage.LLM or method.needs & {
+                Need.CLS_ATTN, Need.ATTN_RECEIVED, Need.VALUES, Need.QUERY_ATTN, Need.KEYS}):
             A.register()
             model.set_attn_implementation(A.NAME)
         self.llm_reducer = (LLMReducer(self.lm, method, nominal_layers=nominal_layers)
@@ -442,7 +442,7 @@ class VLMRunner:
         if not isinstance(cfg.vision_feature_layer, int):
             raise NotImplementedError("tokenreduce.models.vlm: a list of vision feature layers is not supported")
         vm = self.method if self.method is not None and self.method.stage in (Stage.VIT, Stage.PROJECTOR) else None
-        if vm is not None and vm.needs & {Need.CLS_ATTN, Need.ATTN_RECEIVED, Need.VALUES}:
+        if vm is not None and vm.needs & {Need.CLS_ATTN, Need.ATTN_RECEIVED, Need.VALUES, Need.KEYS}:
             A.register()
             m.model.vision_tower.set_attn_implementation(A.NAME)
         is_img = input_ids == self.image_token
