@@ -280,6 +280,40 @@ def cmd_profile(args: argparse.Namespace, console: Console) -> int:
             json.dump({"model": args.model, "real_weights": preset.real,
                        "images": [n for n, _ in ims], "rows": rows}, fh, indent=2)
             fh.write("\n")
+# methods
+# --------------------------------------------------------------------------------------
+
+
+def cmd_methods(args: argparse.Namespace, console: Console) -> int:
+    """The registered reduction methods: where they run, what they need, their budgets."""
+    from . import methods as M
+    rows = M.describe_all()
+    if args.name:
+        wanted = {n.lower().replace("_", "-") for n in args.name}
+        unknown = wanted - {r["name"] for r in rows}
+        if unknown:
+            console.print(f"unknown method(s): {', '.join(sorted(unknown))}; "
+                          f"available: {', '.join(r['name'] for r in rows)}", highlight=False)
+            return 2
+        rows = [r for r in rows if r["name"] in wanted]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if args.markdown:
+        print(M.markdown_table([r["name"] for r in rows]), end="")
+        return 0
+    table = Table(title="tokenreduce reduction methods", show_lines=False)
+    for col in ("method", "runs", "needs", "budget / options", "paper"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        opts = "; ".join(f"{k}: {v}" for k, v in r["options"].items())
+        table.add_row(r["name"], r["stage"], ", ".join(r["needs"]),
+                      r["budgets"] + (f"\n[dim]{opts}[/dim]" if opts else ""), r["paper"])
+    console.print(table)
+    if args.verbose:
+        for r in rows:
+            console.print(f"[bold]{r['name']}[/bold]: {r['doc']}\n  faithful to: {r['faithful_to']}"
+                          f"\n  deviations: {r['deviations'] or '-'}", highlight=False)
     return 0
 
 
@@ -348,6 +382,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--layers", type=int, default=None, metavar="N", help="shorten the model to N layers")
     pr.add_argument("--threads", type=int, default=2, metavar="N", help="torch threads (default 2)")
     pr.add_argument("--json", metavar="PATH", help="also save the rows as JSON")
+    mth = sub.add_parser("methods", help="the registered reduction methods (where they run, "
+                                         "what they need, budgets, paper)",
+                         description="List the reduction methods of tokenreduce.methods with "
+                                     "their stage, needs, budget options and paper.")
+    mth.add_argument("name", nargs="*", help="only these methods")
+    mth.add_argument("--json", action="store_true", help="print the declarations as JSON")
+    mth.add_argument("--markdown", action="store_true", help="print the README methods table")
+    mth.add_argument("-v", "--verbose", action="store_true",
+                     help="also print each method's summary, faithful-to and deviations")
     return parser
 
 
@@ -361,6 +404,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return cmd_bench(args, console)
     if args.command == "profile":
         return cmd_profile(args, console)
+    if args.command == "methods":
+        return cmd_methods(args, console)
     raise AssertionError(args.command)  # pragma: no cover
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Any, Dict, List, Type
+from typing import Any, Dict, List, Optional, Type
 
 from .base import (Budget, Context, Method, Need, Reduction, Stage, gather_tokens,  # noqa: F401
                    keep_indices, resolve_keep, source_from_index, topk_indices)
@@ -64,3 +64,19 @@ def build(name: str, **budget_and_options: Any) -> Method:
 
 def describe_all() -> List[Dict[str, Any]]:
     return [get(n).describe() for n in available()]
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ").strip() or "-"
+
+
+def markdown_table(names: Optional[List[str]] = None) -> str:
+    """The README's methods table, generated from the declarations (`describe_all`):
+    name, paper, where it runs, what it needs, budgets, faithful to, known deviations."""
+    rows = describe_all() if names is None else [get(n).describe() for n in names]
+    head = ("| method | paper | runs | needs | budgets | faithful to | deviations |\n"
+            "|---|---|---|---|---|---|---|\n")
+    lines = [f"| `{r['name']}` | {_cell(r['paper'])} | {_cell(r['stage'])} | "
+             f"{_cell(', '.join(r['needs']))} | {_cell(r['budgets'])} | {_cell(r['faithful_to'])} | "
+             f"{_cell(r['deviations'])} |" for r in rows]
+    return head + "\n".join(lines) + "\n"

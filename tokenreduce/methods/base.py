@@ -184,9 +184,11 @@ class Method:
             raise TypeError(f"tokenreduce.methods.{self.name}: unknown option(s) {sorted(unknown)}; "
                             f"known: {sorted(self.options)}")
         self.budget = Budget(keep, ratio)
+        self.opts = opts
         if keep is None and ratio is None and not self.default_budget_ok():
             resolve_keep(1, None, None, self.name)   # raises the "a budget is needed" error
-        self.opts = opts
+        if keep is not None or ratio is not None:    # a bad budget fails now, naming the method
+            resolve_keep(1 << 30, keep, ratio, self.name)
 
     def default_budget_ok(self) -> bool:
         """True when the method can run without keep/ratio (e.g. an adaptive count)."""

@@ -1,0 +1,95 @@
+"""Benchmarks of each reduction method against the re-implementation of its authors'
+algorithm (`tokenreduce.authors`), at LLaVA-1.5 shapes (577 tokens, D=1024, B=1 and 16)
+or tiny shapes with ``--quick``.
+
+The cases are discovered: every module of `tokenreduce.authors` with a
+``bench_cases(quick)`` function contributes its own (so adding a method's benchmark is
+adding a file there). Per case: pytest-benchmark timings of ours and the authors' (same
+group, side by side) and a same-run ratio (alternating blocks, medians) recorded in
+``extra_info`` and printed in the terminal summary. No speed target is asserted.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import pytest
+import torch
+
+from tokenreduce import authors
+from tokenreduce import benchmarks as bm
+
+
+def _quick(config) -> bool:
+    env = os.environ.get("TOKENREDUCE_BENCH_QUICK", "").strip().lower()
+    return bool(config.getoption("--quick", default=False)) or env not in ("", "0", "false", "no")
+
+
+def pytest_generate_tests(metafunc):
+    if "mcase" in metafunc.fixturenames:
+        cases = authors.bench_cases(quick=_quick(metafunc.config))
+        metafunc.parametrize("mcase", cases, ids=[c.id for c in cases])
+
+
+_INPUTS = {}
+
+
+def _inputs(mcase):
+    if mcase.id not in _INPUTS:
+        _INPUTS[mcase.id] = mcase.make()
+    return _INPUTS[mcase.id]
+
+
+def _rounds(quick: bool, slow: bool) -> int:
+    return 5 if quick else (3 if slow else 10)
+
+
+def _bench(benchmark, mcase, fn, impl, quick, bench_threads):
+    inputs = _inputs(mcase)
+    benchmark.group = f"method {mcase.id}"
+    benchmark.name = impl
+    benchmark.extra_info.update(method=mcase.method, shape=mcase.shape, impl=impl,
+                                threads=bench_threads, **mcase.extra)
+    with bm.threads(bench_threads), torch.inference_mode():
+        benchmark.pedantic(fn, args=(inputs,), rounds=_rounds(quick, impl == "authors"),
+                           warmup_rounds=1, iterations=1)
+
+
+def test_method_ours(benchmark, mcase, quick, bench_threads):
+    _bench(benchmark, mcase, mcase.ours, "tokenreduce", quick, bench_threads)
+
+
+def test_method_authors(benchmark, mcase, quick, bench_threads):
+    _bench(benchmark, mcase, mcase.authors, "authors", quick, bench_threads)
+
+
+def _median_ms(fn, inputs, n) -> float:
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn(inputs)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e3
+
+
+def test_method_ratio(benchmark, mcase, quick, bench_threads, speed_log):
+    """Same-run ratio: alternating blocks of ours and the authors', medians of each."""
+    inputs = _inputs(mcase)
+    ours, theirs = [], []
+    with bm.threads(bench_threads), torch.inference_mode():
+        mcase.ours(inputs), mcase.authors(inputs)           # warm-up
+        for _ in range(3):
+            ours.append(_median_ms(mcase.ours, inputs, 3 if quick else 5))
+            theirs.append(_median_ms(mcase.authors, inputs, 1 if not quick else 3))
+    o, a = statistics.median(ours), statistics.median(theirs)
+    ratio = a / o
+    benchmark.extra_info.update(method=mcase.method, shape=mcase.shape, ours_ms=o, authors_ms=a,
+                                speedup=ratio, threads=bench_threads, **mcase.extra)
+    benchmark.group = f"method {mcase.id}"
+    benchmark.name = "ratio (ours, timed once more)"
+    with bm.threads(bench_threads), torch.inference_mode():
+        benchmark.pedantic(mcase.ours, args=(inputs,), rounds=1, iterations=1)
+    speed_log.append(f"method {mcase.id}: tokenreduce {o:.3f} ms, authors {a:.3f} ms: "
+                     f"{ratio:.2f}x (not asserted)")
+    assert o > 0 and a > 0

@@ -1,0 +1,58 @@
+"""DivPrune as vbdi/divprune does it: the full 1 - cosine matrix, a greedy loop whose
+first pick maximises the distance to the nearest neighbour (second-smallest of the
+column) and later picks maximise the min distance to the picked rows. Per sample."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def pairwise_cosine_similarity(x: Tensor) -> Tensor:
+    xn = x / x.norm(dim=-1, keepdim=True)
+    return xn @ xn.t()
+
+
+def divprune_select(features: Tensor, k: int) -> Tensor:
+    """features ``[n, D]`` -> the k picks ``[k]`` in pick order."""
+    cosine_matrix = 1.0 - pairwise_cosine_similarity(features.float())
+    s = torch.empty(k, dtype=torch.long)
+    for i in range(k):
+        if i == 0:
+            m2 = cosine_matrix
+            scores = torch.topk(m2, 2, dim=0, largest=False).values[1, :]
+        else:
+            m2 = torch.index_select(cosine_matrix, 0, s[:i])
+            scores = torch.min(m2, dim=0).values
+        s[i] = torch.argmax(scores)
+    return s
+
+
+def divprune(image_features: Tensor, k: int) -> Tensor:
+    """``[B, n, D]`` -> picks ``[B, k]`` (pick order), one sample at a time."""
+    return torch.stack([divprune_select(f, k) for f in image_features])
+
+
+def min_dist_objective(image_features: Tensor, picks: Tensor) -> Tensor:
+    """k-center objective: the largest distance of a token to its nearest pick ``[B]``."""
+    out = []
+    for f, p in zip(image_features, picks):
+        d = 1.0 - pairwise_cosine_similarity(f.float())
+        out.append(d[p].min(dim=0).values.max())
+    return torch.stack(out)
+
+
+def bench_cases(quick: bool):
+    from ..methods import Context, build
+    from . import MethodBenchCase
+    from .synthetic import clip_like
+    shapes = [(1, 64, 64), (2, 64, 64)] if quick else [(1, 576, 1024), (16, 576, 1024)]
+    cases = []
+    for B, n, D in shapes:
+        keep = 16 if quick else 64
+        m = build("divprune", keep=keep)
+        cases.append(MethodBenchCase(
+            "divprune", f"B={B} N={n} D={D} keep={keep}",
+            lambda B=B, n=n, D=D: clip_like(B, n, D, seed=5, layers=()).x[:, 1:].contiguous(),
+            lambda x, m=m: m(Context(x=x)).tokens,
+            lambda x, keep=keep: divprune(x, keep)))
+    return cases

@@ -1,0 +1,33 @@
+"""FasterVLM as Theia-4869/FasterVLM llava/model/llava_arch.py encode_images does it."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def fastervlm(image_features: Tensor, image_attentions: Tensor, visual_token_num: int) -> Tensor:
+    """image_features ``[B, n, C]`` (no [CLS]), image_attentions ``[B, H, n]`` (the [CLS]
+    row of each head, image columns) -> ``[B, T, C]`` in spatial order."""
+    B, N, C = image_features.shape
+    attn = image_attentions.mean(dim=1)
+    token_indices = torch.topk(attn, k=visual_token_num, dim=1)[1]
+    index_masks = torch.zeros(B, N, dtype=torch.bool)
+    index_masks.scatter_(1, token_indices, True)
+    return torch.stack([f[m] for f, m in zip(image_features, index_masks)], dim=0)
+
+
+def bench_cases(quick: bool):
+    from ..methods import Context, build
+    from . import MethodBenchCase
+    from .synthetic import clip_like
+    shapes = [(1, 64, 64), (4, 64, 64)] if quick else [(1, 576, 1024), (16, 576, 1024)]
+    cases = []
+    for B, n, D in shapes:
+        keep = 16 if quick else 64
+        m = build("fastervlm", keep=keep)
+        cases.append(MethodBenchCase(
+            "fastervlm", f"B={B} N={n + 1} D={D} keep={keep}",
+            lambda B=B, n=n, D=D: clip_like(B, n, D, seed=3, layers=(22,)),
+            lambda t, m=m: m(Context(x=t.x, has_cls=True, cls_attn=t.cls_attn, num_layers=24)).tokens,
+            lambda t, keep=keep: fastervlm(t.x[:, 1:], t.cls_heads[22][:, :, 1:], keep)))
+    return cases

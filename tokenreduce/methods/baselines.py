@@ -1,0 +1,137 @@
+"""Baselines: random subset, uniform grid subsample, average pooling to a grid."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import register
+from ._common import assemble, check_x, fail
+from .base import Context, Method, Need, Reduction, Stage, image_part, keep_indices, square_grid
+
+
+def _grid(ctx: Context, method: str) -> Tuple[int, int]:
+    if ctx.grid is not None:
+        h, w = ctx.grid
+        if h * w != ctx.n_image:
+            fail(method, f"ctx.grid={ctx.grid} does not match the {ctx.n_image} image tokens")
+        return int(h), int(w)
+    try:
+        return square_grid(ctx.n_image)
+    except ValueError:
+        fail(method, f"{ctx.n_image} image tokens are not a square grid; pass ctx.grid=(h, w)")
+
+
+@register
+class RandomKeep(Method):
+    """Random subset of the image tokens (a baseline).
+
+    score ~ U(0, 1) per image token from a generator seeded with ``seed`` on the input's
+    device (the same inputs give the same subset); keep the ``keep`` highest, in spatial
+    order; [CLS] first. x ``[B, (1 +) n, D]`` -> ``[B, (1 +) keep, D]``.
+    """
+    name = "random"
+    paper = "baseline (random token dropping)"
+    code = "tokenreduce"
+    needs = frozenset({Need.FEATURES})
+    options = {"seed": "generator seed (default 0)"}
+    budgets = "keep=K or ratio=r; LLaVA-1.5 presets keep=192/128/64 of 576"
+    faithful_to = "a uniform random subset without replacement, independent per batch row"
+
+    def reduce(self, ctx: Context) -> Reduction:
+        check_x(ctx, self.name)
+        g = torch.Generator(device=ctx.x.device).manual_seed(int(self.opts.get("seed", 0)))
+        u = torch.rand(ctx.x.shape[0], ctx.n_image, generator=g, device=ctx.x.device)
+        return keep_indices(ctx, u.topk(self.keep_tokens(ctx.n_image), dim=1).indices)
+
+
+@register
+class UniformKeep(Method):
+    """Uniform spatial subsample (a baseline).
+
+    When ``keep = s*s`` and the grid is square: rows and columns
+    ``floor((i + 0.5) * h / s)``; otherwise ``keep`` positions evenly spaced in raster
+    order, ``floor((i + 0.5) * n / keep)``. Same positions for every batch row.
+    x ``[B, (1 +) n, D]`` -> ``[B, (1 +) keep, D]``.
+    """
+    name = "uniform"
+    paper = "baseline (uniform grid subsampling, e.g. FEATHER's uniform stage)"
+    code = "tokenreduce"
+    needs = frozenset({Need.FEATURES, Need.GRID})
+    budgets = "keep=K or ratio=r; LLaVA-1.5 presets keep=192/128/64 of 576 (64 = 8x8 grid)"
+    faithful_to = "a regular grid of cell centres"
+
+    def reduce(self, ctx: Context) -> Reduction:
+        check_x(ctx, self.name)
+        h, w = _grid(ctx, self.name)
+        k = self.keep_tokens(ctx.n_image)
+        dev = ctx.x.device
+        s = math.isqrt(k)
+        if s * s == k and h == w:
+            r = ((torch.arange(s, device=dev) + 0.5) * h / s).floor().long()
+            idx = (r[:, None] * w + r[None, :]).reshape(-1)
+        else:
+            idx = ((torch.arange(k, device=dev) + 0.5) * (h * w) / k).floor().long()
+        return keep_indices(ctx, idx.expand(ctx.x.shape[0], k))
+
+
+@register
+class Pool(Method):
+    """Average pooling of the image tokens to a smaller grid (LLaVolta / Matryoshka style).
+
+    The ``h x w`` token grid is pooled to ``gh x gw`` cells by adaptive average pooling
+    (exact windows when the sizes divide, as 24 -> 12 / 8 / 6 / 4 / 3 / 2 / 1); each
+    output is a synthesised token (index -1); source maps each input to the cell that
+    holds it. x ``[B, (1 +) h*w, D]`` -> ``[B, (1 +) gh*gw, D]``.
+    """
+    name = "pool"
+    paper = ("Chen et al., Efficient Large Multi-modal Models via Visual Context Compression "
+             "(LLaVolta), NeurIPS 2024; Cai et al., Matryoshka Multimodal Models, 2024")
+    code = "github.com/Beckschen/LLaVolta"
+    needs = frozenset({Need.FEATURES, Need.GRID})
+    options = {"out_grid": "(gh, gw) of the pooled grid; default: the square root of keep"}
+    budgets = ("keep=K with K a square (nested presets of 576: 144, 64, 36, 16, 9, 1) or "
+               "out_grid=(gh, gw); keep=192/128 need out_grid (e.g. (12, 16), (8, 16))")
+    faithful_to = "average pooling of the patch grid (LLaVolta's stage pooling, Matryoshka's nested sizes)"
+    deviations = "non-divisible sizes use adaptive pooling windows (overlapping), source = the cell of floor(i*g/h)"
+
+    def default_budget_ok(self) -> bool:
+        return self.opts.get("out_grid") is not None
+
+    def _out_grid(self, n: int) -> Tuple[int, int]:
+        g = self.opts.get("out_grid")
+        if g is not None:
+            gh, gw = int(g[0]), int(g[1])
+        else:
+            k = self.budget.tokens(n)
+            s = math.isqrt(k)
+            if s * s != k:
+                fail(self.name, f"keep={k} is not a square; give out_grid=(gh, gw) with gh*gw={k}")
+            gh = gw = s
+        if gh < 1 or gw < 1:
+            fail(self.name, f"out_grid must be positive, got {(gh, gw)}")
+        return gh, gw
+
+    def keep_tokens(self, n: int) -> int:
+        gh, gw = self._out_grid(n)
+        return gh * gw
+
+    def reduce(self, ctx: Context) -> Reduction:
+        check_x(ctx, self.name)
+        h, w = _grid(ctx, self.name)
+        gh, gw = self._out_grid(ctx.n_image)
+        if gh > h or gw > w:
+            fail(self.name, f"out_grid {(gh, gw)} is larger than the token grid {(h, w)}")
+        x = image_part(ctx, ctx.x)
+        B, n, D = x.shape
+        img = x.transpose(1, 2).reshape(B, D, h, w)
+        pooled = F.adaptive_avg_pool2d(img.float(), (gh, gw)).to(x.dtype)
+        tokens = pooled.reshape(B, D, gh * gw).transpose(1, 2)
+        dev = x.device
+        rows = (torch.arange(h, device=dev) * gh) // h
+        cols = (torch.arange(w, device=dev) * gw) // w
+        cell = (rows[:, None] * gw + cols[None, :]).reshape(-1).expand(B, n)
+        index = torch.full((B, gh * gw), -1, dtype=torch.long, device=dev)
+        return assemble(ctx, tokens, index, cell)

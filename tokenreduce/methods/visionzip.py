@@ -1,0 +1,110 @@
+"""VisionZip: dominant tokens by [CLS] attention, contextual tokens by key-similarity merging."""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+
+from . import register
+from ._common import assemble, check_x, complement, fail, layer_stat, need_cls, per_token, recycle_slots
+from .base import Context, Method, Need, Reduction, Stage, gather_tokens, image_part, topk_indices
+
+_PRESETS = {64: (54, 10), 128: (108, 20), 192: (162, 30)}
+
+
+def split_budget(keep: int) -> Tuple[int, int]:
+    """(dominant, contextual) for a total of ``keep`` image tokens: the authors' LLaVA-1.5
+    splits 54+10 / 108+20 / 162+30, and the same 5/32 contextual share otherwise."""
+    if keep in _PRESETS:
+        return _PRESETS[keep]
+    c = int(round(keep * 5 / 32)) if keep >= 2 else 0
+    return keep - c, c
+
+
+@register
+class VisionZip(Method):
+    """Dominant + contextual tokens (VisionZip).
+
+    dominant: the ``d`` image tokens with the highest [CLS] attention of ViT layer -2
+    (head mean; the authors' head sum ranks the same), spatial order. contextual: the
+    other ``R`` tokens in order; every ``max(1, R // c)``-th of them (the first ``c``) is
+    a target, each remaining token joins its most key-similar target (cosine of the
+    head-mean keys, `ops.recycle`), and a contextual token is ``target + mean(members)``.
+    x ``[B, 1 + n, D]`` -> ``[B, 1 + d + c, D]`` = [CLS], dominant, contextual.
+    """
+    name = "visionzip"
+    paper = "Yang et al., VisionZip: Longer is Better but Not Necessary in Vision Language Models, CVPR 2025"
+    code = "github.com/dvlab-research/VisionZip"
+    stage = Stage.PROJECTOR
+    needs = frozenset({Need.FEATURES, Need.KEYS, Need.CLS_ATTN})
+    options = {"dominant": "dominant tokens (with contextual=, instead of keep)",
+               "contextual": "contextual tokens (with dominant=)",
+               "layer": "ViT layer of the [CLS] attention and keys (default -2)"}
+    budgets = ("keep=K (split 54+10, 108+20, 162+30 for 64/128/192, else contextual = round(5K/32)) "
+               "or dominant=d, contextual=c")
+    faithful_to = ("dvlab-research/VisionZip visionzip/clip_encoder.py CLIPVisionTower_forward "
+                   "(topk of the head-summed [CLS] row of attentions[-2], masked_select, "
+                   "step = max(1, R // c) targets, argmax of normalised-key similarity, "
+                   "one-hot bmm mean, target + mean)")
+    deviations = ("ties go to the lower position (torch.topk unspecified); fp16/bf16 similarities "
+                  "accumulate in float32")
+
+    def __init__(self, keep=None, ratio=None, **opts):
+        d, c = opts.get("dominant"), opts.get("contextual")
+        if (d is None) != (c is None) or (d is not None and (keep is not None or ratio is not None)):
+            fail(self.name, "give dominant= and contextual= together, or keep=/ratio= alone")
+        super().__init__(keep, ratio, **opts)
+
+    def default_budget_ok(self) -> bool:
+        return self.opts.get("dominant") is not None and self.opts.get("contextual") is not None
+
+    def _split(self, n: int) -> Tuple[int, int]:
+        d, c = self.opts.get("dominant"), self.opts.get("contextual")
+        if d is not None or c is not None:
+            if d is None or c is None or self.budget.keep is not None or self.budget.ratio is not None:
+                fail(self.name, "give dominant= and contextual= together, or keep=/ratio= alone")
+            if not (isinstance(d, int) and isinstance(c, int) and d >= 0 and c >= 0 and 1 <= d + c):
+                fail(self.name, f"dominant and contextual must be ints >= 0 with a positive sum, got {d}, {c}")
+        else:
+            d, c = split_budget(self.budget.tokens(n))
+        if d + c > n:
+            fail(self.name, f"dominant + contextual = {d + c} exceeds the {n} image tokens")
+        if c > n - d:
+            fail(self.name, f"contextual={c} exceeds the {n - d} non-dominant tokens")
+        return d, c
+
+    def keep_tokens(self, n: int) -> int:
+        return sum(self._split(n))
+
+    def attention_layers(self, num_layers: int) -> List[int]:
+        return [self.opts.get("layer", -2)]
+
+    def reduce(self, ctx: Context) -> Reduction:
+        check_x(ctx, self.name)
+        need_cls(ctx, self.name)
+        n = ctx.n_image
+        d, c = self._split(n)
+        x = image_part(ctx, ctx.x)
+        keys = image_part(ctx, per_token(ctx, self.name, "keys", ctx.keys, dims=3))
+        score = image_part(ctx, layer_stat(ctx, self.name, "cls_attn", self.opts.get("layer", -2)))
+        B, dev = x.shape[0], x.device
+        dom = topk_indices(score.float(), d).sort(dim=1).values          # [B, d]
+        rest = complement(dom, n)                                          # [B, R] ascending
+        R = n - d
+        src_d = torch.full((B, n), -1, dtype=torch.long, device=dev)
+        src_d = src_d.scatter(1, dom, torch.arange(d, device=dev).expand(B, d))
+        if c == 0:
+            return assemble(ctx, gather_tokens(x, dom), dom, src_d)
+        step = max(1, R // c)
+        t_list = list(range(0, R, step))[:c]
+        taken = set(t_list)
+        t_pos = torch.tensor(t_list, dtype=torch.long, device=dev)
+        o_pos = torch.tensor([i for i in range(R) if i not in taken], dtype=torch.long, device=dev)
+        target, source = rest[:, t_pos], rest[:, o_pos]
+        mean, _, slot = recycle_slots(x, target, source, features=keys, include_target=False)
+        ctx_tokens = gather_tokens(x, target) + mean
+        tokens = torch.cat([gather_tokens(x, dom), ctx_tokens], dim=1)
+        index = torch.cat([dom, target], dim=1)
+        src = src_d.scatter(1, target, d + torch.arange(c, device=dev).expand(B, c))
+        src = src.scatter(1, source, d + slot)
+        return assemble(ctx, tokens, index, src)
