@@ -303,7 +303,8 @@ def run_vision(model: nn.Module, pixel_values: Tensor, method: Optional[Method] 
         raise ValueError(f"tokenreduce.models.vit: {method.name} runs at stage {method.stage.value}, "
                          "not in a vision encoder (vit / projector)")
     L = len(parts.layers)
-    n_run = _feature_layers(feature_layer, L)
+    n_run = n_feat = _feature_layers(feature_layer, L)
+    proj_key_layer = n_feat - 1
     rec = recorder if recorder is not None else A.ScoreRecorder()
     A.tag_layers(parts.layers, part)
     B = pixel_values.shape[0]
@@ -323,6 +324,11 @@ def run_vision(model: nn.Module, pixel_values: Tensor, method: Optional[Method] 
         check_needs(method, unavailable)
         plan = plan_layers(method, L, nominal_layers=nominal_layers, default_nominal=NOMINAL_DEPTH["vision"],
                            reduce_top=n_run - 1 if method.stage == Stage.VIT else None)
+        if (method.stage == Stage.VIT and nominal_layers is None and n_run < L and plan.reduce
+                and max(a for _, a in plan.reduce) >= n_run):
+            # a VIT method reducing after every layer (ToMe) with LLaVA's feature layer: the
+            # layers that run are the whole encoder it sees (ToMe's num_layers=23 for 24)
+            plan = plan_layers(method, n_run, nominal_layers=n_run)
         if method.stage == Stage.VIT:
             reduce_at = plan.reduce_at()
             if reduce_at and max(reduce_at) >= n_run:
@@ -330,7 +336,14 @@ def run_vision(model: nn.Module, pixel_values: Tensor, method: Optional[Method] 
                                  f"only {n_run} layers run")
             request_scores(rec, method, part, L, key_layers=sorted(reduce_at), plan=plan)
         else:
-            request_scores(rec, method, part, L, key_layers=[n_run - 1], plan=plan)
+            # a PROJECTOR method may read layers after the feature layer (e.g. the tower's last
+            # layer while LLaVA feeds hidden_states[-2]): they run for their statistics only, as
+            # the original LLaVA tower runs every layer; keys come from its last declared layer
+            att = [a for _, _, a in plan.attention]
+            if att:
+                n_run = max(n_run, max(att) + 1)
+                proj_key_layer = att[-1]
+            request_scores(rec, method, part, L, key_layers=[proj_key_layer], plan=plan)
         if any(a >= n_run for _, _, a in plan.attention):
             raise ValueError(f"tokenreduce.models.vit: {method.name} reads attention of layer "
                              f"{max(a for _, _, a in plan.attention)} but only {n_run} layers run")
@@ -345,6 +358,7 @@ def run_vision(model: nn.Module, pixel_values: Tensor, method: Optional[Method] 
         tracker = Tracker(B, h.shape[1] - c, h.device)
         tracker_full = Tracker(B, h.shape[1], h.device)   # including [CLS], for reindexing sizes
         size = None
+        h_feat = None
         for i in range(n_run):
             h = parts.layers[i](h, None)
             for nominal in reduce_at.get(i, ()):
@@ -359,7 +373,10 @@ def run_vision(model: nn.Module, pixel_values: Tensor, method: Optional[Method] 
                 rec.reindex(part, red.index)
                 size = red.size.float()
                 rec.key_bias[part] = padding_bias(size, getattr(method, "proportional_attention", True))
+            if i == n_feat - 1:
+                h_feat = h
         rec.key_bias.pop(part, None)
+        h = h_feat
         final_h = h
         last = pooled = None
         red_p = None
@@ -367,8 +384,8 @@ def run_vision(model: nn.Module, pixel_values: Tensor, method: Optional[Method] 
             last, pooled = parts.finalize(h)
             final_h = last
         if method is not None and method.stage == Stage.PROJECTOR:
-            ctx = _context(final_h, parts, tracker_full, grid, rec, method, part, L, n_run - 1, size, state,
-                           pixel_values, plan)
+            ctx = _context(final_h, parts, tracker_full, grid, rec, method, part, L, n_feat - 1, size, state,
+                           pixel_values, plan, key_layer=proj_key_layer)
             ctx.layer = None
             ctx.text = text
             red_p = method(ctx)
