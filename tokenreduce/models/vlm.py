@@ -26,6 +26,18 @@ budget first, or batch equal sizes). Counting image tokens per sample while asse
 inputs reads a small count from the device (outside the timed reduction); the reductions
 themselves are batched gathers with no host sync.
 
+Statistics and layers: the LLM stage provides query_attn / attn_received / values / keys
+(recorded by the fused attention), visual_attn and query_attn_norope (the layer's own q/k,
+`tokenreduce.models.llm_scores`), and Need.LOOKAHEAD (the next layer's statistics on the
+current states). Layer numbers that do not fit a short model (``--layers``) are mapped from a
+nominal depth (32 LLM / 24 vision layers; `tokenreduce.models.vit.LayerPlan`): e.g.
+PyramidDrop's 8/16/24 run after layers 0/1/2 of a 4-layer LLM, and stages landing on the same
+layer run one after the other there. PROJECTOR padding slots (size 0) become masked positions
+(attention_mask 0). LLaVA-NeXT: a VIT / PROJECTOR method needing vision-tower statistics, the
+grid or pixels runs per anyres tile (budget per tile, tiles concatenated); features-only
+methods run on the packed features. Qwen2-VL's vision tower gives features only (no [CLS]):
+methods needing [CLS] / attention statistics there raise a clear error.
+
 An LLM-stage method must return distinct token positions (``Reduction.index >= 0``): kept
 tokens keep their own positions; a merged token takes its representative's position.
 """
