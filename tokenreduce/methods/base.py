@@ -97,6 +97,7 @@ class Context:
     layer: Optional[int] = None                 # layer after which this call happens
     num_layers: Optional[int] = None            # layers of the model part the method runs in
     state: Dict[str, Any] = field(default_factory=dict)  # per-forward scratch of progressive methods
+    heads: Optional[int] = None                 # attention heads of the layers ``values`` come from
 
     @property
     def n_image(self) -> int:
@@ -170,6 +171,12 @@ class Method:
     budgets: ClassVar[str] = "keep=K or ratio=r"   # how users state its budget, and presets
     faithful_to: ClassVar[str] = ""    # commit / file / paper section the implementation follows
     deviations: ClassVar[str] = ""     # deliberate differences from the authors (batching, bugs not reproduced)
+    # ToMe's proportional attention: after a Stage.VIT reduction, the model adds log(size) of
+    # each token as a key bias to every later attention call of the encoder, so a merged token
+    # counts as the tokens it stands for. On by default (merging methods want it; pruning
+    # methods are unaffected: kept tokens have size 1, log(1) = 0); a merging method whose
+    # authors do not use it sets False. Padding slots (size 0) are masked (-inf) either way.
+    proportional_attention: ClassVar[bool] = True
 
     def __init__(self, keep: Optional[int] = None, ratio: Optional[float] = None, **opts: Any):
         unknown = set(opts) - set(self.options)

@@ -44,7 +44,7 @@ class FlowCut(Method):
     stage = Stage.VIT
     needs = frozenset({Need.FEATURES, Need.CLS_ATTN, Need.VALUES})
     options = {
-        "heads": "attention heads of the ViT (values are heads concatenated), default 16 (CLIP-L)",
+        "heads": "attention heads of the ViT (values are heads concatenated); default: the model's (ctx.heads), else 16 (CLIP-L)",
         "entropy_ratio": "assumed normalised entropy of the [CLS] attention that fixes the static pruning "
                          "schedule (authors: measured per batch), default 0.9",
         "select_layer": "ViT layers used, from the end (LLaVA feature layer -2 -> prune up to layer L-3), default -2",
@@ -109,10 +109,12 @@ class FlowCut(Method):
         if "flowcut_n0" not in st:
             raise ValueError("tokenreduce.methods.flowcut: ctx.state lost the progressive state (reuse one ctx.state per forward)")
         cum = st["flowcut_cum"]
+        # the model's head count when the model gives it and the user did not set heads
+        heads = self.heads if ("heads" in self.opts or ctx.heads is None) else ctx.heads
         for l in range(st["flowcut_last"] + 1, ctx.layer + 1):   # layers since the previous call
             a = require(ctx, self.name, "cls_attn", l, (B, N))
             v = require(ctx, self.name, "values", l, (B, N))
-            s = flowcut_layer_score(a, v, self.heads)
+            s = flowcut_layer_score(a, v, heads)
             cum = s if cum is None else 0.5 * cum + 0.5 * s
         k = self.schedule(st["flowcut_n0"], ctx.num_layers)[layers.index(ctx.layer)]
         idx = topk_indices(cum, k).sort(dim=1).values

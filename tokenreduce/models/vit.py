@@ -36,7 +36,8 @@ from ..methods.base import Context, Method, Need, Reduction, Stage
 from . import attention as A
 
 __all__ = ["VisionParts", "vision_parts", "Tracker", "VisionOutput", "run_vision", "prepare",
-           "request_scores", "fill_context_scores"]
+           "request_scores", "fill_context_scores", "LayerPlan", "plan_layers", "check_needs",
+           "NOMINAL_DEPTH", "padding_bias"]
 
 
 @dataclass
@@ -152,26 +153,114 @@ def _resolve(layer: int, n: int, what: str) -> int:
     return l
 
 
+# Depth a method's layer numbers refer to when they do not fit the model (a short test model,
+# ``--layers``): the papers' reference models (CLIP-L/14: 24 vision layers; Vicuna/LLaMA-7B of
+# LLaVA-1.5: 32 LLM layers).
+NOMINAL_DEPTH = {"vision": 24, "llm": 32}
+
+
+@dataclass
+class LayerPlan:
+    """A method's layer numbers mapped onto a model with ``L`` layers.
+
+    The method declares its layers for a depth ``Ln`` (``Ln == L`` when its declarations fit
+    the model: the identity). When they do not (PyramidDrop's 8/16/24 in a 4-layer LLM,
+    HiPrune's object layer 9 in a 4-layer ViT), they are read at the nominal depth ``Ln``
+    (`NOMINAL_DEPTH`) and layer ``l`` (0-based) runs at ``(l + 1) * L // Ln - 1``, clipped to
+    ``[0, top]`` (relative depth kept). Several nominal reduce layers may land on the same
+    model layer: `reduce` is then called for each, in order, at that layer. The method keeps
+    seeing its own numbers (``ctx.layer``, ``ctx.num_layers = Ln``, statistics keyed by the
+    layers it declared)."""
+    L: int
+    Ln: int
+    reduce: List[Tuple[int, int]]              # (nominal layer, model layer), call order
+    attention: List[Tuple[int, int, int]]      # (as declared, nominal >= 0, model layer)
+
+    @property
+    def mapped(self) -> bool:
+        return self.Ln != self.L
+
+    def reduce_at(self) -> Dict[int, List[int]]:
+        """model layer -> nominal layers to reduce after it (in order)."""
+        out: Dict[int, List[int]] = {}
+        for n, a in self.reduce:
+            out.setdefault(a, []).append(n)
+        return out
+
+    def model_layer(self, nominal: int, top: Optional[int] = None) -> int:
+        if not self.mapped:
+            return nominal
+        top = self.L - 1 if top is None else top
+        return min(max((nominal + 1) * self.L // self.Ln - 1, 0), top)
+
+
+def plan_layers(method: Method, L: int, nominal_layers: Optional[int] = None, default_nominal: int = 24,
+                reduce_top: Optional[int] = None) -> LayerPlan:
+    """Map ``method``'s declared layers onto a model with ``L`` layers (see `LayerPlan`).
+    ``nominal_layers`` forces the depth the method's numbers refer to; by default the model's
+    own depth when the declarations fit it, else ``max(default_nominal, L)``.
+    ``reduce_top``: the last model layer a mapped reduction may follow (``L - 2`` for
+    lookahead); an identity plan is returned as declared (callers check what can run)."""
+    Ln = nominal_layers
+    if Ln is None:
+        try:
+            [_resolve(l, L, "") for l in method.reduce_layers(L)]
+            [_resolve(l, L, "") for l in method.attention_layers(L)]
+            Ln = L
+        except ValueError:
+            Ln = max(default_nominal, L)
+    red = sorted({_resolve(l, Ln, f"{method.name} reduce") for l in method.reduce_layers(Ln)})
+    att = [(l, _resolve(l, Ln, f"{method.name} attention")) for l in method.attention_layers(Ln)]
+    plan = LayerPlan(L, Ln, [], [])
+    top = L - 1 if reduce_top is None else reduce_top
+    plan.reduce = [(r, plan.model_layer(r, top)) for r in red]
+    plan.attention = [(l, r, plan.model_layer(r)) for l, r in att]
+    return plan
+
+
+def check_needs(method: Method, unavailable: Dict[Need, str]) -> None:
+    """Raise a clear error when ``method`` needs something this model cannot give
+    (``unavailable``: need -> why)."""
+    for need, why in unavailable.items():
+        if need in method.needs:
+            raise ValueError(f"tokenreduce.models: {method.name} needs {need.value}, but {why}")
+
+
+def padding_bias(size: Tensor, proportional: bool) -> Tensor:
+    """Key bias ``[B, N]`` float32 of the current tokens: ``log(size)`` (proportional
+    attention) or 0, and ``-inf`` on padding slots (size 0)."""
+    size = size.float()
+    b = size.clamp_min(1e-30).log() if proportional else torch.zeros_like(size)
+    return b.masked_fill(size <= 0, float("-inf"))
+
+
 def request_scores(rec: A.ScoreRecorder, method: Method, part: str, num_layers: int,
-                   key_layers: List[int] = ()) -> None:
-    """Ask the recorder for what ``method`` needs (``key_layers``: where Need.KEYS is read)."""
+                   key_layers: List[int] = (), plan: Optional[LayerPlan] = None,
+                   skip_layers: Tuple[int, ...] = ()) -> None:
+    """Ask the recorder for what ``method`` needs (``key_layers``: model layers where
+    Need.KEYS is read; ``plan``: the method's layers on this model, default the identity;
+    ``skip_layers``: nominal layers computed elsewhere, e.g. by lookahead)."""
+    plan = plan if plan is not None else plan_layers(method, num_layers, nominal_layers=num_layers)
     kinds = [k for n, k in _NEED_KIND.items() if n in method.needs]
-    for l in method.attention_layers(num_layers):
-        rec.request(part, _resolve(l, num_layers, f"{method.name} attention"), kinds)
+    for _, r, a in plan.attention:
+        if kinds and r not in skip_layers:
+            rec.request(part, a, kinds)
     if Need.KEYS in method.needs:
         for l in key_layers:
             rec.request(part, l, ["keys"])
 
 
 def fill_context_scores(ctx: Context, rec: A.ScoreRecorder, method: Method, part: str, num_layers: int,
-                        transform: Callable[[Tensor], Tensor] = lambda t: t) -> None:
-    """Put the recorded statistics the method named into ``ctx`` (both layer spellings)."""
-    for l in method.attention_layers(num_layers):
-        r = _resolve(l, num_layers, f"{method.name} attention")
+                        transform: Callable[[Tensor], Tensor] = lambda t: t,
+                        plan: Optional[LayerPlan] = None) -> None:
+    """Put the recorded statistics the method named into ``ctx``, keyed by the layers the
+    method declared (both spellings: as declared, e.g. -2, and resolved >= 0)."""
+    plan = plan if plan is not None else plan_layers(method, num_layers, nominal_layers=num_layers)
+    for l, r, a in plan.attention:
         for need, kind in _NEED_KIND.items():
             if need not in method.needs:
                 continue
-            v = rec.get(kind, part, r)
+            v = rec.get(kind, part, a)
             if v is not None:
                 d = getattr(ctx, _CTX_FIELD[kind])
                 d[r] = transform(v)
@@ -200,32 +289,64 @@ def _feature_layers(feature_layer: Optional[int], L: int) -> int:
 @torch.no_grad()
 def run_vision(model: nn.Module, pixel_values: Tensor, method: Optional[Method] = None, *,
                feature_layer: Optional[int] = None, recorder: Optional[A.ScoreRecorder] = None,
-               part: str = "vision") -> VisionOutput:
+               part: str = "vision", nominal_layers: Optional[int] = None,
+               text: Optional[Tensor] = None) -> VisionOutput:
     """Run a vision encoder with ``method`` (Stage.VIT or Stage.PROJECTOR, or None: the
     full model). ``feature_layer=None`` runs every block and applies the final norm;
     an int stops at ``hidden_states[feature_layer]`` (LLaVA: -2) and returns it as
-    ``features`` (no final norm, as LLaVA)."""
+    ``features`` (no final norm, as LLaVA). ``nominal_layers``: the depth the method's layer
+    numbers refer to (default: the model's when they fit, else `NOMINAL_DEPTH`; see `LayerPlan`).
+    Padding slots (size 0) of a reduction are masked (``-inf`` key bias) in later layers.
+    ``text``: ``ctx.text`` for methods that declare Need.TEXT (a VLM's text embeddings)."""
     parts = vision_parts(model)
     if method is not None and method.stage not in (Stage.VIT, Stage.PROJECTOR):
         raise ValueError(f"tokenreduce.models.vit: {method.name} runs at stage {method.stage.value}, "
                          "not in a vision encoder (vit / projector)")
     L = len(parts.layers)
-    n_run = _feature_layers(feature_layer, L)
+    n_run = n_feat = _feature_layers(feature_layer, L)
+    proj_key_layer = n_feat - 1
     rec = recorder if recorder is not None else A.ScoreRecorder()
     A.tag_layers(parts.layers, part)
     B = pixel_values.shape[0]
     grid = (pixel_values.shape[-2] // parts.patch, pixel_values.shape[-1] // parts.patch)
     c = int(parts.has_cls)
-    reduce_at: List[int] = []
+    reduce_at: Dict[int, List[int]] = {}
+    plan = None
     if method is not None:
+        unavailable = {} if text is not None else {Need.TEXT: f"a vision encoder ({parts.family}) alone has no text"}
+        unavailable.update({
+                       Need.QUERY_ATTN: f"a vision encoder ({parts.family}) has no text query",
+                       Need.QUERY_ATTN_NOROPE: f"a vision encoder ({parts.family}) has no text query",
+                       Need.VISUAL_ATTN: "visual_attn is an LLM-stage statistic",
+                       Need.LOOKAHEAD: "lookahead is an LLM-stage mechanism"})
+        if not parts.has_cls:
+            unavailable[Need.CLS_ATTN] = f"{parts.family} has no [CLS] token (no cls_attn to give)"
+        check_needs(method, unavailable)
+        plan = plan_layers(method, L, nominal_layers=nominal_layers, default_nominal=NOMINAL_DEPTH["vision"],
+                           reduce_top=n_run - 1 if method.stage == Stage.VIT else None)
+        if (method.stage == Stage.VIT and nominal_layers is None and n_run < L and plan.reduce
+                and max(a for _, a in plan.reduce) >= n_run):
+            # a VIT method reducing after every layer (ToMe) with LLaVA's feature layer: the
+            # layers that run are the whole encoder it sees (ToMe's num_layers=23 for 24)
+            plan = plan_layers(method, n_run, nominal_layers=n_run)
         if method.stage == Stage.VIT:
-            reduce_at = sorted({_resolve(l, L, f"{method.name} reduce") for l in method.reduce_layers(L)})
-            if reduce_at and reduce_at[-1] >= n_run:
-                raise ValueError(f"tokenreduce.models.vit: {method.name} reduces after layer {reduce_at[-1]} but "
+            reduce_at = plan.reduce_at()
+            if reduce_at and max(reduce_at) >= n_run:
+                raise ValueError(f"tokenreduce.models.vit: {method.name} reduces after layer {max(reduce_at)} but "
                                  f"only {n_run} layers run")
-            request_scores(rec, method, part, L, key_layers=reduce_at)
+            request_scores(rec, method, part, L, key_layers=sorted(reduce_at), plan=plan)
         else:
-            request_scores(rec, method, part, L, key_layers=[n_run - 1])
+            # a PROJECTOR method may read layers after the feature layer (e.g. the tower's last
+            # layer while LLaVA feeds hidden_states[-2]): they run for their statistics only, as
+            # the original LLaVA tower runs every layer; keys come from its last declared layer
+            att = [a for _, _, a in plan.attention]
+            if att:
+                n_run = max(n_run, max(att) + 1)
+                proj_key_layer = att[-1]
+            request_scores(rec, method, part, L, key_layers=[proj_key_layer], plan=plan)
+        if any(a >= n_run for _, _, a in plan.attention):
+            raise ValueError(f"tokenreduce.models.vit: {method.name} reads attention of layer "
+                             f"{max(a for _, _, a in plan.attention)} but only {n_run} layers run")
         if rec.requests and model.config._attn_implementation != A.NAME:
             raise RuntimeError(f"tokenreduce.models.vit: {method.name} needs attention statistics: call "
                                f"tokenreduce.models.vit.prepare(model) first (attention implementation is "
@@ -237,10 +358,13 @@ def run_vision(model: nn.Module, pixel_values: Tensor, method: Optional[Method] 
         tracker = Tracker(B, h.shape[1] - c, h.device)
         tracker_full = Tracker(B, h.shape[1], h.device)   # including [CLS], for reindexing sizes
         size = None
+        h_feat = None
         for i in range(n_run):
             h = parts.layers[i](h, None)
-            if i in reduce_at:
-                ctx = _context(h, parts, tracker_full, grid, rec, method, part, L, i, size, state, pixel_values)
+            for nominal in reduce_at.get(i, ()):
+                ctx = _context(h, parts, tracker_full, grid, rec, method, part, L, nominal, size, state,
+                               pixel_values, plan, key_layer=i)
+                ctx.text = text
                 red = method(ctx)
                 _check_method(method, h, red, f"after layer {i}")
                 steps.append({"stage": "vit", "layer": i, "tokens_in": h.shape[1], "tokens_out": red.tokens.shape[1]})
@@ -248,9 +372,11 @@ def run_vision(model: nn.Module, pixel_values: Tensor, method: Optional[Method] 
                 tracker_full.apply(red)
                 rec.reindex(part, red.index)
                 size = red.size.float()
-                if getattr(method, "proportional_attention", True):
-                    rec.key_bias[part] = size.clamp_min(1e-6).log()
+                rec.key_bias[part] = padding_bias(size, getattr(method, "proportional_attention", True))
+            if i == n_feat - 1:
+                h_feat = h
         rec.key_bias.pop(part, None)
+        h = h_feat
         final_h = h
         last = pooled = None
         red_p = None
@@ -258,9 +384,10 @@ def run_vision(model: nn.Module, pixel_values: Tensor, method: Optional[Method] 
             last, pooled = parts.finalize(h)
             final_h = last
         if method is not None and method.stage == Stage.PROJECTOR:
-            ctx = _context(final_h, parts, tracker_full, grid, rec, method, part, L, n_run - 1, size, state,
-                           pixel_values)
+            ctx = _context(final_h, parts, tracker_full, grid, rec, method, part, L, n_feat - 1, size, state,
+                           pixel_values, plan, key_layer=proj_key_layer)
             ctx.layer = None
+            ctx.text = text
             red_p = method(ctx)
             _check_method(method, final_h, red_p, "on the encoder output")
             steps.append({"stage": "projector", "layer": None, "tokens_in": final_h.shape[1],
@@ -280,12 +407,19 @@ def run_vision(model: nn.Module, pixel_values: Tensor, method: Optional[Method] 
 
 
 def _context(h: Tensor, parts: VisionParts, tracker_full: Tracker, grid, rec, method: Method, part: str,
-             L: int, layer: int, size: Optional[Tensor], state, pixel_values) -> Context:
+             L: int, layer: int, size: Optional[Tensor], state, pixel_values,
+             plan: Optional[LayerPlan] = None, key_layer: Optional[int] = None) -> Context:
+    """``layer``: the method's (nominal) layer number of this call; statistics come from the
+    model layers the plan maps the method's layers to; ``key_layer``: the model layer whose keys
+    are ``ctx.keys`` (default ``layer``)."""
+    plan = plan if plan is not None else plan_layers(method, L, nominal_layers=L)
     c = int(parts.has_cls)
     full = h.shape[1] == grid[0] * grid[1] + c
-    ctx = Context(x=h, has_cls=parts.has_cls, grid=grid if full else None, layer=layer, num_layers=L,
-                  size=size, state=state, pixels=pixel_values if Need.PIXELS in method.needs else None)
-    fill_context_scores(ctx, rec, method, part, L)
+    heads = getattr(parts.config, "num_attention_heads", None)
+    ctx = Context(x=h, has_cls=parts.has_cls, grid=grid if full else None, layer=layer, num_layers=plan.Ln,
+                  size=size, state=state, pixels=pixel_values if Need.PIXELS in method.needs else None,
+                  heads=heads)
+    fill_context_scores(ctx, rec, method, part, L, plan=plan)
     if Need.KEYS in method.needs:
-        ctx.keys = rec.get("keys", part, layer)
+        ctx.keys = rec.get("keys", part, layer if key_layer is None else key_layer)
     return ctx
