@@ -1,0 +1,333 @@
+// Device helpers shared by the CUDA kernels of every op.
+//
+// Torch-free and std-library-free on purpose: the same text compiles with nvcc (the
+// compiled extension, csrc/<op>/<op>_launch.cu) and with NVRTC through CuPy (the run-time
+// fallback, tokenreduce/nvrtc). Only cuda_fp16.h / cuda_bf16.h are included; math comes
+// from the CUDA built-ins (sqrtf, isfinite, ...), constants are spelled out.
+//
+// Contents:
+//   * acc_t<T>: float for half / bfloat16 / float, double for double;
+//     to_acc(v) and store_acc(p, v) convert between storage and accumulator types;
+//   * inf / nan constants of both accumulator types;
+//   * warp and block reductions (sum, min, argmax), a block exclusive scan;
+//   * Best<acc>: an arg-max accumulator whose ties go to the smallest index and where
+//     NaN never wins; for float it is one packed 64-bit key
+//     (order-preserving distance bits << 32 | ~index), so max() of keys is the arg-max;
+//   * a 64 x 64 SIMT tile GEMM core (rows addressed through pointer tables, so gathered
+//     and strided rows cost nothing extra) used by the Gram / matching kernels.
+#pragma once
+
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+namespace tokenreduce {
+namespace cuda {
+
+// ---------------------------------------------------------------- types and conversion
+template <typename T> struct AccOf { typedef float type; };
+template <> struct AccOf<double> { typedef double type; };
+template <typename T> using acc_t = typename AccOf<T>::type;
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+__device__ __forceinline__ void store_acc(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store_acc(double* p, double v) { *p = v; }
+__device__ __forceinline__ void store_acc(__half* p, float v) { *p = __float2half_rn(v); }
+__device__ __forceinline__ void store_acc(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+template <typename acc> __device__ __forceinline__ acc pos_inf();
+template <> __device__ __forceinline__ float pos_inf<float>() { return __int_as_float(0x7f800000); }
+template <> __device__ __forceinline__ double pos_inf<double>() {
+  return __longlong_as_double(0x7ff0000000000000LL);
+}
+template <typename acc> __device__ __forceinline__ acc quiet_nan();
+template <> __device__ __forceinline__ float quiet_nan<float>() { return __int_as_float(0x7fc00000); }
+template <> __device__ __forceinline__ double quiet_nan<double>() {
+  return __longlong_as_double(0x7ff8000000000000LL);
+}
+
+// 1 / max(||v||, 1e-12) from the squared norm (a zero row normalises to zero, as on the CPU).
+__device__ __forceinline__ float inv_norm_from_sq(float sq) {
+  const float n = sqrtf(sq);
+  return 1.0f / (n > 1e-12f ? n : 1e-12f);
+}
+__device__ __forceinline__ double inv_norm_from_sq(double sq) {
+  const double n = sqrt(sq);
+  return 1.0 / (n > 1e-12 ? n : 1e-12);
+}
+
+// ---------------------------------------------------------------- warp / block reductions
+constexpr unsigned kFullMask = 0xffffffffu;
+
+template <typename T> __device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
+  return v;
+}
+template <typename T> __device__ __forceinline__ T warp_min(T v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const T w = __shfl_xor_sync(kFullMask, v, o);
+    v = w < v ? w : v;
+  }
+  return v;
+}
+
+// Order-preserving map float -> uint32 (a < b  <=>  ordered(a) < ordered(b) for non-NaN).
+__device__ __forceinline__ unsigned ordered_bits(float v) {
+  const unsigned u = __float_as_uint(v);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+__device__ __forceinline__ float from_ordered_bits(unsigned o) {
+  return __uint_as_float((o & 0x80000000u) ? (o & 0x7fffffffu) : ~o);
+}
+// Packed arg-max key: larger key = larger value, then smaller index. 0 = no candidate.
+__device__ __forceinline__ unsigned long long argmax_key(float v, int i) {
+  return (static_cast<unsigned long long>(ordered_bits(v)) << 32) |
+         static_cast<unsigned long long>(~static_cast<unsigned>(i));
+}
+
+// Arg-max accumulator: candidates may arrive in any order; ties go to the smallest
+// index; NaN never wins (matches tokenreduce::ArgMax of the CPU kernels).
+template <typename acc> struct Best;
+
+template <> struct Best<float> {
+  unsigned long long key;
+  __device__ __forceinline__ void reset() { key = 0ull; }
+  __device__ __forceinline__ void push(float v, int i) {
+    if (v != v) return;
+    const unsigned long long k = argmax_key(v, i);
+    key = k > key ? k : key;
+  }
+  __device__ __forceinline__ void merge(const Best& o) { key = o.key > key ? o.key : key; }
+  __device__ __forceinline__ Best shfl_xor(int o) const {
+    Best r;
+    r.key = __shfl_xor_sync(kFullMask, key, o);
+    return r;
+  }
+  __device__ __forceinline__ bool valid() const { return key != 0ull; }
+  __device__ __forceinline__ int index() const {
+    return valid() ? static_cast<int>(~static_cast<unsigned>(key & 0xffffffffull)) : -1;
+  }
+  __device__ __forceinline__ float value() const {
+    return from_ordered_bits(static_cast<unsigned>(key >> 32));
+  }
+};
+
+template <> struct Best<double> {
+  double v;
+  int i;
+  __device__ __forceinline__ void reset() { v = -pos_inf<double>(); i = -1; }
+  __device__ __forceinline__ void push(double w, int j) {
+    if (w != w || j < 0) return;
+    if (i < 0 || w > v || (w == v && j < i)) { v = w; i = j; }
+  }
+  __device__ __forceinline__ void merge(const Best& o) { push(o.v, o.i); }
+  __device__ __forceinline__ Best shfl_xor(int o) const {
+    Best r;
+    r.v = __shfl_xor_sync(kFullMask, v, o);
+    r.i = __shfl_xor_sync(kFullMask, i, o);
+    return r;
+  }
+  __device__ __forceinline__ bool valid() const { return i >= 0; }
+  __device__ __forceinline__ int index() const { return i; }
+  __device__ __forceinline__ double value() const { return v; }
+};
+
+template <typename acc> __device__ __forceinline__ Best<acc> warp_argmax(Best<acc> b) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) b.merge(b.shfl_xor(o));
+  return b;
+}
+
+// Block-wide arg-max; every thread gets the result. `sm` holds 33 entries. Contains two
+// __syncthreads(): call it from all threads of the block. Back-to-back calls are safe.
+template <typename acc>
+__device__ __forceinline__ Best<acc> block_argmax(Best<acc> b, Best<acc>* sm) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nwarps = (blockDim.x + 31) >> 5;
+  b = warp_argmax(b);
+  if (lane == 0) sm[warp] = b;
+  __syncthreads();
+  if (warp == 0) {
+    Best<acc> c;
+    c.reset();
+    if (lane < nwarps) c = sm[lane];
+    c = warp_argmax(c);
+    if (lane == 0) sm[32] = c;
+  }
+  __syncthreads();
+  return sm[32];
+}
+
+// Block-wide sum of ints; every thread gets the result. `sm` holds 33 ints.
+__device__ __forceinline__ int block_sum_int(int v, int* sm) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nwarps = (blockDim.x + 31) >> 5;
+  v = warp_sum(v);
+  if (lane == 0) sm[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    int c = lane < nwarps ? sm[lane] : 0;
+    c = warp_sum(c);
+    if (lane == 0) sm[32] = c;
+  }
+  __syncthreads();
+  const int r = sm[32];
+  __syncthreads();  // sm may be reused right after
+  return r;
+}
+
+// In-place exclusive prefix sum of data[0:n] (shared memory) by the whole block; returns
+// the total. `sm` holds 33 ints. Each thread scans a contiguous chunk, then the chunk
+// totals are scanned across the block. Contains __syncthreads(): call from all threads.
+__device__ __forceinline__ int block_exclusive_scan(int* data, int n, int* sm) {
+  const int tid = threadIdx.x, nt = blockDim.x;
+  const int lane = tid & 31, warp = tid >> 5, nwarps = (nt + 31) >> 5;
+  const int chunk = (n + nt - 1) / nt;
+  const int lo = min(n, tid * chunk), hi = min(n, lo + chunk);
+  int local = 0;
+  for (int i = lo; i < hi; ++i) local += data[i];
+  // inclusive warp scan of the chunk totals
+  int incl = local;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int up = __shfl_up_sync(kFullMask, incl, o);
+    if (lane >= o) incl += up;
+  }
+  if (lane == 31) sm[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    int w = lane < nwarps ? sm[lane] : 0;
+    int wi = w;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int up = __shfl_up_sync(kFullMask, wi, o);
+      if (lane >= o) wi += up;
+    }
+    if (lane < nwarps) sm[lane] = wi - w;  // exclusive warp offsets
+    if (lane == 31) sm[32] = wi;           // block total
+  }
+  __syncthreads();
+  int run = sm[warp] + incl - local;
+  for (int i = lo; i < hi; ++i) {
+    const int c = data[i];
+    data[i] = run;
+    run += c;
+  }
+  const int total = sm[32];
+  __syncthreads();
+  return total;
+}
+
+// Squared norm of a row of D elements by one warp (lanes stride over D).
+template <typename scalar_t>
+__device__ __forceinline__ acc_t<scalar_t> warp_row_sqnorm(const scalar_t* row, int D) {
+  typedef acc_t<scalar_t> acc;
+  acc s = acc(0);
+  for (int d = threadIdx.x & 31; d < D; d += 32) {
+    const acc v = to_acc(row[d]);
+    s += v * v;
+  }
+  return warp_sum(s);
+}
+
+// ---------------------------------------------------------------- tile GEMM core
+// A block of kTileThreads threads computes a kTileM x kTileN tile of dot products
+// C[i][j] = sum_d A_i[d] * B_j[d] (accumulated in acc). Row pointers come from shared
+// tables (nullptr = a missing row, read as zeros). Thread (ty, tx) = (tid / 16, tid % 16)
+// owns rows ty + 16 * a and columns tx + 16 * c (a, c in 0..3): shared reads are
+// conflict-free and the epilogue's stores of a row are 16 consecutive columns.
+constexpr int kTileM = 64;
+constexpr int kTileK = 32;
+constexpr int kTileThreads = 256;
+
+template <typename acc> struct TileSmem {
+  acc a[kTileK][kTileM + 1];  // padded: the transposed stores hit distinct banks
+  acc b[kTileK][kTileM + 1];
+};
+
+template <typename scalar_t, typename acc>
+__device__ __forceinline__ void tile_gemm(const scalar_t* const* rows_a, const scalar_t* const* rows_b,
+                                          int D, TileSmem<acc>& sm, acc c[4][4]) {
+  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+#pragma unroll
+  for (int a = 0; a < 4; ++a)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) c[a][e] = acc(0);
+  for (int k0 = 0; k0 < D; k0 += kTileK) {
+    // each warp loads 32 consecutive elements of one row (kTileM * kTileK / 256 = 8 each)
+#pragma unroll
+    for (int e = 0; e < (kTileM * kTileK) / kTileThreads; ++e) {
+      const int idx = tid + e * kTileThreads;
+      const int r = idx / kTileK, kk = idx % kTileK;
+      const int d = k0 + kk;
+      const scalar_t* pa = rows_a[r];
+      const scalar_t* pb = rows_b[r];
+      sm.a[kk][r] = (pa != nullptr && d < D) ? to_acc(pa[d]) : acc(0);
+      sm.b[kk][r] = (pb != nullptr && d < D) ? to_acc(pb[d]) : acc(0);
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int kk = 0; kk < kTileK; ++kk) {
+      acc fa[4], fb[4];
+#pragma unroll
+      for (int a = 0; a < 4; ++a) fa[a] = sm.a[kk][ty + 16 * a];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) fb[e] = sm.b[kk][tx + 16 * e];
+#pragma unroll
+      for (int a = 0; a < 4; ++a)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) c[a][e] += fa[a] * fb[e];
+    }
+    __syncthreads();
+  }
+}
+
+// Row-wise arg-max of a GEMM without storing it: for the kTileM rows of rows_a, the column
+// j in [col_begin, ncols) maximising dot(A_i, B_j) * scale_j (ties to the smallest j, NaN
+// never wins). `cols(j, ptr, scale)` gives column j's row pointer (nullptr = zeros) and its
+// scale. On return, threads with tx == 0 (tid % 16 == 0) hold the result of rows
+// ty + 16 * a in best[a]. Contains __syncthreads(): call from all kTileThreads threads.
+template <typename scalar_t, typename acc, typename Cols>
+__device__ __forceinline__ void tile_rows_argmax(const scalar_t* const* rows_a, const scalar_t** rows_b,
+                                                 acc* scale_b, const Cols& cols, int col_begin,
+                                                 int ncols, int D, TileSmem<acc>& sm, Best<acc> best[4]) {
+  const int tid = threadIdx.x, tx = tid & 15;
+#pragma unroll
+  for (int a = 0; a < 4; ++a) best[a].reset();
+  for (int j0 = (col_begin / kTileM) * kTileM; j0 < ncols; j0 += kTileM) {
+    if (tid < kTileM) {
+      const int j = j0 + tid;
+      const scalar_t* p = nullptr;
+      acc s = acc(0);
+      if (j < ncols) cols(j, p, s);
+      rows_b[tid] = p;
+      scale_b[tid] = s;
+    }
+    __syncthreads();
+    acc c[4][4];
+    tile_gemm<scalar_t, acc>(rows_a, rows_b, D, sm, c);  // ends with __syncthreads() when D > 0
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int j = j0 + tx + 16 * e;
+      if (j >= col_begin && j < ncols) {
+        const acc s = scale_b[tx + 16 * e];
+#pragma unroll
+        for (int a = 0; a < 4; ++a) best[a].push(c[a][e] * s, j);
+      }
+    }
+    __syncthreads();  // rows_b / scale_b are rewritten by the next tile
+  }
+#pragma unroll
+  for (int a = 0; a < 4; ++a) {
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) best[a].merge(best[a].shfl_xor(o));
+  }
+}
+
+}  // namespace cuda
+}  // namespace tokenreduce
