@@ -12,6 +12,7 @@ cudaError_t rc_assign_t(const RecycleArgs& a, cudaStream_t st) {
   typedef acc_t<fscalar_t> facc;
   const fscalar_t* f = static_cast<const fscalar_t*>(a.feats);
   facc* inv = static_cast<facc*>(a.inv);
+  if (a.N == 0) return cudaSuccess;  // every position is invalid: the plan poisons the rows
   recycle::rc_inv_norm<fscalar_t><<<dim3(ceil_div(a.N, 8), a.B), 256, 0, st>>>(f, a.fsb, a.fsn, a.N,
                                                                                a.Df, inv);
   TR_CUDA_TRY(cudaGetLastError());
