@@ -10,6 +10,8 @@
 #    them with NVRTC through CuPy): they may include only cuda_fp16.h, cuda_bf16.h and
 #    csrc/common/*.cuh, and the name expressions that tokenreduce/nvrtc/_names.py lists
 #    for them must instantiate (a PTX-only nvcc compile of a generated unit).
+# 3. Syntax-checks the torch glue csrc/*/*_cuda.cpp against the installed torch headers
+#    (TORCH_PYTHON=/path/to/python with torch; skipped when torch does not import).
 #
 # Exits non-zero on any compile error, on a disallowed include, or on a local-memory
 # spill in a kernel that tools/cuda_spill_allowlist.txt does not list (one demangled-name
@@ -25,7 +27,7 @@ while [ $# -gt 0 ]; do
     -j) JOBS="$2"; shift 2 ;;
     --arch) ARCHS="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
-    -h|--help) sed -n 2,16p "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n 2,19p "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -52,7 +54,10 @@ done
 compile_one() {
   local f="$1" a="$2" tag
   tag="$(echo "$f" | tr '/.' '__')_sm$a"
+  # the -D flags are the ones torch's CUDAExtension passes to nvcc
   if "$NVCC" -std=c++17 -O3 -lineinfo -gencode "arch=compute_$a,code=sm_$a" -Xptxas -v \
+       -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
+       -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ \
        -Icsrc -c "$f" -o "$OUT/$tag.o" > "$OUT/$tag.log" 2>&1; then
     echo "ok   $f sm_$a"
   else
@@ -97,7 +102,29 @@ while read -r unit n; do
   fi
 done < "$WORK/nvrtc_units.txt"
 
-# ---- 3. resource table and spill check ----
+# ---- 3. syntax of the torch glue (csrc/*/*_cuda.cpp) against the installed torch headers ----
+# A CPU torch wheel lacks c10's generated cuda_cmake_macros.h: an empty stand-in is enough
+# for a syntax check. Skipped when torch does not import (TORCH_PYTHON picks the interpreter).
+TPY="${TORCH_PYTHON:-$PY}"
+if TINC="$("$TPY" -c 'import torch.utils.cpp_extension as c; print(" ".join("-I" + p for p in c.include_paths()))' 2>/dev/null)"; then
+  mkdir -p "$WORK/stub/c10/cuda/impl"
+  echo '#pragma once' > "$WORK/stub/c10/cuda/impl/cuda_cmake_macros.h"
+  CUDA_INC="$(dirname "$(dirname "$(command -v "$NVCC")")")/include"
+  [ -f "$CUDA_INC/cuda_runtime_api.h" ] || CUDA_INC=/usr/local/cuda/include
+  for f in csrc/*/*_cuda.cpp; do
+    [ -e "$f" ] || continue
+    if g++ -std=c++20 -fsyntax-only -Wall -Wno-unknown-pragmas $TINC -I"$WORK/stub" -I"$CUDA_INC" \
+         -DTOKENREDUCE_WITH_CUDA "$f" > "$WORK/glue.log" 2>&1; then
+      echo "ok   glue syntax $f"
+    else
+      echo "FAIL glue syntax $f"; cat "$WORK/glue.log"; FAILED=1
+    fi
+  done
+else
+  echo "skip glue syntax check (torch does not import with $TPY; set TORCH_PYTHON)"
+fi
+
+# ---- 4. resource table and spill check ----
 cat "$OUT"/*.log 2>/dev/null > "$WORK/all.log"
 "$PY" - "$WORK/all.log" "$ROOT/tools/cuda_spill_allowlist.txt" <<'PYEOF' || FAILED=1
 import re, shutil, subprocess, sys
