@@ -9,7 +9,8 @@
 # 2. NVRTC compatibility of every csrc/*/*_kernels.cuh (the run-time fallback compiles
 #    them with NVRTC through CuPy): they may include only cuda_fp16.h, cuda_bf16.h and
 #    csrc/common/*.cuh, and the name expressions that tokenreduce/nvrtc/_names.py lists
-#    for them must instantiate (a PTX-only nvcc compile of a generated unit).
+#    for them must instantiate (a PTX-only nvcc compile of a generated unit); when a
+#    libnvrtc is found (NVRTC_LIB=...), tools/nvrtc_check.py also compiles them with NVRTC.
 # 3. Syntax-checks the torch glue csrc/*/*_cuda.cpp against the installed torch headers
 #    (TORCH_PYTHON=/path/to/python with torch; skipped when torch does not import).
 #
@@ -27,7 +28,7 @@ while [ $# -gt 0 ]; do
     -j) JOBS="$2"; shift 2 ;;
     --arch) ARCHS="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
-    -h|--help) sed -n 2,19p "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n 2,21p "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -101,6 +102,14 @@ while read -r unit n; do
     echo "FAIL NVRTC unit $unit"; cat "$unit.log"; FAILED=1
   fi
 done < "$WORK/nvrtc_units.txt"
+
+# real NVRTC compile of the same sources when a libnvrtc is around (NVRTC_LIB=...)
+"$PY" "$ROOT/tools/nvrtc_check.py"
+case $? in
+  0) ;;
+  77) echo "skip real NVRTC compile (no libnvrtc; set NVRTC_LIB=/path/to/libnvrtc.so)" ;;
+  *) FAILED=1 ;;
+esac
 
 # ---- 3. syntax of the torch glue (csrc/*/*_cuda.cpp) against the installed torch headers ----
 # A CPU torch wheel lacks c10's generated cuda_cmake_macros.h: an empty stand-in is enough

@@ -50,6 +50,7 @@ _SEARCH = (
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.M)
 _lock = threading.Lock()
 _modules: Dict[tuple, object] = {}
+_kernels: Dict[tuple, object] = {}  # (source, name expression, options, device) -> RawKernel
 _streams: Dict[tuple, object] = {}
 _registered: Dict[str, str] = {}  # op -> module that registered its CUDA kernel here
 _lib = None  # torch.library.Library("tokenreduce", "IMPL"), kept alive
@@ -125,10 +126,17 @@ def _include_options() -> Tuple[str, ...]:
         path = cupy.cuda.get_cuda_path()
     except Exception:
         path = None
-    for base in (path, os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+    import glob
+    import sys
+
+    bases = [path, os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
+    for p in sys.path:  # pip's CUDA header wheels (nvidia-cuda-runtime): nvidia/cu13/include
+        bases += sorted(glob.glob(os.path.join(p, "nvidia", "cu*")), reverse=True)
+        bases.append(os.path.join(p, "nvidia", "cuda_runtime"))
+    for base in bases:
         if base and os.path.isfile(os.path.join(base, "include", "cuda_fp16.h")):
             return ("-I" + os.path.join(base, "include"),)
-    return ()
+    return ()  # NVRTC will report the missing header: set CUDA_PATH
 
 
 def _module(relpath: str, name_expressions: Sequence[str], options: Tuple[str, ...]):
@@ -149,7 +157,14 @@ def _module(relpath: str, name_expressions: Sequence[str], options: Tuple[str, .
 def get_kernel(source_relpath: str, name_expression: str, options: tuple = ()):
     """The kernel `name_expression` (e.g. "ns::kern<float>") of a device source, compiled
     for the current device. All the source's known name expressions (tokenreduce.nvrtc._names)
-    are compiled together, so each source compiles once per device arch and options."""
+    are compiled together, so each source compiles once per device arch and options; the
+    kernel is then cached per device, so later calls cost a dict lookup."""
+    import cupy
+
+    fast_key = (source_relpath, name_expression, tuple(options), cupy.cuda.Device().id)
+    kern = _kernels.get(fast_key)
+    if kern is not None:  # the per-launch path: no file reads, no hashing
+        return kern
     names: List[str] = []
     fn = SOURCES.get(source_relpath)
     if fn is not None:
@@ -160,7 +175,9 @@ def get_kernel(source_relpath: str, name_expression: str, options: tuple = ()):
     if name_expression not in names:
         names.append(name_expression)
     mod = _module(source_relpath, names, tuple(options))
-    return mod.get_function(name_expression)
+    kern = mod.get_function(name_expression)
+    _kernels[fast_key] = kern
+    return kern
 
 
 def _arg(a):
