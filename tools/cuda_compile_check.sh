@@ -7,7 +7,7 @@
 #    (default sm_80 and sm_90) with -Xptxas -v, and prints a per-kernel table of
 #    registers, static shared memory, stack frame and spill stores/loads.
 # 2. NVRTC compatibility of every csrc/*/*_kernels.cuh (the run-time fallback compiles
-#    them with NVRTC through CuPy): they may include only cuda_fp16.h, cuda_bf16.h and
+#    them with NVRTC through CuPy): they may include only cuda_fp16.h, cuda_bf16.h, mma.h and
 #    csrc/common/*.cuh, and the name expressions that tokenreduce/nvrtc/_names.py lists
 #    for them must instantiate (a PTX-only nvcc compile of a generated unit); when a
 #    libnvrtc is found (NVRTC_LIB=...), tools/nvrtc_check.py also compiles them with NVRTC.
@@ -73,9 +73,9 @@ xargs -P "$JOBS" -L 1 bash -c 'compile_one "$0" "$1"' < "$JOBLIST" || FAILED=1
 # ---- 2. NVRTC compatibility of the device sources ----
 mapfile -t CUH_FILES < <(ls csrc/*/*_kernels.cuh 2>/dev/null | sort)
 for h in "${CUH_FILES[@]}" csrc/common/cuda_common.cuh; do
-  bad="$(grep -nE '^\s*#\s*include' "$h" | grep -vE '<cuda_fp16\.h>|<cuda_bf16\.h>|"(\.\./)?common/[a-z_]+\.cuh"|"[a-z_]+\.cuh"' || true)"
+  bad="$(grep -nE '^\s*#\s*include' "$h" | grep -vE '<cuda_fp16\.h>|<cuda_bf16\.h>|<mma\.h>|"(\.\./)?common/[a-z_]+\.cuh"|"[a-z_]+\.cuh"' || true)"
   if [ -n "$bad" ]; then
-    echo "FAIL $h: NVRTC sources may include only cuda_fp16.h, cuda_bf16.h and common/*.cuh:"
+    echo "FAIL $h: NVRTC sources may include only cuda_fp16.h, cuda_bf16.h, mma.h and common/*.cuh:"
     echo "$bad"; FAILED=1
   fi
   if grep -nE '\b(torch|ATen|c10|std::)' "$h" | grep -vE '^\S+:\s*//' > "$WORK/torch.txt"; then

@@ -83,6 +83,10 @@ def main(argv=None):
     if not path:
         print("nvrtc_check: no libnvrtc found (set NVRTC_LIB); skipped")
         return 77
+    for b in sorted(glob.glob(os.path.join(os.path.dirname(path), "libnvrtc-builtins.so*"))):
+        if ".alt." not in b:  # NVRTC dlopens its builtins by name: preload them globally
+            ctypes.CDLL(b, mode=ctypes.RTLD_GLOBAL)
+            break
     lib = ctypes.CDLL(path)
     ver = (ctypes.c_int(), ctypes.c_int())
     lib.nvrtcVersion(ctypes.byref(ver[0]), ctypes.byref(ver[1]))

@@ -57,7 +57,7 @@ __global__ void __launch_bounds__(kTileThreads)
              const acc_t<mscalar_t>* __restrict__ inv, int pa, int pb,
              acc_t<mscalar_t>* __restrict__ node_max, int* __restrict__ node_idx) {
   typedef acc_t<mscalar_t> acc;
-  __shared__ TileSmem<acc> sm;
+  __shared__ TileSmem<mscalar_t> sm;
   __shared__ const mscalar_t* rows_a[kTileM];
   __shared__ const mscalar_t* rows_b[kTileM];
   __shared__ acc scale_b[kTileM];

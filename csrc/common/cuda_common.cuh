@@ -2,7 +2,7 @@
 //
 // Torch-free and std-library-free on purpose: the same text compiles with nvcc (the
 // compiled extension, csrc/<op>/<op>_launch.cu) and with NVRTC through CuPy (the run-time
-// fallback, tokenreduce/nvrtc). Only cuda_fp16.h / cuda_bf16.h are included; math comes
+// fallback, tokenreduce/nvrtc). Only cuda_fp16.h / cuda_bf16.h / mma.h are included; math comes
 // from the CUDA built-ins (sqrtf, isfinite, ...), constants are spelled out.
 //
 // Contents:
@@ -13,12 +13,14 @@
 //   * Best<acc>: an arg-max accumulator whose ties go to the smallest index and where
 //     NaN never wins; for float it is one packed 64-bit key
 //     (order-preserving distance bits << 32 | ~index), so max() of keys is the arg-max;
-//   * a 64 x 64 SIMT tile GEMM core (rows addressed through pointer tables, so gathered
-//     and strided rows cost nothing extra) used by the Gram / matching kernels.
+//   * a 64 x 64 tile GEMM core (SIMT for float / double, tensor cores for half / bfloat16;
+//     rows addressed through pointer tables, so gathered and strided rows cost nothing
+//     extra) used by the Gram / matching kernels, and a fused row arg-max over it.
 #pragma once
 
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#include <mma.h>
 
 namespace tokenreduce {
 namespace cuda {
@@ -236,23 +238,35 @@ __device__ __forceinline__ acc_t<scalar_t> warp_row_sqnorm(const scalar_t* row, 
 }
 
 // ---------------------------------------------------------------- tile GEMM core
-// A block of kTileThreads threads computes a kTileM x kTileN tile of dot products
+// A block of kTileThreads threads computes a kTileM x kTileM tile of dot products
 // C[i][j] = sum_d A_i[d] * B_j[d] (accumulated in acc). Row pointers come from shared
-// tables (nullptr = a missing row, read as zeros). Thread (ty, tx) = (tid / 16, tid % 16)
-// owns rows ty + 16 * a and columns tx + 16 * c (a, c in 0..3): shared reads are
-// conflict-free and the epilogue's stores of a row are 16 consecutive columns.
+// tables (nullptr = a missing row, read as zeros). On return thread (ty, tx) =
+// (tid / 16, tid % 16) holds rows ty + 16 * a and columns tx + 16 * c (a, c in 0..3) in
+// c[a][c]: the epilogue's stores of a row are 16 consecutive columns.
+//   * float / double inputs: SIMT FMA in the accumulator type (exactly the CPU's math);
+//   * half / bfloat16 inputs: tensor cores (WMMA 16x16x16, fp32 accumulation; the
+//     products of 16-bit inputs are exact in fp32), staged through shared memory.
+// Call tile_gemm(...) without template arguments so that the 16-bit overloads are chosen.
 constexpr int kTileM = 64;
 constexpr int kTileK = 32;
 constexpr int kTileThreads = 256;
+constexpr int kWmmaLd = kTileK + 8;  // 16-bit elements per staged row (a multiple of 8)
 
-template <typename acc> struct TileSmem {
-  acc a[kTileK][kTileM + 1];  // padded: the transposed stores hit distinct banks
-  acc b[kTileK][kTileM + 1];
+template <typename scalar_t> struct TileSmem {  // SIMT staging (float / double)
+  acc_t<scalar_t> a[kTileK][kTileM + 1];  // padded: the transposed stores hit distinct banks
+  acc_t<scalar_t> b[kTileK][kTileM + 1];
 };
+template <typename T> struct WmmaSmem {  // tensor-core staging (half / bfloat16)
+  __align__(32) T a[kTileM][kWmmaLd];
+  __align__(32) T b[kTileM][kWmmaLd];
+  __align__(32) float c[kTileM][kTileM + 4];
+};
+template <> struct TileSmem<__half> : WmmaSmem<__half> {};
+template <> struct TileSmem<__nv_bfloat16> : WmmaSmem<__nv_bfloat16> {};
 
 template <typename scalar_t, typename acc>
 __device__ __forceinline__ void tile_gemm(const scalar_t* const* rows_a, const scalar_t* const* rows_b,
-                                          int D, TileSmem<acc>& sm, acc c[4][4]) {
+                                          int D, TileSmem<scalar_t>& sm, acc c[4][4]) {
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
 #pragma unroll
   for (int a = 0; a < 4; ++a)
@@ -287,6 +301,64 @@ __device__ __forceinline__ void tile_gemm(const scalar_t* const* rows_a, const s
   }
 }
 
+__device__ __forceinline__ __half zero_of(const __half*) { return __ushort_as_half(0); }
+__device__ __forceinline__ __nv_bfloat16 zero_of(const __nv_bfloat16*) { return __ushort_as_bfloat16(0); }
+
+// 8 warps: warp w computes the 16 x 32 strip (rows 16 * (w / 2), columns 32 * (w % 2)).
+template <typename T>
+__device__ __forceinline__ void tile_gemm_wmma(const T* const* rows_a, const T* const* rows_b, int D,
+                                               WmmaSmem<T>& sm, float c[4][4]) {
+  using namespace nvcuda;
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const int fr = warp >> 1, fc0 = (warp & 1) * 2;
+  const T zero = zero_of(static_cast<const T*>(nullptr));
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc0, acc1;
+  wmma::fill_fragment(acc0, 0.0f);
+  wmma::fill_fragment(acc1, 0.0f);
+  for (int k0 = 0; k0 < D; k0 += kTileK) {
+#pragma unroll
+    for (int e = 0; e < (kTileM * kTileK) / kTileThreads; ++e) {
+      const int idx = tid + e * kTileThreads;
+      const int r = idx / kTileK, kk = idx % kTileK;
+      const int d = k0 + kk;
+      const T* pa = rows_a[r];
+      const T* pb = rows_b[r];
+      sm.a[r][kk] = (pa != nullptr && d < D) ? pa[d] : zero;
+      sm.b[r][kk] = (pb != nullptr && d < D) ? pb[d] : zero;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kTileK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb0, fb1;  // (k, n) at b[n][k]
+      wmma::load_matrix_sync(fa, &sm.a[fr * 16][kk], kWmmaLd);
+      wmma::load_matrix_sync(fb0, &sm.b[fc0 * 16][kk], kWmmaLd);
+      wmma::load_matrix_sync(fb1, &sm.b[(fc0 + 1) * 16][kk], kWmmaLd);
+      wmma::mma_sync(acc0, fa, fb0, acc0);
+      wmma::mma_sync(acc1, fa, fb1, acc1);
+    }
+    __syncthreads();
+  }
+  wmma::store_matrix_sync(&sm.c[fr * 16][fc0 * 16], acc0, kTileM + 4, wmma::mem_row_major);
+  wmma::store_matrix_sync(&sm.c[fr * 16][(fc0 + 1) * 16], acc1, kTileM + 4, wmma::mem_row_major);
+  __syncthreads();
+  const int tx = tid & 15, ty = tid >> 4;
+#pragma unroll
+  for (int a = 0; a < 4; ++a)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) c[a][e] = sm.c[ty + 16 * a][tx + 16 * e];
+  __syncthreads();  // sm.c is rewritten by the next call
+}
+
+__device__ __forceinline__ void tile_gemm(const __half* const* rows_a, const __half* const* rows_b, int D,
+                                          TileSmem<__half>& sm, float c[4][4]) {
+  tile_gemm_wmma<__half>(rows_a, rows_b, D, sm, c);
+}
+__device__ __forceinline__ void tile_gemm(const __nv_bfloat16* const* rows_a, const __nv_bfloat16* const* rows_b,
+                                          int D, TileSmem<__nv_bfloat16>& sm, float c[4][4]) {
+  tile_gemm_wmma<__nv_bfloat16>(rows_a, rows_b, D, sm, c);
+}
+
 // Row-wise arg-max of a GEMM without storing it: for the kTileM rows of rows_a, the column
 // j in [col_begin, ncols) maximising dot(A_i, B_j) * scale_j (ties to the smallest j, NaN
 // never wins). `cols(j, ptr, scale)` gives column j's row pointer (nullptr = zeros) and its
@@ -295,7 +367,7 @@ __device__ __forceinline__ void tile_gemm(const scalar_t* const* rows_a, const s
 template <typename scalar_t, typename acc, typename Cols>
 __device__ __forceinline__ void tile_rows_argmax(const scalar_t* const* rows_a, const scalar_t** rows_b,
                                                  acc* scale_b, const Cols& cols, int col_begin,
-                                                 int ncols, int D, TileSmem<acc>& sm, Best<acc> best[4]) {
+                                                 int ncols, int D, TileSmem<scalar_t>& sm, Best<acc> best[4]) {
   const int tid = threadIdx.x, tx = tid & 15;
 #pragma unroll
   for (int a = 0; a < 4; ++a) best[a].reset();
@@ -310,7 +382,7 @@ __device__ __forceinline__ void tile_rows_argmax(const scalar_t* const* rows_a, 
     }
     __syncthreads();
     acc c[4][4];
-    tile_gemm<scalar_t, acc>(rows_a, rows_b, D, sm, c);  // ends with __syncthreads() when D > 0
+    tile_gemm(rows_a, rows_b, D, sm, c);  // ends with __syncthreads() when D > 0
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int j = j0 + tx + 16 * e;

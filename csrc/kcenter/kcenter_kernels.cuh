@@ -4,6 +4,7 @@
 //   1. kcenter_sqnorm      squared norm of every token (warp per token) -> sq [B, N]
 //   2a. Gram mode (B * N * N distances fit the budget):
 //       kcenter_gram       64 x 64 tiles of the pairwise distance matrix dist [B, N, N]
+//                          (upper tiles only, mirrored; tensor cores for 16-bit inputs)
 //       kcenter_nn_gram    (first="isolated") each token's nearest-other distance
 //   2b. Stream mode (too large for a distance matrix):
 //       kcenter_nn_stream  (first="isolated") nearest-other distance by warp dot products
@@ -46,15 +47,20 @@ __device__ __forceinline__ acc cosine_or_l2(acc dot, acc sqi, acc sqj, bool cosi
   return sqrt(s > acc(0) ? s : acc(0));
 }
 
-// 2a. dist[b, i, j] for a 64 x 64 tile. grid (ceil(N/64), ceil(N/64), B), block 256.
+// 2a. dist[b, i, j] for a 64 x 64 tile and (off the diagonal) its mirror dist[b, j, i]: the
+// matrix is symmetric, so only tiles with j-tile >= i-tile compute (half the GEMM); the
+// mirrored tile is transposed through shared memory so both stores are coalesced.
+// grid (ceil(N/64), ceil(N/64), B), block 256; blocks below the diagonal exit at once.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kTileThreads)
     kcenter_gram(const scalar_t* __restrict__ x, long long sb, long long sn, int N, int D,
                  const acc_t<scalar_t>* __restrict__ sq, int cosine, acc_t<scalar_t>* __restrict__ dist) {
   typedef acc_t<scalar_t> acc;
-  __shared__ TileSmem<acc> sm;
+  __shared__ TileSmem<scalar_t> sm;
   __shared__ const scalar_t* rows_a[kTileM];
   __shared__ const scalar_t* rows_b[kTileM];
+  static_assert(sizeof(TileSmem<scalar_t>) >= sizeof(acc) * kTileM * (kTileM + 1), "mirror scratch");
+  if (blockIdx.x < blockIdx.y) return;  // block-uniform: the mirror of another tile
   const int b = blockIdx.z, i0 = blockIdx.y * kTileM, j0 = blockIdx.x * kTileM;
   const int tid = threadIdx.x;
   const scalar_t* xb = x + b * sb;
@@ -64,20 +70,30 @@ __global__ void __launch_bounds__(kTileThreads)
   }
   __syncthreads();
   acc c[4][4];
-  tile_gemm<scalar_t, acc>(rows_a, rows_b, D, sm, c);
+  tile_gemm(rows_a, rows_b, D, sm, c);  // ends with __syncthreads() whenever sm was used
   const int tx = tid & 15, ty = tid >> 4;
   const acc* sqb = sq + (long long)b * N;
+  const bool mirror = blockIdx.x != blockIdx.y;
+  acc(*scratch)[kTileM + 1] = reinterpret_cast<acc(*)[kTileM + 1]>(&sm);
 #pragma unroll
   for (int a = 0; a < 4; ++a) {
-    const int i = i0 + ty + 16 * a;
-    if (i >= N) continue;
-    const acc sqi = sqb[i];
+    const int il = ty + 16 * a, i = i0 + il;
+    const acc sqi = i < N ? sqb[i] : acc(0);
     acc* drow = dist + ((long long)b * N + i) * N;
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int j = j0 + tx + 16 * e;
-      if (j < N) drow[j] = cosine_or_l2(c[a][e], sqi, sqb[j], cosine != 0);
+      const int jl = tx + 16 * e, j = j0 + jl;
+      const acc d = (i < N && j < N) ? cosine_or_l2(c[a][e], sqi, sqb[j], cosine != 0) : acc(0);
+      if (i < N && j < N) drow[j] = d;
+      if (mirror) scratch[il][jl] = d;
     }
+  }
+  if (!mirror) return;  // block-uniform
+  __syncthreads();
+  for (int idx = tid; idx < kTileM * kTileM; idx += kTileThreads) {
+    const int jl = idx / kTileM, il = idx % kTileM;  // consecutive threads: consecutive columns i
+    const int i = i0 + il, j = j0 + jl;
+    if (i < N && j < N) dist[((long long)b * N + j) * N + i] = scratch[il][jl];
   }
 }
 

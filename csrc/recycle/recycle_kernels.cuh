@@ -62,7 +62,7 @@ __global__ void __launch_bounds__(kTileThreads)
               const acc_t<fscalar_t>* __restrict__ inv, const long long* __restrict__ target, int T,
               const long long* __restrict__ source, int S, long long* __restrict__ slot) {
   typedef acc_t<fscalar_t> acc;
-  __shared__ TileSmem<acc> sm;
+  __shared__ TileSmem<fscalar_t> sm;
   __shared__ const fscalar_t* rows_a[kTileM];
   __shared__ const fscalar_t* rows_b[kTileM];
   __shared__ acc scale_b[kTileM];
