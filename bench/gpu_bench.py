@@ -108,10 +108,10 @@ def sdpa_plus_eager_scores(q, k, v, rows=None):
     return out, p.mean(dim=(1, 2))
 
 
-def tome_merge(x, r, size):
+def tome_merge(x, r, size, metric):
     """facebookresearch/ToMe: bipartite_soft_matching (class token) + merge_wavg."""
     with torch.no_grad():
-        metric = x / x.norm(dim=-1, keepdim=True)
+        metric = metric / metric.norm(dim=-1, keepdim=True)
         a, b = metric[..., ::2, :], metric[..., 1::2, :]
         scores = a @ b.transpose(-1, -2)
         scores[..., 0, :] = -math.inf
@@ -147,7 +147,7 @@ def shapes(dry: bool, quick: bool) -> Dict[str, List[Dict]]:
         return {
             "attention_with_scores": [dict(B=2, H=2, N=17, Dh=8)],
             "kcenter": [dict(B=1, N=40, D=16, k=8), dict(B=2, N=40, D=16, k=8)],
-            "bipartite_merge": [dict(B=2, N=33, D=16, r=8)],
+            "bipartite_merge": [dict(B=2, N=33, D=16, Dm=8, r=8)],
             "recycle": [dict(B=2, N=40, D=16, T=8, S=24)],
         }
     Bs = [1, 64] if quick else [1, 16, 64]
@@ -155,7 +155,7 @@ def shapes(dry: bool, quick: bool) -> Dict[str, List[Dict]]:
     kc = [dict(B=b, N=576, D=1024, k=64) for b in Bs] + [dict(B=1, N=2880, D=4096, k=288)]
     if not quick:
         kc.append(dict(B=1, N=9000, D=4096, k=1024))
-    bm = [dict(B=b, N=577, D=1024, r=64) for b in Bs]
+    bm = [dict(B=b, N=577, D=1024, Dm=64, r=64) for b in Bs]
     rc = [dict(B=b, N=576, D=4096, T=64, S=512) for b in Bs]
     return {"attention_with_scores": att, "kcenter": kc, "bipartite_merge": bm, "recycle": rc}
 
@@ -188,14 +188,17 @@ def case_impls(op: str, s: Dict, dev: str, dtype) -> Dict:
         impls["tokenreduce"] = (lambda i: ops.kcenter(xs[i % 3], k, first="isolated"), by, fl)
         impls["reference (DivPrune loop)"] = (lambda i: divprune_loop(xs[i % 3], k), by, fl)
     elif op == "bipartite_merge":
-        B, N, D, r = s["B"], s["N"], s["D"], s["r"]
-        xs = _inputs(lambda: g(B, N, D))
+        # ToMe matches on the head-mean keys: metric [B, N, Dm] (Dm = head dim), merges x
+        B, N, D, Dm, r = s["B"], s["N"], s["D"], s["Dm"], s["r"]
+        xs = _inputs(lambda: (g(B, N, D), g(B, N, Dm)))
         size = torch.ones(B, N, device=dev, dtype=dtype)
-        by = (B * N * D + B * (N - r) * D) * dtype.itemsize
-        fl = B * N * N * D
-        impls["tokenreduce"] = (lambda i: ops.bipartite_merge(xs[i % 3], r, size=size, protect=1), by, fl)
-        impls["ToMe merge code"] = (lambda i: tome_merge(xs[i % 3], r, size), by, fl)
-        impls["reference"] = (lambda i: reference.bipartite_merge(xs[i % 3], r, size=size, protect=1), by, fl)
+        by = (B * N * (D + Dm) + B * (N - r) * D) * dtype.itemsize
+        fl = B * N * N * Dm
+        impls["tokenreduce"] = (lambda i: ops.bipartite_merge(xs[i % 3][0], r, metric=xs[i % 3][1], size=size,
+                                                              protect=1), by, fl)
+        impls["ToMe merge code"] = (lambda i: tome_merge(xs[i % 3][0], r, size, xs[i % 3][1]), by, fl)
+        impls["reference"] = (lambda i: reference.bipartite_merge(xs[i % 3][0], r, metric=xs[i % 3][1], size=size,
+                                                                  protect=1), by, fl)
     elif op == "recycle":
         B, N, D, T, S = s["B"], s["N"], s["D"], s["T"], s["S"]
         xs = _inputs(lambda: g(B, N, D))

@@ -56,7 +56,7 @@ def test_targets_from_rows():
     gb = load()
     rows = [
         {"op": "kcenter", "impl": "tokenreduce", "shape": dict(B=1, N=576, D=1024, k=64), "median_us": 50.0},
-        {"op": "bipartite_merge", "impl": "tokenreduce", "shape": dict(B=64, N=577, D=1024, r=64),
+        {"op": "bipartite_merge", "impl": "tokenreduce", "shape": dict(B=64, N=577, D=1024, Dm=64, r=64),
          "median_us": 100.0, "bytes": 3e8},
     ]
     t = {x["target"]: x for x in gb.check_targets(rows, {"copy_GBps": 3000.0})}
