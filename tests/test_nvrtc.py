@@ -29,7 +29,7 @@ def test_source_inlines_local_includes_once(rel):
     text = nvrtc.load_source(rel)
     assert '#include "' not in text
     assert text.count("namespace tokenreduce") >= 2  # common + the op's own code
-    assert text.count("struct TileSmem") == 1  # cuda_common.cuh inlined exactly once
+    assert text.count("struct WmmaSmem {") == 1  # cuda_common.cuh inlined exactly once
     angle = set(re.findall(r"#\s*include\s*<([^>]+)>", text))
     assert angle <= {"cuda_fp16.h", "cuda_bf16.h", "mma.h"}, angle
     assert "torch" not in re.sub(r"//.*", "", text)
