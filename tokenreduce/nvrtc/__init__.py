@@ -115,7 +115,7 @@ def available() -> bool:
 def _arch() -> str:
     import cupy
 
-    return cupy.cuda.Device().compute_capability  # e.g. "90"
+    return cupy.cuda.Device().compute_capability  # e.g. "90" (of the device made current)
 
 
 def _include_options() -> Tuple[str, ...]:
@@ -160,8 +160,10 @@ def get_kernel(source_relpath: str, name_expression: str, options: tuple = ()):
     are compiled together, so each source compiles once per device arch and options; the
     kernel is then cached per device, so later calls cost a dict lookup."""
     import cupy
+    import torch
 
-    fast_key = (source_relpath, name_expression, tuple(options), cupy.cuda.Device().id)
+    dev = torch.cuda.current_device()  # torch's device (the op wrappers make it the input's)
+    fast_key = (source_relpath, name_expression, tuple(options), dev)
     kern = _kernels.get(fast_key)
     if kern is not None:  # the per-launch path: no file reads, no hashing
         return kern
@@ -174,8 +176,9 @@ def get_kernel(source_relpath: str, name_expression: str, options: tuple = ()):
                     names.append(e)
     if name_expression not in names:
         names.append(name_expression)
-    mod = _module(source_relpath, names, tuple(options))
-    kern = mod.get_function(name_expression)
+    with cupy.cuda.Device(dev):
+        mod = _module(source_relpath, names, tuple(options))
+        kern = mod.get_function(name_expression)
     _kernels[fast_key] = kern
     return kern
 
@@ -226,10 +229,13 @@ def launch(kernel, grid, block, args: tuple, shared_mem: int = 0) -> None:
 
 
 def max_shared_memory_optin() -> int:
+    """Opt-in shared memory per block of torch's current device (bytes)."""
     import cupy
+    import torch
 
     try:
-        return int(cupy.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"])
+        dev = cupy.cuda.Device(torch.cuda.current_device())
+        return int(dev.attributes["MaxSharedMemoryPerBlockOptin"])
     except Exception:
         return 48 * 1024
 

@@ -1,6 +1,9 @@
 """Helpers shared by the NVRTC op implementations (tokenreduce/nvrtc/<op>.py)."""
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import numpy as np
 import torch
 
@@ -54,3 +57,16 @@ def check_smem(op: str, what: str, need: int):
     limit = max_shared_memory_optin()
     if need > limit:
         fail(op, f"{what} needs {need} bytes of shared memory per block on CUDA; this GPU allows {limit}")
+
+
+def on_input_device(fn):
+    """Run an op implementation with the device of its first tensor argument current (what
+    the compiled glue's CUDAGuard does), so that kernels and streams are that device's."""
+
+    @functools.wraps(fn)
+    def wrapper(x, *args):
+        ctx = torch.cuda.device(x.device) if getattr(x, "is_cuda", False) else contextlib.nullcontext()
+        with ctx:
+            return fn(x, *args)
+
+    return wrapper

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from . import get_kernel, launch
-from ._common import acc_dtype, acc_size, cdiv, check_int_range, check_smem, ctype, i32, i64, last_dim_contiguous
+from ._common import on_input_device, acc_dtype, acc_size, cdiv, check_int_range, check_smem, ctype, i32, i64, last_dim_contiguous
 from ._names import bipartite_merge_names
 
 SOURCE = "bipartite_merge/bipartite_merge_kernels.cuh"
@@ -19,6 +19,7 @@ def plan_smem(N: int, asz: int) -> int:  # = plan_smem_bytes (bipartite_merge_ke
     return Na * asz + 2 * Na * 4 + (Nb + 1) * 4 + 16
 
 
+@on_input_device
 def bipartite_merge_cuda(x, r, metric, size, protect, order):
     """The CUDA kernel of torch.ops.tokenreduce.bipartite_merge (same schema)."""
     op = "bipartite_merge"

@@ -10,7 +10,7 @@ import math
 import torch
 
 from . import get_kernel, launch
-from ._common import acc_dtype, acc_size, cdiv, check_int_range, check_smem, ctype, fail, i32, i64, last_dim_contiguous
+from ._common import on_input_device, acc_dtype, acc_size, cdiv, check_int_range, check_smem, ctype, fail, i32, i64, last_dim_contiguous
 from ._names import kcenter_names
 
 SOURCE = "kcenter/kcenter_kernels.cuh"
@@ -27,6 +27,7 @@ def select_threads(N: int, stream: bool) -> int:
     return min(1024, max(64, cdiv(N, 32) * 32))
 
 
+@on_input_device
 def kcenter_cuda(x, k, metric, first, first_index, isolated, mask):
     """The CUDA kernel of torch.ops.tokenreduce.kcenter (same schema)."""
     op = "kcenter"

@@ -9,12 +9,13 @@ from __future__ import annotations
 import torch
 
 from . import get_kernel, launch
-from ._common import acc_dtype, cdiv, check_int_range, check_smem, ctype, fail, i32, i64, last_dim_contiguous
+from ._common import on_input_device, acc_dtype, cdiv, check_int_range, check_smem, ctype, fail, i32, i64, last_dim_contiguous
 from ._names import recycle_names
 
 SOURCE = "recycle/recycle_kernels.cuh"
 
 
+@on_input_device
 def recycle_cuda(x, target, source, weight, assign, features, metric, include_target):
     """The CUDA kernel of torch.ops.tokenreduce.recycle (same schema)."""
     op = "recycle"
