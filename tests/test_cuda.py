@@ -82,8 +82,9 @@ from test_kcenter import assert_same_kcenter  # noqa: E402
                                      (64, 130, 33, 16)])
 def test_kcenter_matches_cpu(g, backend, dtype, metric, B, N, D, k):
     x = rnd(g, B, N, D, dtype=dtype)
+    xd = x.to(DEV)
     with NoSync():
-        idx, md = _kcenter(backend)(x.to(DEV), k, metric, 0, None, False, None)
+        idx, md = _kcenter(backend)(xd, k, metric, 0, None, False, None)
     ridx, rmd = ops.kcenter(x, k, metric=metric)
     assert md.dtype == rmd.dtype and md.shape == (B, N) and idx.shape == (B, k)
     assert_same_kcenter(x, idx.cpu(), md.cpu(), ridx, rmd, metric, tie_tol=1e-4)
@@ -173,8 +174,9 @@ def _assert_rows_match(idx, ridx, pairs, min_frac=0.9):
 def test_merge_matches_cpu(g, backend, dtype, order, B, N, D, r, protect):
     x = rnd(g, B, N, D, dtype=dtype)
     size = torch.rand(B, N, generator=g) + 0.5
+    xd, sd = x.to(DEV), size.to(DEV)
     with NoSync():
-        m, s, src = _merge(backend)(x.to(DEV), r, None, size.to(DEV), protect, order)
+        m, s, src = _merge(backend)(xd, r, None, sd, protect, order)
     rm, rs, rsrc = ops.bipartite_merge(x, r, size=size, protect=protect, order=order)
     assert m.dtype == x.dtype and m.shape == rm.shape and s.dtype == rs.dtype
     _assert_rows_match(src, rsrc, [(m, rm, TOL[dtype]), (s, rs, TOL[_acc(dtype)])])
@@ -240,9 +242,9 @@ def test_recycle_matches_cpu(g, backend, dtype, include_target, B, N, D, T, S):
     x = rnd(g, B, N, D, dtype=dtype)
     target, source = _recycle_inputs(g, B, N, T, S)
     weight = torch.rand(B, N, generator=g)
+    args = [t.to(DEV) for t in (x, target, source, weight)]
     with NoSync():
-        out, count, slot, wsum = _recycle(backend)(x.to(DEV), target.to(DEV), source.to(DEV),
-                                                   weight.to(DEV), None, None, "cosine", include_target)
+        out, count, slot, wsum = _recycle(backend)(*args, None, None, "cosine", include_target)
     rout, rcount, rslot, rwsum = torch.ops.tokenreduce.recycle(x, target, source, weight, None, None,
                                                                "cosine", include_target)
     if S == 0:
@@ -306,9 +308,10 @@ def _has_cuda_attention():
 def test_attention_matches_reference(g, dtype, B, H, Hkv, Nq, Nk, Dh, causal, rows):
     q, k, v = (rnd(g, B, h, n, Dh, dtype=dtype) for h, n in ((H, Nq), (Hkv, Nk), (Hkv, Nk)))
     bias = torch.randn(B, Nk, generator=g) * 0.1
+    qd, kd, vd, bd = (t.to(DEV) for t in (q, k, v, bias))
+    rows_d = None if rows is None else torch.tensor(rows, device=DEV)
     with NoSync():
-        out, scores = ops.attention_with_scores(q.to(DEV), k.to(DEV), v.to(DEV), causal=causal,
-                                                key_bias=bias.to(DEV), score_rows=rows)
+        out, scores = ops.attention_with_scores(qd, kd, vd, causal=causal, key_bias=bd, score_rows=rows_d)
     rrows = None if rows is None else torch.tensor(rows)
     rout, rscores = reference.attention_with_scores(q.double(), k.double(), v.double(), causal=causal,
                                                     key_bias=bias.double(), score_rows=rrows)
