@@ -87,7 +87,9 @@ __device__ __forceinline__ float from_ordered_bits(unsigned o) {
   return __uint_as_float((o & 0x80000000u) ? (o & 0x7fffffffu) : ~o);
 }
 // Packed arg-max key: larger key = larger value, then smaller index. 0 = no candidate.
+// -0.0 is keyed as +0.0 (they compare equal, so the index decides, as on the CPU).
 __device__ __forceinline__ unsigned long long argmax_key(float v, int i) {
+  v = v + 0.0f;  // -0 -> +0 (exact for every other value; no fast-math here)
   return (static_cast<unsigned long long>(ordered_bits(v)) << 32) |
          static_cast<unsigned long long>(~static_cast<unsigned>(i));
 }
