@@ -365,3 +365,25 @@ def test_deterministic(g, op):
     a, b = fn(x), fn(x)
     for u, v in zip(a, b):
         assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("offset", [0, 1])
+def test_vector_and_scalar_row_paths(g, backend, offset):
+    """Rows readable as 16-byte vectors (offset 0) take the vector kernels, misaligned rows
+    (offset 1: base and stride not multiples of 8 elements) the scalar ones: same results."""
+    B, N, D = 3, 41, 32
+    big = rnd(g, B, N, D + 8, dtype=torch.bfloat16)
+    x = big[:, :, offset:offset + D]
+    m, s, src = _merge(backend)(x.to(DEV) if offset == 0 else big.to(DEV)[:, :, offset:offset + D], 12, None,
+                                None, 1, "tome")
+    rm, rs, rsrc = ops.bipartite_merge(x, 12, protect=1)
+    assert torch.equal(src.cpu(), rsrc)
+    torch.testing.assert_close(m.cpu(), rm, **TOL[torch.bfloat16])
+    target, source = _recycle_inputs(g, B, N, 5, 20)
+    xd = big.to(DEV)[:, :, offset:offset + D]
+    out, count, slot, wsum = _recycle(backend)(xd, target.to(DEV), source.to(DEV), None, None, None, "cosine",
+                                               True)
+    rout, rcount, rslot, rwsum = torch.ops.tokenreduce.recycle(x, target, source, None, None, None, "cosine", True)
+    assert torch.equal(slot.cpu(), rslot)
+    torch.testing.assert_close(out.cpu(), rout, **TOL[torch.bfloat16])

@@ -206,7 +206,8 @@ __global__ void __launch_bounds__(512)
 
 // 4. merged[b, s] = sum_i size_i x_i / sum_i size_i over the slot's members (ascending token
 // order). grid (No, B), block 128. x has unit stride on its last dim; merged is contiguous.
-template <typename scalar_t>
+// V > 1: V elements per 16-byte access (the launcher checks alignment and D % V == 0).
+template <typename scalar_t, int V>
 __global__ void __launch_bounds__(128)
     bm_merge(const scalar_t* __restrict__ x, long long sb, long long sn, int N, int D, int r,
              const acc_t<scalar_t>* __restrict__ size, const int* __restrict__ owner,
@@ -232,29 +233,39 @@ __global__ void __launch_bounds__(128)
   }
   const int* memb = mem + (long long)b * R;
   const int dlim = D > 0 ? D : 1;  // one pass even when D == 0: size_out is still due
-  for (int d0 = 0; d0 < dlim; d0 += blockDim.x) {
-    const int d = d0 + tid;
-    acc row = acc(0), total = acc(0);
+  for (int d0 = tid * V; d0 < dlim; d0 += blockDim.x * V) {
+    const bool in = d0 < D;
+    acc row[V], v[V];
+#pragma unroll
+    for (int q = 0; q < V; ++q) row[q] = acc(0);
+    acc total = acc(0);
+    auto add = [&](int t) {
+      const acc w = sz[t];
+      if (in) {
+        load_vec<scalar_t, V>(xb + t * sn + d0, v);
+#pragma unroll
+        for (int q = 0; q < V; ++q) row[q] += w * v[q];
+      }
+      total += w;
+    };
+    // members in ascending token order: merged A tokens 2a < i, the owner i, the rest
     bool own_done = false;
     for (int e = lo; e < hi; ++e) {
       const int t = 2 * memb[e];
       if (!own_done && t > i) {
-        const acc w = sz[i];
-        if (d < D) row += w * to_acc(xb[i * sn + d]);
-        total += w;
+        add(i);
         own_done = true;
       }
-      const acc w = sz[t];
-      if (d < D) row += w * to_acc(xb[t * sn + d]);
-      total += w;
+      add(t);
     }
-    if (!own_done) {
-      const acc w = sz[i];
-      if (d < D) row += w * to_acc(xb[i * sn + d]);
-      total += w;
+    if (!own_done) add(i);
+    if (in) {
+      const acc inv = acc(1) / total;
+#pragma unroll
+      for (int q = 0; q < V; ++q) row[q] *= inv;
+      store_vec<scalar_t, V>(orow + d0, row);
     }
-    if (d < D) store_acc(orow + d, row * (acc(1) / total));
-    if (d0 == 0 && tid == 0) size_out[(long long)b * No + s] = total;
+    if (d0 == 0) size_out[(long long)b * No + s] = total;
   }
 }
 

@@ -34,7 +34,10 @@ cudaError_t bm_match_plan_t(const BipartiteMergeArgs& a, cudaStream_t st) {
 template <typename scalar_t>
 cudaError_t bm_merge_t(const BipartiteMergeArgs& a, cudaStream_t st) {
   typedef acc_t<scalar_t> acc;
-  bipartite_merge::bm_merge<scalar_t><<<dim3(a.N - a.r, a.B), 128, 0, st>>>(
+  constexpr int V = VecWidth<scalar_t>::value;
+  const bool vec = vector_ok(a.x, a.xsb, a.xsn, a.D, sizeof(scalar_t)) && vector_ok(a.merged, 0, a.D, a.D, sizeof(scalar_t));
+  auto kern = vec ? bipartite_merge::bm_merge<scalar_t, V> : bipartite_merge::bm_merge<scalar_t, 1>;
+  kern<<<dim3(a.N - a.r, a.B), 128, 0, st>>>(
       static_cast<const scalar_t*>(a.x), a.xsb, a.xsn, a.N, a.D, a.r, static_cast<const acc*>(a.size),
       a.owner, a.off, a.mem, a.bad, static_cast<scalar_t*>(a.merged), static_cast<acc*>(a.size_out));
   return cudaGetLastError();

@@ -61,6 +61,37 @@ __device__ __forceinline__ double inv_norm_from_sq(double sq) {
   return 1.0 / (n > 1e-12 ? n : 1e-12);
 }
 
+// Vector access: V consecutive elements as one 16-byte load / store (V * sizeof(T) == 16,
+// 16-byte aligned pointer), or one element (V == 1).
+template <typename T> struct VecWidth { static constexpr int value = 16 / sizeof(T); };
+
+template <typename T, int V>
+__device__ __forceinline__ void load_vec(const T* p, acc_t<T> (&out)[V]) {
+  if constexpr (V == 1) {
+    out[0] = to_acc(p[0]);
+  } else {
+    static_assert(V * sizeof(T) == 16, "16-byte vectors");
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const T* t = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int q = 0; q < V; ++q) out[q] = to_acc(t[q]);
+  }
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void store_vec(T* p, const acc_t<T> (&in)[V]) {
+  if constexpr (V == 1) {
+    store_acc(p, in[0]);
+  } else {
+    static_assert(V * sizeof(T) == 16, "16-byte vectors");
+    uint4 raw;
+    T* t = reinterpret_cast<T*>(&raw);
+#pragma unroll
+    for (int q = 0; q < V; ++q) store_acc(t + q, in[q]);
+    *reinterpret_cast<uint4*>(p) = raw;
+  }
+}
+
 // ---------------------------------------------------------------- warp / block reductions
 constexpr unsigned kFullMask = 0xffffffffu;
 

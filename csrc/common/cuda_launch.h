@@ -27,6 +27,13 @@ inline cudaError_t allow_dynamic_smem(K kernel, long long bytes) {
                               cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
 }
 
+// Rows of D elements of `elem` bytes at base + b * sb + n * sn (element strides) can be read
+// as 16-byte vectors: base aligned, both strides and D whole vectors.
+inline bool vector_ok(const void* base, long long sb, long long sn, long long D, int elem) {
+  const long long v = 16 / elem;
+  return reinterpret_cast<unsigned long long>(base) % 16 == 0 && sb % v == 0 && sn % v == 0 && D % v == 0;
+}
+
 inline unsigned ceil_div(long long a, long long b) { return static_cast<unsigned>((a + b - 1) / b); }
 
 }  // namespace cuda

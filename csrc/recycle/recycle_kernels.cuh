@@ -165,7 +165,8 @@ __global__ void __launch_bounds__(512)
 
 // 4. out[b, t] = (w_target x_target + sum_sources w_i x_i) / (sum of those w); a slot with
 // no member or zero total weight is 0. grid (T, B), block 128. weight: acc [B, N] or nullptr.
-template <typename scalar_t>
+// V > 1: V elements per 16-byte access (the launcher checks alignment and D % V == 0).
+template <typename scalar_t, int V>
 __global__ void __launch_bounds__(128)
     rc_aggregate(const scalar_t* __restrict__ x, long long sb, long long sn, int N, int D, int T, int S,
                  const long long* __restrict__ target, const acc_t<scalar_t>* __restrict__ weight,
@@ -185,24 +186,31 @@ __global__ void __launch_bounds__(128)
   const int lo = offb[t], hi = offb[t + 1];
   const int* memb = mem + (long long)b * (S > 0 ? S : 1);
   const long long tp = target[(long long)b * T + t];
-  const int dlim = D > 0 ? D : 1;
-  for (int d0 = 0; d0 < dlim; d0 += blockDim.x) {
-    const int d = d0 + tid;
-    acc row = acc(0), total = acc(0);
-    if (include_target) {
-      const acc w = wb ? wb[tp] : acc(1);
-      if (d < D) row += w * to_acc(xb[tp * sn + d]);
-      total += w;
-    }
-    for (int e = lo; e < hi; ++e) {
-      const int i = memb[e];
+  const int dlim = D > 0 ? D : 1;  // one pass even when D == 0: wsum is still due
+  for (int d0 = tid * V; d0 < dlim; d0 += blockDim.x * V) {
+    const bool in = d0 < D;
+    acc row[V], v[V];
+#pragma unroll
+    for (int q = 0; q < V; ++q) row[q] = acc(0);
+    acc total = acc(0);
+    auto add = [&](long long i) {
       const acc w = wb ? wb[i] : acc(1);
-      if (d < D) row += w * to_acc(xb[i * sn + d]);
+      if (in) {
+        load_vec<scalar_t, V>(xb + i * sn + d0, v);
+#pragma unroll
+        for (int q = 0; q < V; ++q) row[q] += w * v[q];
+      }
       total += w;
+    };
+    if (include_target) add(tp);
+    for (int e = lo; e < hi; ++e) add(memb[e]);
+    if (in) {
+      const acc inv = total != acc(0) ? acc(1) / total : acc(0);
+#pragma unroll
+      for (int q = 0; q < V; ++q) row[q] *= inv;
+      store_vec<scalar_t, V>(orow + d0, row);
     }
-    const acc inv = total != acc(0) ? acc(1) / total : acc(0);
-    if (d < D) store_acc(orow + d, row * inv);
-    if (d0 == 0 && tid == 0) wsum[(long long)b * T + t] = total;
+    if (d0 == 0) wsum[(long long)b * T + t] = total;
   }
 }
 

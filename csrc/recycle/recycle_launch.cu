@@ -27,7 +27,10 @@ cudaError_t rc_assign_t(const RecycleArgs& a, cudaStream_t st) {
 template <typename scalar_t>
 cudaError_t rc_aggregate_t(const RecycleArgs& a, cudaStream_t st) {
   typedef acc_t<scalar_t> acc;
-  recycle::rc_aggregate<scalar_t><<<dim3(a.T, a.B), 128, 0, st>>>(
+  constexpr int V = VecWidth<scalar_t>::value;
+  const bool vec = vector_ok(a.x, a.xsb, a.xsn, a.D, sizeof(scalar_t)) && vector_ok(a.out, 0, a.D, a.D, sizeof(scalar_t));
+  auto kern = vec ? recycle::rc_aggregate<scalar_t, V> : recycle::rc_aggregate<scalar_t, 1>;
+  kern<<<dim3(a.T, a.B), 128, 0, st>>>(
       static_cast<const scalar_t*>(a.x), a.xsb, a.xsn, a.N, a.D, a.T, a.S, a.target,
       static_cast<const acc*>(a.weight), a.off, a.mem, a.bad, a.include_target,
       static_cast<scalar_t*>(a.out), static_cast<acc*>(a.wsum));

@@ -70,3 +70,9 @@ def on_input_device(fn):
             return fn(x, *args)
 
     return wrapper
+
+
+def vector_ok(t: torch.Tensor, D: int) -> bool:
+    """= vector_ok (csrc/common/cuda_launch.h): rows of t readable as 16-byte vectors."""
+    v = 16 // t.element_size()
+    return t.data_ptr() % 16 == 0 and t.stride(0) % v == 0 and t.stride(1) % v == 0 and D % v == 0

@@ -8,6 +8,7 @@ reads this file (with plain Python, no torch) to check that every expression com
 # C++ storage type of each torch dtype name the kernels are instantiated for
 CTYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16", "float64": "double"}
 ACC = {"float": "float", "__half": "float", "__nv_bfloat16": "float", "double": "double"}
+VEC = {"float": 4, "__half": 8, "__nv_bfloat16": 8, "double": 2}  # elements per 16-byte access
 
 _KC = "tokenreduce::cuda::kcenter::"
 _BM = "tokenreduce::cuda::bipartite_merge::"
@@ -32,7 +33,8 @@ def bipartite_merge_names(t: str) -> dict:
         "inv_norm": f"{_BM}bm_inv_norm<{t}>",
         "match": f"{_BM}bm_match<{t}>",
         "plan": f"{_BM}bm_plan<{a}>",
-        "merge": f"{_BM}bm_merge<{t}>",
+        "merge": f"{_BM}bm_merge<{t}, 1>",
+        "merge_vec": f"{_BM}bm_merge<{t}, {VEC[t]}>",
     }
 
 
@@ -41,7 +43,8 @@ def recycle_names(t: str) -> dict:
         "inv_norm": f"{_RC}rc_inv_norm<{t}>",
         "assign": f"{_RC}rc_assign<{t}>",
         "plan": f"{_RC}rc_plan",
-        "aggregate": f"{_RC}rc_aggregate<{t}>",
+        "aggregate": f"{_RC}rc_aggregate<{t}, 1>",
+        "aggregate_vec": f"{_RC}rc_aggregate<{t}, {VEC[t]}>",
     }
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from . import get_kernel, launch
-from ._common import on_input_device, acc_dtype, acc_size, cdiv, check_int_range, check_smem, ctype, i32, i64, last_dim_contiguous
+from ._common import on_input_device, vector_ok, acc_dtype, acc_size, cdiv, check_int_range, check_smem, ctype, i32, i64, last_dim_contiguous
 from ._names import bipartite_merge_names
 
 SOURCE = "bipartite_merge/bipartite_merge_kernels.cuh"
@@ -72,7 +72,8 @@ def bipartite_merge_cuda(x, r, metric, size, protect, order):
     launch(get_kernel(SOURCE, mn["plan"]), (B,), (512,),
            (node_max, node_idx, inv, i32(N), i32(r), i32(protect), i32(order == "tome"), source, owner, off,
             mem, bad), shared_mem=smem)
-    launch(get_kernel(SOURCE, xn["merge"]), (No, B), (128,),
+    vec = vector_ok(x, D) and vector_ok(merged, D)
+    launch(get_kernel(SOURCE, xn["merge_vec" if vec else "merge"]), (No, B), (128,),
            (x, i64(x.stride(0)), i64(x.stride(1)), i32(N), i32(D), i32(r), size, owner, off, mem, bad,
             merged, size_out))
     return merged, size_out, source

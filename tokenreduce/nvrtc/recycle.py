@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import get_kernel, launch
-from ._common import on_input_device, acc_dtype, cdiv, check_int_range, check_smem, ctype, fail, i32, i64, last_dim_contiguous
+from ._common import on_input_device, vector_ok, acc_dtype, cdiv, check_int_range, check_smem, ctype, fail, i32, i64, last_dim_contiguous
 from ._names import recycle_names
 
 SOURCE = "recycle/recycle_kernels.cuh"
@@ -72,7 +72,8 @@ def recycle_cuda(x, target, source, weight, assign, features, metric, include_ta
            (target, source, slot, inv_f, inv_d, i32(N), i32(T), i32(S), i32(bool(include_target)), count, off,
             mem, bad), shared_mem=smem)
     if T > 0:
-        launch(get_kernel(SOURCE, xn["aggregate"]), (T, B), (128,),
+        vec = vector_ok(x, D) and vector_ok(out, D)
+        launch(get_kernel(SOURCE, xn["aggregate_vec" if vec else "aggregate"]), (T, B), (128,),
                (x, i64(x.stride(0)), i64(x.stride(1)), i32(N), i32(D), i32(T), i32(S), target, w, off, mem, bad,
                 i32(bool(include_target)), out, wsum))
     return out, count, slot, wsum
