@@ -235,30 +235,29 @@ __global__ void __launch_bounds__(128)
   const int dlim = D > 0 ? D : 1;  // one pass even when D == 0: size_out is still due
   for (int d0 = tid * V; d0 < dlim; d0 += blockDim.x * V) {
     const bool in = d0 < D;
-    acc row[V], v[V];
+    acc row[V];
 #pragma unroll
     for (int q = 0; q < V; ++q) row[q] = acc(0);
     acc total = acc(0);
-    auto add = [&](int t) {
-      const acc w = sz[t];
-      if (in) {
-        load_vec<scalar_t, V>(xb + t * sn + d0, v);
-#pragma unroll
-        for (int q = 0; q < V; ++q) row[q] += w * v[q];
-      }
-      total += w;
-    };
     // members in ascending token order: merged A tokens 2a < i, the owner i, the rest
     bool own_done = false;
     for (int e = lo; e < hi; ++e) {
       const int t = 2 * memb[e];
       if (!own_done && t > i) {
-        add(i);
+        const acc w = sz[i];
+        if (in) axpy_vec<scalar_t, V>(xb + i * sn + d0, w, row);
+        total += w;
         own_done = true;
       }
-      add(t);
+      const acc w = sz[t];
+      if (in) axpy_vec<scalar_t, V>(xb + t * sn + d0, w, row);
+      total += w;
     }
-    if (!own_done) add(i);
+    if (!own_done) {
+      const acc w = sz[i];
+      if (in) axpy_vec<scalar_t, V>(xb + i * sn + d0, w, row);
+      total += w;
+    }
     if (in) {
       const acc inv = acc(1) / total;
 #pragma unroll

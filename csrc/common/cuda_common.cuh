@@ -92,6 +92,15 @@ __device__ __forceinline__ void store_vec(T* p, const acc_t<T> (&in)[V]) {
   }
 }
 
+// row[0:V] += w * p[0:V] (one vector access)
+template <typename T, int V>
+__device__ __forceinline__ void axpy_vec(const T* p, acc_t<T> w, acc_t<T> (&row)[V]) {
+  acc_t<T> v[V];
+  load_vec<T, V>(p, v);
+#pragma unroll
+  for (int q = 0; q < V; ++q) row[q] += w * v[q];
+}
+
 // ---------------------------------------------------------------- warp / block reductions
 constexpr unsigned kFullMask = 0xffffffffu;
 

@@ -189,21 +189,21 @@ __global__ void __launch_bounds__(128)
   const int dlim = D > 0 ? D : 1;  // one pass even when D == 0: wsum is still due
   for (int d0 = tid * V; d0 < dlim; d0 += blockDim.x * V) {
     const bool in = d0 < D;
-    acc row[V], v[V];
+    acc row[V];
 #pragma unroll
     for (int q = 0; q < V; ++q) row[q] = acc(0);
     acc total = acc(0);
-    auto add = [&](long long i) {
-      const acc w = wb ? wb[i] : acc(1);
-      if (in) {
-        load_vec<scalar_t, V>(xb + i * sn + d0, v);
-#pragma unroll
-        for (int q = 0; q < V; ++q) row[q] += w * v[q];
-      }
+    if (include_target) {
+      const acc w = wb ? wb[tp] : acc(1);
+      if (in) axpy_vec<scalar_t, V>(xb + tp * sn + d0, w, row);
       total += w;
-    };
-    if (include_target) add(tp);
-    for (int e = lo; e < hi; ++e) add(memb[e]);
+    }
+    for (int e = lo; e < hi; ++e) {
+      const int i = memb[e];
+      const acc w = wb ? wb[i] : acc(1);
+      if (in) axpy_vec<scalar_t, V>(xb + i * sn + d0, w, row);
+      total += w;
+    }
     if (in) {
       const acc inv = total != acc(0) ? acc(1) / total : acc(0);
 #pragma unroll
