@@ -136,3 +136,31 @@ def test_compile_check_script_is_wired():
     script = open(os.path.join(ROOT, "tools", "cuda_compile_check.sh")).read()
     assert "csrc/*/*.cu" in script and "_names.py" in script and "cuda_spill_allowlist.txt" in script
     assert os.access(os.path.join(ROOT, "tools", "cuda_compile_check.sh"), os.X_OK)
+
+
+def test_registration_path_in_a_subprocess():
+    """register_fallbacks() registers the Python CUDA kernels with the dispatcher (simulated
+    GPU: `available` patched; a subprocess keeps the registration out of this process)."""
+    import subprocess
+    import sys
+
+    script = r'''
+import torch
+import tokenreduce.nvrtc as n
+n.available = lambda: True
+st = n.register_fallbacks()
+for op in ("kcenter", "bipartite_merge", "recycle"):
+    assert st[op] == "registered", st
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"tokenreduce::{op}", "CUDA")
+assert st["attention_with_scores"] in ("registered", "no NVRTC implementation", "compiled kernel present"), st
+assert n.backend_info()["kcenter"] == "cuda (nvrtc via cupy)"
+assert n.register_fallbacks()["kcenter"] == "registered"  # idempotent
+from tokenreduce.cli import kernel_table
+rows = {r["op"]: r for r in kernel_table()}
+assert rows["recycle"]["CUDA"] and rows["recycle"]["backend"] == "cuda (nvrtc via cupy)"
+print("OK")
+'''
+    if torch.cuda.is_available():
+        pytest.skip("a real GPU process registers for real")
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-2000:]
