@@ -5,7 +5,8 @@ float64. Every kcenter / bipartite_merge / recycle test runs twice: through the 
 dispatcher ("dispatch": the compiled CUDA kernel, or the NVRTC fallback when the build has
 none) and through the NVRTC implementation called directly ("nvrtc", needs CuPy).
 """
-import math
+import math  # noqa: F401
+import zlib
 
 import pytest
 import torch
@@ -53,7 +54,8 @@ def _recycle(backend):
 
 @pytest.fixture
 def g(request):
-    return torch.Generator().manual_seed(abs(hash(request.node.nodeid)) % (2**31))
+    """Seeded from the test id with a stable hash (str hash() changes per process)."""
+    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
 def rnd(g, *shape, dtype=torch.float32):
@@ -153,17 +155,33 @@ def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _assert_rows_match(idx, ridx, pairs, min_frac=0.9):
+def _assert_rows_match(idx, ridx, pairs, min_frac=0.9, strict=False):
     """Index outputs must match the CPU's per batch row; a GEMM summed in another order can
-    flip a near-tie, so up to 10% of the rows of a large batch may differ (never all).
-    The value outputs are compared on the matching rows."""
+    flip a near-tie (most likely with 16-bit inputs and long rows), so up to 10% of the rows
+    may differ unless `strict`. The value outputs are compared on the matching rows (the
+    callers also check every row for self-consistency)."""
     idx = idx.cpu()
     same = (idx == ridx).all(dim=1)
-    assert same.any() and same.float().mean() >= min_frac, f"{int((~same).sum())} rows differ"
-    if idx.shape[0] <= 3:
-        assert same.all(), "a near-tie flip in a small batch is implausible: a real mismatch"
+    if strict:
+        assert same.all(), "index mismatch where a near-tie flip is implausible"
+    assert same.float().mean() >= min_frac or idx.shape[0] == 1, f"{int((~same).sum())} rows differ"
     for got, ref, tol in pairs:
         torch.testing.assert_close(got.cpu()[same], ref[same], **tol)
+
+
+def _check_merge_consistent(x, size, m, s, src, tol):
+    """merged = size-weighted segment mean of x by the op's own `source`; size = segment sums."""
+    x, size, m, s, src = (t.cpu() for t in (x, size, m, s, src))
+    B, N, D = x.shape
+    No = m.shape[1]
+    assert ((src >= 0) & (src < No)).all()
+    for b in range(B):
+        w = size[b].double()
+        num = torch.zeros(No, D, dtype=torch.float64).index_add_(0, src[b], x[b].double() * w[:, None])
+        den = torch.zeros(No, dtype=torch.float64).index_add_(0, src[b], w)
+        assert (den > 0).all()  # every slot has a member
+        torch.testing.assert_close(m[b].double(), num / den[:, None], **tol)
+        torch.testing.assert_close(s[b].double(), den, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -179,7 +197,8 @@ def test_merge_matches_cpu(g, backend, dtype, order, B, N, D, r, protect):
         m, s, src = _merge(backend)(xd, r, None, sd, protect, order)
     rm, rs, rsrc = ops.bipartite_merge(x, r, size=size, protect=protect, order=order)
     assert m.dtype == x.dtype and m.shape == rm.shape and s.dtype == rs.dtype
-    _assert_rows_match(src, rsrc, [(m, rm, TOL[dtype]), (s, rs, TOL[_acc(dtype)])])
+    _assert_rows_match(src, rsrc, [(m, rm, TOL[dtype]), (s, rs, TOL[_acc(dtype)])], strict=N <= 64)
+    _check_merge_consistent(x, size, m, s, src, TOL[dtype])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -252,7 +271,11 @@ def test_recycle_matches_cpu(g, backend, dtype, include_target, B, N, D, T, S):
         torch.testing.assert_close(out.cpu(), rout, **TOL[dtype])
         return
     _assert_rows_match(slot, rslot, [(count, rcount, dict(atol=0, rtol=0)), (out, rout, TOL[dtype]),
-                                     (wsum, rwsum, TOL[_acc(dtype)])])
+                                     (wsum, rwsum, TOL[_acc(dtype)])], strict=N <= 100)
+    # every row, by the op's own slots: the weighted mean of target (+) sources
+    ref_own = torch.ops.tokenreduce.recycle(x, target, source, weight, slot.cpu(), None, "cosine", include_target)
+    torch.testing.assert_close(out.cpu(), ref_own[0], **TOL[dtype])
+    assert torch.equal(count.cpu(), ref_own[1])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
