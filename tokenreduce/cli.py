@@ -49,7 +49,14 @@ def _has_fake(qualname: str) -> bool:
 
 def kernel_table() -> List[Dict[str, Any]]:
     """Per op: whether the dispatcher has a CPU / CUDA kernel, a fake kernel (for
-    torch.compile / opcheck), and an autograd kernel."""
+    torch.compile / opcheck), an autograd kernel, and where its CUDA kernel comes from
+    ("cuda (compiled)", "cuda (nvrtc via cupy)" or "cpu only")."""
+    try:
+        from .nvrtc import backend_info
+
+        backends = backend_info()
+    except Exception:  # the fallback package must never break `info`
+        backends = {}
     rows = []
     for op in OPS:
         name = f"tokenreduce::{op}"
@@ -59,6 +66,7 @@ def kernel_table() -> List[Dict[str, Any]]:
             "CUDA": _has_kernel(name, "CUDA"),
             "fake": _has_fake(name),
             "autograd": _has_kernel(name, "Autograd"),
+            "backend": backends.get(op, "cpu only"),
         })
     return rows
 
@@ -95,13 +103,15 @@ def cmd_info(args: argparse.Namespace, console: Console) -> int:
     table.add_column("op", style="bold")
     for col in ("CPU", "CUDA", "fake (Meta)", "autograd"):
         table.add_column(col, justify="center")
+    table.add_column("CUDA backend")
     for row in kernel_table():
         table.add_row(row["op"], _yes(row["CPU"]), _yes(row["CUDA"]), _yes(row["fake"]),
-                      _yes(row["autograd"]))
+                      _yes(row["autograd"]), row["backend"])
     console.print(table)
     console.print("[dim]fake: a torch.library.register_fake kernel (torch.compile, opcheck); "
                   "autograd: an Autograd dispatch kernel is registered (a forward-only op's "
-                  "raises on backward).[/]")
+                  "raises on backward); CUDA backend: the compiled extension's kernel, the "
+                  "run-time NVRTC fallback (tokenreduce.nvrtc, needs CuPy), or none.[/]")
     return 0
 
 

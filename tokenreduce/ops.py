@@ -441,3 +441,9 @@ def _recycle_backward(ctx, g_out, g_count, g_slot, g_wsum):
 
 
 torch.library.register_autograd("tokenreduce::recycle", _recycle_backward, setup_context=_recycle_setup)
+
+try:  # CUDA kernels compiled at run time (NVRTC via CuPy) when the build has none
+    from .nvrtc import register_fallbacks as _register_nvrtc_fallbacks
+    _register_nvrtc_fallbacks()
+except Exception:  # pragma: no cover - a broken CuPy must not break import
+    pass
