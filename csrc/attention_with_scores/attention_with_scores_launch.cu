@@ -1,0 +1,145 @@
+// Host launchers of the attention_with_scores kernels (torch-free: raw pointers, strides,
+// cudaStream_t). The plan below is the one place on the C++ side that decides the path;
+// tokenreduce/nvrtc/attention_with_scores.py (attention_plan) mirrors it.
+//
+// Paths:
+//  * short keys (round_up(Nk, 64) logits of a 64-row block fit in shared memory), many
+//    scored rows: one forward kernel writes out and per-block column sums, then the
+//    deterministic reduction (2 launches);
+//  * few scored rows (R <= kRowPathMaxRows, e.g. [CLS] or the last token): the forward
+//    kernel writes out and the LSE only, the key-block-major pass scores the R rows from the
+//    LSE (a GEMV-sized pass), then the reduction (3 launches);
+//  * long keys: the forward walks key chunks with an online softmax (O in a workspace), writes
+//    the LSE, then the key-block-major pass and the reduction (3 launches).
+#include "attention_with_scores_kernels.cuh"
+#include "attention_with_scores_launch.h"
+
+namespace tokenreduce {
+namespace attn {
+namespace {
+
+bool is_mma(int dtype) { return dtype == kFloat16 || dtype == kBFloat16; }
+int smem_elem_size(int dtype) { return is_mma(dtype) ? 2 : (dtype == kFloat64 ? 8 : 4); }
+int acc_size(int dtype) { return dtype == kFloat64 ? 8 : 4; }
+
+// largest multiple of 64 keys whose forward tiles fit in `budget` bytes (0 if none)
+int max_chunk(int dtype, int Dh, long long budget) {
+  const bool mma = is_mma(dtype);
+  const long long fixed = fwd_smem_bytes(mma, Dh, smem_elem_size(dtype), acc_size(dtype), 0) -
+                          s_bytes(0, acc_size(dtype));
+  const long long per_row = (long long)kBQ * acc_size(dtype);  // bytes per key column of S
+  long long kc = (budget - fixed - 16) / per_row - 4;           // s_ld(kc) = kc + 4
+  if (kc < kBK) return 0;
+  kc = kc / kBK * kBK;
+  while (kc >= kBK && fwd_smem_bytes(mma, Dh, smem_elem_size(dtype), acc_size(dtype), (int)kc) > budget)
+    kc -= kBK;
+  return kc >= kBK ? (int)kc : 0;
+}
+
+// 16-byte loads are safe: pointer aligned and every stride / width a multiple of the vector
+bool vec_ok(const void* p, const long long* strides, int D, int esize) {
+  const int vw = 16 / esize;
+  if (reinterpret_cast<unsigned long long>(p) % 16 != 0 || D % vw != 0) return false;
+  for (int e = 0; e < 3; ++e)
+    if (strides[e] % vw != 0) return false;
+  return true;
+}
+
+template <typename K>
+cudaError_t set_smem(K kernel, long long bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+}
+
+template <typename T>
+cudaError_t launch_typed(const Plan& plan, const T* q, const T* k, const T* v, const long long* qs,
+                         const long long* ks, const long long* vs, const typename Traits<T>::acc* bias,
+                         const long long* rows, long long R, int B, int H, int Hkv, int Nq, int Nk, int Dh,
+                         int Dv, double scale, bool causal, T* out, typename Traits<T>::acc* scores,
+                         typename Traits<T>::acc* partial, typename Traits<T>::acc* lse,
+                         typename Traits<T>::acc* oacc, cudaStream_t stream) {
+  typedef typename Traits<T>::acc acc;
+  const int es = (int)sizeof(T);
+  const int vqk = vec_ok(q, qs, Dh, es) && vec_ok(k, ks, Dh, es);
+  const int vv = vec_ok(v, vs, Dv, es);
+  const acc scale_log2 = (acc)(scale * 1.4426950408889634074);
+  const int Rk = rows ? (int)R : 0;
+  cudaError_t err = set_smem(attn_fwd_kernel<T>, plan.fwd_smem);
+  if (err != cudaSuccess) return err;
+  attn_fwd_kernel<T><<<dim3(plan.nqb, H, B), kThreads, plan.fwd_smem, stream>>>(
+      q, k, v, qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], bias, rows, Rk, out,
+      plan.need_lse ? lse : nullptr, plan.need_oacc ? oacc : nullptr, plan.scores_in_fwd ? partial : nullptr,
+      H, Hkv, Nq, Nk, Dh, Dv, scale_log2, causal ? 1 : 0, plan.kc, vqk, vv);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  if (plan.colscore) {
+    err = set_smem(attn_colscore_kernel<T>, plan.colscore_smem);
+    if (err != cudaSuccess) return err;
+    attn_colscore_kernel<T><<<dim3(plan.nkt, H, B), kThreads, plan.colscore_smem, stream>>>(
+        q, k, qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], bias, rows, Rk, lse, partial, H, Hkv, Nq, Nk, Dh,
+        scale_log2, causal ? 1 : 0, vqk);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  const long long Reff = rows ? R : Nq;
+  const acc inv_denom = (acc)(1.0 / ((double)H * (double)Reff));
+  attn_reduce_scores_kernel<acc><<<dim3((Nk + kThreads - 1) / kThreads, B), kThreads, 0, stream>>>(
+      partial, (int)plan.partial_rows, Nk, inv_denom, scores);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+Plan make_plan(int dtype, int H, int Nq, int Nk, int Dh, int Dv, long long R, long long smem_optin) {
+  Plan p;
+  const bool mma = is_mma(dtype);
+  const int es = smem_elem_size(dtype), as = acc_size(dtype);
+  p.nqb = (Nq + kBQ - 1) / kBQ;
+  p.nkt = (Nk + kBK - 1) / kBK;
+  const int kc_max = max_chunk(dtype, Dh, smem_optin);
+  if (kc_max == 0 || Dh > kMaxHeadDim || Dv > kMaxHeadDim) return p;  // ok = false
+  const int kc_full = round_up(Nk, kBK);
+  if (kc_full <= kc_max) {
+    p.kc = kc_full;
+  } else {
+    // several chunks: prefer two CTAs per SM when the chunk stays >= 256 keys
+    const int kc_half = max_chunk(dtype, Dh, smem_optin / 2 - 1024);
+    p.kc = kc_half >= 256 ? kc_half : kc_max;
+    p.multi_chunk = true;
+  }
+  const bool row_path = R >= 0 && R <= kRowPathMaxRows;
+  p.scores_in_fwd = !p.multi_chunk && !row_path;
+  p.colscore = !p.scores_in_fwd;
+  p.need_lse = p.colscore;
+  p.need_oacc = p.multi_chunk;
+  p.partial_rows = p.scores_in_fwd ? (long long)H * p.nqb : (long long)H;
+  p.fwd_smem = fwd_smem_bytes(mma, Dh, es, as, p.kc);
+  p.colscore_smem = colscore_smem_bytes(mma, Dh, es, as);
+  p.ok = p.colscore_smem <= smem_optin;
+  return p;
+}
+
+cudaError_t launch(int dtype, const Plan& plan, const void* q, const void* k, const void* v,
+                   const long long* qs, const long long* ks, const long long* vs, const void* bias,
+                   const long long* rows, long long R, int B, int H, int Hkv, int Nq, int Nk, int Dh,
+                   int Dv, double scale, bool causal, void* out, void* scores, void* partial, void* lse,
+                   void* oacc, cudaStream_t stream) {
+  if (!plan.ok) return cudaErrorInvalidValue;
+#define TR_ATTN_LAUNCH(T)                                                                                \
+  launch_typed<T>(plan, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), qs, ks, \
+                  vs, static_cast<const Traits<T>::acc*>(bias), rows, R, B, H, Hkv, Nq, Nk, Dh, Dv, scale,   \
+                  causal, static_cast<T*>(out), static_cast<Traits<T>::acc*>(scores),                        \
+                  static_cast<Traits<T>::acc*>(partial), static_cast<Traits<T>::acc*>(lse),                  \
+                  static_cast<Traits<T>::acc*>(oacc), stream)
+  switch (dtype) {
+    case kFloat32: return TR_ATTN_LAUNCH(float);
+    case kFloat16: return TR_ATTN_LAUNCH(__half);
+    case kBFloat16: return TR_ATTN_LAUNCH(__nv_bfloat16);
+    case kFloat64: return TR_ATTN_LAUNCH(double);
+    default: return cudaErrorInvalidValue;
+  }
+#undef TR_ATTN_LAUNCH
+}
+
+}  // namespace attn
+}  // namespace tokenreduce
