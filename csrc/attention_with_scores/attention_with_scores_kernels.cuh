@@ -35,8 +35,15 @@
 // still counts in the 1 / (H * R) denominator). The CPU op raises IndexError instead.
 #pragma once
 
+// TR_ATTN_LAYOUT_ONLY: only the tiling constants and shared-memory layout functions, for
+// host compilers (the planner in attention_with_scores_plan.h, host unit tests).
+#ifndef TR_ATTN_LAYOUT_ONLY
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#define TR_ATTN_HD __host__ __device__
+#else
+#define TR_ATTN_HD
+#endif
 
 namespace tokenreduce {
 namespace attn {
@@ -49,6 +56,51 @@ constexpr int kBK = 64;        // keys per tile
 constexpr int kDvChunk = 64;   // output columns per O pass
 constexpr int kThreads = 256;  // 8 warps: 4 row strips of 16 x 2 column halves of 32
 constexpr int kScalarDChunk = 64;  // head-dim chunk of the CUDA-core (fp32 / fp64) path
+
+// ------------------------------------------------------------------ shared-memory layout
+// Host and device compute the same sizes (the host passes the total as dynamic smem).
+TR_ATTN_HD constexpr int round_up(int x, int m) { return (x + m - 1) / m * m; }
+// head-dim width of one Q / K tile in shared memory
+TR_ATTN_HD constexpr int dq_width(bool mma, int Dh) {
+  return mma ? round_up(Dh, 16) : (Dh < kScalarDChunk ? Dh : kScalarDChunk);
+}
+// leading dimension of Q / K tiles (elements): +8 halves keeps mma fragment loads
+// conflict-free; odd for the CUDA-core path
+TR_ATTN_HD constexpr int q_ld(bool mma, int Dh) {
+  return mma ? dq_width(mma, Dh) + 8 : dq_width(mma, Dh) + 1;
+}
+// V tile: mma path stores it transposed [kDvChunk][kBK + 8]; CUDA-core path [kBK][kDvChunk + 1]
+TR_ATTN_HD constexpr int v_ld(bool mma) { return mma ? kBK + 8 : kDvChunk + 1; }
+TR_ATTN_HD constexpr long long q_tile_bytes(bool mma, int Dh, int esize) {
+  return (long long)round_up(kBQ * q_ld(mma, Dh) * esize, 16);
+}
+TR_ATTN_HD constexpr long long kv_tile_bytes(bool mma, int Dh, int esize) {
+  // max of the K tile [kBK][q_ld] and the V tile
+  return (long long)round_up(
+      (kBK * q_ld(mma, Dh) > (mma ? kDvChunk : kBK) * v_ld(mma) ? kBK * q_ld(mma, Dh)
+                                                                 : (mma ? kDvChunk : kBK) * v_ld(mma)) *
+          esize,
+      16);
+}
+TR_ATTN_HD constexpr int s_ld(int kc) { return kc + 4; }
+TR_ATTN_HD constexpr long long s_bytes(int kc, int acc_size) {
+  return (long long)round_up(kBQ * s_ld(kc) * acc_size, 16);
+}
+// per-row state: m, l, corr, w (acc) + cnt (int)
+TR_ATTN_HD constexpr long long row_bytes(int acc_size) {
+  return (long long)round_up(kBQ * (4 * acc_size + 4), 16);
+}
+// esize: bytes of a shared-memory Q/K/V element (T for mma, acc otherwise)
+TR_ATTN_HD constexpr long long fwd_smem_bytes(bool mma, int Dh, int esize, int acc_size, int kc) {
+  return q_tile_bytes(mma, Dh, esize) + kv_tile_bytes(mma, Dh, esize) + s_bytes(kc, acc_size) +
+         row_bytes(acc_size);
+}
+TR_ATTN_HD constexpr long long colscore_smem_bytes(bool mma, int Dh, int esize, int acc_size) {
+  return q_tile_bytes(mma, Dh, esize) + kv_tile_bytes(mma, Dh, esize) + s_bytes(kBK, acc_size) +
+         row_bytes(acc_size);
+}
+
+#ifndef TR_ATTN_LAYOUT_ONLY
 
 // ------------------------------------------------------------------ types
 template <typename A, typename B> struct SameType { static constexpr bool value = false; };
@@ -126,49 +178,6 @@ template <typename acc> __device__ __forceinline__ acc warp_nanmax(acc v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = nanmax(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
-}
-
-// ------------------------------------------------------------------ shared-memory layout
-// Host and device compute the same sizes (the host passes the total as dynamic smem).
-__host__ __device__ constexpr int round_up(int x, int m) { return (x + m - 1) / m * m; }
-// head-dim width of one Q / K tile in shared memory
-__host__ __device__ constexpr int dq_width(bool mma, int Dh) {
-  return mma ? round_up(Dh, 16) : (Dh < kScalarDChunk ? Dh : kScalarDChunk);
-}
-// leading dimension of Q / K tiles (elements): +8 halves keeps mma fragment loads
-// conflict-free; odd for the CUDA-core path
-__host__ __device__ constexpr int q_ld(bool mma, int Dh) {
-  return mma ? dq_width(mma, Dh) + 8 : dq_width(mma, Dh) + 1;
-}
-// V tile: mma path stores it transposed [kDvChunk][kBK + 8]; CUDA-core path [kBK][kDvChunk + 1]
-__host__ __device__ constexpr int v_ld(bool mma) { return mma ? kBK + 8 : kDvChunk + 1; }
-__host__ __device__ constexpr long long q_tile_bytes(bool mma, int Dh, int esize) {
-  return (long long)round_up(kBQ * q_ld(mma, Dh) * esize, 16);
-}
-__host__ __device__ constexpr long long kv_tile_bytes(bool mma, int Dh, int esize) {
-  // max of the K tile [kBK][q_ld] and the V tile
-  return (long long)round_up(
-      (kBK * q_ld(mma, Dh) > (mma ? kDvChunk : kBK) * v_ld(mma) ? kBK * q_ld(mma, Dh)
-                                                                 : (mma ? kDvChunk : kBK) * v_ld(mma)) *
-          esize,
-      16);
-}
-__host__ __device__ constexpr int s_ld(int kc) { return kc + 4; }
-__host__ __device__ constexpr long long s_bytes(int kc, int acc_size) {
-  return (long long)round_up(kBQ * s_ld(kc) * acc_size, 16);
-}
-// per-row state: m, l, corr, w (acc) + cnt (int)
-__host__ __device__ constexpr long long row_bytes(int acc_size) {
-  return (long long)round_up(kBQ * (4 * acc_size + 4), 16);
-}
-// esize: bytes of a shared-memory Q/K/V element (T for mma, acc otherwise)
-__host__ __device__ constexpr long long fwd_smem_bytes(bool mma, int Dh, int esize, int acc_size, int kc) {
-  return q_tile_bytes(mma, Dh, esize) + kv_tile_bytes(mma, Dh, esize) + s_bytes(kc, acc_size) +
-         row_bytes(acc_size);
-}
-__host__ __device__ constexpr long long colscore_smem_bytes(bool mma, int Dh, int esize, int acc_size) {
-  return q_tile_bytes(mma, Dh, esize) + kv_tile_bytes(mma, Dh, esize) + s_bytes(kBK, acc_size) +
-         row_bytes(acc_size);
 }
 
 // ------------------------------------------------------------------ tile loads
@@ -360,11 +369,15 @@ __device__ __forceinline__ void warp_pv(float* acc, const float* __restrict__ P,
   const int lane = threadIdx.x & 31, g = lane >> 2, t2 = 2 * (lane & 3);
 #pragma unroll
   for (int kk = 0; kk < kBK; kk += 16) {
-    const float* pp = P + g * lp + kk + t2;
-    const unsigned int a0 = pack_f2<T>(pp[0], pp[1]);
-    const unsigned int a1 = pack_f2<T>(pp[8 * lp], pp[8 * lp + 1]);
-    const unsigned int a2 = pack_f2<T>(pp[8], pp[9]);
-    const unsigned int a3 = pack_f2<T>(pp[8 * lp + 8], pp[8 * lp + 9]);
+    const float* pp = P + g * lp + kk + t2;  // 8-byte aligned: lp, kk and t2 are even
+    const float2 x0 = *reinterpret_cast<const float2*>(pp);
+    const float2 x1 = *reinterpret_cast<const float2*>(pp + 8 * lp);
+    const float2 x2 = *reinterpret_cast<const float2*>(pp + 8);
+    const float2 x3 = *reinterpret_cast<const float2*>(pp + 8 * lp + 8);
+    const unsigned int a0 = pack_f2<T>(x0.x, x0.y);
+    const unsigned int a1 = pack_f2<T>(x1.x, x1.y);
+    const unsigned int a2 = pack_f2<T>(x2.x, x2.y);
+    const unsigned int a3 = pack_f2<T>(x3.x, x3.y);
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt) {
       const T* bp = Vt + (nt * 8 + g) * lv + kk + t2;
@@ -716,6 +729,8 @@ __global__ void __launch_bounds__(kThreads) attn_reduce_scores_kernel(const acc*
   for (int e = 0; e < P; ++e) s += p[(long long)e * Nk];
   scores[(long long)b * Nk + j] = s * inv_denom;
 }
+
+#endif  // TR_ATTN_LAYOUT_ONLY
 
 }  // namespace attn
 }  // namespace tokenreduce

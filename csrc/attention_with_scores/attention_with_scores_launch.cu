@@ -1,5 +1,5 @@
 // Host launchers of the attention_with_scores kernels (torch-free: raw pointers, strides,
-// cudaStream_t). The plan below is the one place on the C++ side that decides the path;
+// cudaStream_t). The path is chosen by make_plan (attention_with_scores_plan.h);
 // tokenreduce/nvrtc/attention_with_scores.py (attention_plan) mirrors it.
 //
 // Paths:
@@ -17,24 +17,6 @@
 namespace tokenreduce {
 namespace attn {
 namespace {
-
-bool is_mma(int dtype) { return dtype == kFloat16 || dtype == kBFloat16; }
-int smem_elem_size(int dtype) { return is_mma(dtype) ? 2 : (dtype == kFloat64 ? 8 : 4); }
-int acc_size(int dtype) { return dtype == kFloat64 ? 8 : 4; }
-
-// largest multiple of 64 keys whose forward tiles fit in `budget` bytes (0 if none)
-int max_chunk(int dtype, int Dh, long long budget) {
-  const bool mma = is_mma(dtype);
-  const long long fixed = fwd_smem_bytes(mma, Dh, smem_elem_size(dtype), acc_size(dtype), 0) -
-                          s_bytes(0, acc_size(dtype));
-  const long long per_row = (long long)kBQ * acc_size(dtype);  // bytes per key column of S
-  long long kc = (budget - fixed - 16) / per_row - 4;           // s_ld(kc) = kc + 4
-  if (kc < kBK) return 0;
-  kc = kc / kBK * kBK;
-  while (kc >= kBK && fwd_smem_bytes(mma, Dh, smem_elem_size(dtype), acc_size(dtype), (int)kc) > budget)
-    kc -= kBK;
-  return kc >= kBK ? (int)kc : 0;
-}
 
 // 16-byte loads are safe: pointer aligned and every stride / width a multiple of the vector
 bool vec_ok(const void* p, const long long* strides, int D, int esize) {
@@ -89,35 +71,6 @@ cudaError_t launch_typed(const Plan& plan, const T* q, const T* k, const T* v, c
 }
 
 }  // namespace
-
-Plan make_plan(int dtype, int H, int Nq, int Nk, int Dh, int Dv, long long R, long long smem_optin) {
-  Plan p;
-  const bool mma = is_mma(dtype);
-  const int es = smem_elem_size(dtype), as = acc_size(dtype);
-  p.nqb = (Nq + kBQ - 1) / kBQ;
-  p.nkt = (Nk + kBK - 1) / kBK;
-  const int kc_max = max_chunk(dtype, Dh, smem_optin);
-  if (kc_max == 0 || Dh > kMaxHeadDim || Dv > kMaxHeadDim) return p;  // ok = false
-  const int kc_full = round_up(Nk, kBK);
-  if (kc_full <= kc_max) {
-    p.kc = kc_full;
-  } else {
-    // several chunks: prefer two CTAs per SM when the chunk stays >= 256 keys
-    const int kc_half = max_chunk(dtype, Dh, smem_optin / 2 - 1024);
-    p.kc = kc_half >= 256 ? kc_half : kc_max;
-    p.multi_chunk = true;
-  }
-  const bool row_path = R >= 0 && R <= kRowPathMaxRows;
-  p.scores_in_fwd = !p.multi_chunk && !row_path;
-  p.colscore = !p.scores_in_fwd;
-  p.need_lse = p.colscore;
-  p.need_oacc = p.multi_chunk;
-  p.partial_rows = p.scores_in_fwd ? (long long)H * p.nqb : (long long)H;
-  p.fwd_smem = fwd_smem_bytes(mma, Dh, es, as, p.kc);
-  p.colscore_smem = colscore_smem_bytes(mma, Dh, es, as);
-  p.ok = p.colscore_smem <= smem_optin;
-  return p;
-}
 
 cudaError_t launch(int dtype, const Plan& plan, const void* q, const void* k, const void* v,
                    const long long* qs, const long long* ks, const long long* vs, const void* bias,
