@@ -397,7 +397,7 @@ _TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.float16: dict(atol=2e-3
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("shape", [(2, 4, 2, 70, 131, 24, 40), (1, 16, 16, 577, 577, 64, 64),
+@pytest.mark.parametrize("shape", [(2, 4, 2, 70, 131, 24, 40), (1, 16, 16, 577, 577, 64, 64), (2, 3, 1, 40, 100, 10, 6),
                                    (2, 2, 1, 33, 3000, 72, 8), (1, 3, 3, 5, 9, 256, 200)])
 @pytest.mark.parametrize("rows", [None, [0], [-1, 3, 3], list(range(0, 30, 3))])
 @pytest.mark.parametrize("causal", [False, True])

@@ -248,6 +248,63 @@ __device__ __forceinline__ void load_v(D* __restrict__ dst, const T* __restrict_
   }
 }
 
+// Register-staged copies for the tensor-core path with 16-byte loads (2-byte types): the
+// next tile's global loads are issued into registers before the warps compute on the
+// current tile, and stored to shared memory after the following barrier, so load latency
+// overlaps the mma work (one shared buffer, no cp.async needed).
+constexpr int kKStage = 4;  // K tile [64][<= 128] : at most 4 x 16 bytes per thread
+template <typename T>
+__device__ __forceinline__ void fetch_k_regs(uint4* regs, const T* __restrict__ base, long long stride,
+                                             int nrows, int ncols, int width) {
+  const int wv = width / 8;
+#pragma unroll
+  for (int u = 0; u < kKStage; ++u) {
+    const int e = threadIdx.x + u * kThreads;
+    const int r = e / wv, c = (e - r * wv) * 8;
+    uint4 x = make_uint4(0u, 0u, 0u, 0u);
+    if (e < kBK * wv && r < nrows && c < ncols)
+      x = *reinterpret_cast<const uint4*>(base + (long long)r * stride + c);
+    regs[u] = x;
+  }
+}
+template <typename T>
+__device__ __forceinline__ void put_k_regs(T* __restrict__ dst, int ld, const uint4* regs, int width) {
+  const int wv = width / 8;
+#pragma unroll
+  for (int u = 0; u < kKStage; ++u) {
+    const int e = threadIdx.x + u * kThreads;
+    if (e < kBK * wv) {
+      const int r = e / wv, c = (e - r * wv) * 8;
+      *reinterpret_cast<uint4*>(dst + r * ld + c) = regs[u];  // ld, c multiples of 8: aligned
+    }
+  }
+}
+// V tile [64 keys][64 columns]: 2 x 16 bytes per thread, stored transposed (Vt[c][r]).
+template <typename T>
+__device__ __forceinline__ void fetch_v_regs(uint4* regs, const T* __restrict__ base, long long stride,
+                                             int nrows, int col0, int ncols) {
+#pragma unroll
+  for (int u = 0; u < 2; ++u) {
+    const int e = threadIdx.x + u * kThreads;
+    const int r = e >> 3, c = (e & 7) * 8;
+    uint4 x = make_uint4(0u, 0u, 0u, 0u);
+    if (r < nrows && c < ncols) x = *reinterpret_cast<const uint4*>(base + (long long)r * stride + col0 + c);
+    regs[u] = x;
+  }
+}
+template <typename T>
+__device__ __forceinline__ void put_v_regs(T* __restrict__ dst, const uint4* regs) {
+  constexpr int ld = kBK + 8;
+#pragma unroll
+  for (int u = 0; u < 2; ++u) {
+    const int e = threadIdx.x + u * kThreads;
+    const int r = e >> 3, c = (e & 7) * 8;
+    const T* xt = reinterpret_cast<const T*>(&regs[u]);
+#pragma unroll
+    for (int w = 0; w < 8; ++w) dst[(c + w) * ld + r] = xt[w];
+  }
+}
+
 // ------------------------------------------------------------------ warp tiles
 // A warp computes a 16 x 32 tile C[r][c] (16 accumulators per thread). Element a of the
 // accumulator array sits at (acc_row(a), acc_col(a)) of the tile.
@@ -502,6 +559,10 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(
     }
   }
   const bool q_resident = kMma || Dh <= kScalarDChunk;
+  const int dqw = dq_width(kMma, Dh);
+  // register-staged K / V tiles (tensor-core path, 16-byte loads, Dh <= 128)
+  const bool stage_k = kMma && vec_qk && dqw <= 8 * kKStage * kThreads / kBK;
+  const bool stage_v = kMma && vec_v;
   if (q_resident) {
     load_rows<T, S>(Qs, ld, qbase, qsn, mrows, nullptr, 0, Dh, dq_width(kMma, Dh), vec_qk);
   }
@@ -513,11 +574,26 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(
     const int ntiles = (clen + kBK - 1) / kBK;
     const int cw = ntiles * kBK;  // written width of the chunk in Ss
     // ---- 1. logits of the chunk (base 2), masked
+    uint4 kst[kKStage];
+    if (stage_k && ntiles > 0) fetch_k_regs<T>(kst, kbase + (long long)c0 * ksn, ksn, jend - c0, Dh, dqw);
     for (int t = 0; t < ntiles; ++t) {
       const int j0 = c0 + t * kBK;
       acc sacc[16];
-      block_qk<T>(sacc, Qs, KVs, q_resident, qbase, qsn, mrows, nullptr, kbase + (long long)j0 * ksn, ksn,
-                  jend - j0, Dh, vec_qk != 0);
+      if constexpr (kMma) {
+        if (stage_k) {
+          put_k_regs<T>(KVs, ld, kst, dqw);
+          __syncthreads();
+          if (t + 1 < ntiles)  // next tile's loads in flight during this tile's mma
+            fetch_k_regs<T>(kst, kbase + (long long)(j0 + kBK) * ksn, ksn, jend - j0 - kBK, Dh, dqw);
+#pragma unroll
+          for (int a = 0; a < 16; ++a) sacc[a] = 0;
+          warp_qk<T>(sacc, Qs + wm * 16 * ld, ld, KVs + wn * 32 * ld, ld, dqw);
+          __syncthreads();
+        }
+      }
+      if (!stage_k)
+        block_qk<T>(sacc, Qs, KVs, q_resident, qbase, qsn, mrows, nullptr, kbase + (long long)j0 * ksn, ksn,
+                    jend - j0, Dh, vec_qk != 0);
 #pragma unroll
       for (int a = 0; a < 16; ++a) {
         const int r = wm * 16 + acc_row<kMma>(a, lane);
@@ -531,6 +607,8 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(
         Ss[r * lds + (j - c0)] = s;
       }
     }
+    uint4 vst[2];  // first V tile of the chunk: loads overlap the softmax
+    if (stage_v && ntiles > 0) fetch_v_regs<T>(vst, vbase + (long long)c0 * vsn, vsn, jend - c0, 0, Dv < kDvChunk ? Dv : kDvChunk);
     __syncthreads();
     // ---- 2. online softmax over the chunk, one exp2 per logit, in place
     for (int rr = 0; rr < kBQ / 8; ++rr) {
@@ -592,8 +670,22 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(
       const int ncols = Dv - dv0 < kDvChunk ? Dv - dv0 : kDvChunk;
       for (int t = 0; t < ntiles; ++t) {
         const int j0 = c0 + t * kBK;
-        load_v<T, S, kMma>(KVs, vbase + (long long)j0 * vsn + 0, vsn, jend - j0, dv0, ncols, vec_v != 0);
-        __syncthreads();
+        if (stage_v) {
+          if constexpr (kMma) put_v_regs<T>(KVs, vst);
+          __syncthreads();
+          // prefetch the next (tile, column chunk) of this key chunk
+          int tn = t + 1, dn = dv0;
+          if (tn == ntiles) {
+            tn = 0;
+            dn = dv0 + kDvChunk;
+          }
+          if (dn < Dv)
+            fetch_v_regs<T>(vst, vbase + (long long)(c0 + tn * kBK) * vsn, vsn, jend - c0 - tn * kBK, dn,
+                            Dv - dn < kDvChunk ? Dv - dn : kDvChunk);
+        } else {
+          load_v<T, S, kMma>(KVs, vbase + (long long)j0 * vsn, vsn, jend - j0, dv0, ncols, vec_v != 0);
+          __syncthreads();
+        }
         if constexpr (kMma) {
           warp_pv<T>(oa, Ss + wm * 16 * lds + t * kBK, lds, KVs + wn * 32 * v_ld(true), v_ld(true));
         } else {
