@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover - exercised only without the framework
 
 # source of the kernels, relative to csrc/ (as tokenreduce/nvrtc/_names.py keys them)
 SOURCE = "attention_with_scores/attention_with_scores_kernels.cuh"
-NVRTC_OPTIONS = ("-std=c++17",)
+NVRTC_OPTIONS = ()  # get_kernel adds -std=c++17 and the CUDA include path
 
 # ---- constants of attention_with_scores_kernels.cuh / attention_with_scores_launch.h
 BQ = 64  # query rows per CTA
@@ -163,6 +163,17 @@ def _vec_ok(t: torch.Tensor, es: int) -> bool:
             and all(s % vw == 0 for s in t.stride()[:3]))
 
 
+def _smem_optin(device) -> int:
+    """Opt-in shared memory per block of the device (bytes)."""
+    props = torch.cuda.get_device_properties(device)
+    optin = getattr(props, "shared_memory_per_block_optin", None)
+    if optin:
+        return int(optin)
+    from tokenreduce.nvrtc import max_shared_memory_optin
+
+    return max_shared_memory_optin()
+
+
 def _fail(msg: str, exc=ValueError):
     raise exc(f"tokenreduce.attention_with_scores: {msg}")
 
@@ -171,13 +182,21 @@ def attention_with_scores_cuda(q, k, v, scale, causal, key_bias, score_rows):
     """NVRTC launch of the CUDA kernels: q [B,H,Nq,Dh], k [B,Hkv,Nk,Dh], v [B,Hkv,Nk,Dv]
     -> out [B,H,Nq,Dv] (dtype of q), scores [B,Nk] (float32; float64 for float64 q).
 
-    Arguments are expected checked as the torch op checks them (ops.py / the fake kernel);
-    the limits of the CUDA kernels are checked here.
+    Registered by tokenreduce.nvrtc.register_fallbacks as the CUDA kernel of the op when no
+    compiled one exists: same checks and messages as csrc/.../attention_with_scores_cuda.cpp.
     """
     if get_kernel is None:
         _fail("the NVRTC fallback needs tokenreduce.nvrtc (CuPy)", RuntimeError)
+    from ..ops import _attention_with_scores_fake
+
+    _attention_with_scores_fake(q, k, v, scale, causal, key_bias, score_rows)  # shapes, dtypes, devices
     if q.dtype not in _CTYPE:
         _fail(f"unsupported dtype {q.dtype}", TypeError)
+    if key_bias is not None and not key_bias.dtype.is_floating_point:
+        _fail(f"key_bias must be a floating tensor (float32, float16, bfloat16 or float64), got {key_bias.dtype}",
+              TypeError)
+    if score_rows is not None and (score_rows.dim() != 1 or score_rows.numel() == 0):
+        _fail(f"score_rows must be a non-empty 1-D tensor of query positions, got shape {list(score_rows.shape)}")
     B, H, Nq, Dh = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     if not (1 <= Dh <= MAX_HEAD_DIM and 1 <= Dv <= MAX_HEAD_DIM):
@@ -197,7 +216,7 @@ def attention_with_scores_cuda(q, k, v, scale, causal, key_bias, score_rows):
     rows = None if score_rows is None else score_rows.contiguous()
     R = -1 if rows is None else rows.numel()
 
-    smem_optin = torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin
+    smem_optin = _smem_optin(q.device)
     plan = attention_plan(q.dtype, H, Nq, Nk, Dh, Dv, R, smem_optin)
     if not plan.ok:
         _fail(f"head dims Dh = {Dh}, Dv = {Dv} do not fit in this GPU's shared memory "
@@ -210,7 +229,7 @@ def attention_with_scores_cuda(q, k, v, scale, causal, key_bias, score_rows):
     es = q.element_size()
     vqk = np.int32(_vec_ok(q, es) and _vec_ok(k, es))
     vv = np.int32(_vec_ok(v, es))
-    null = np.uint64(0)
+    null = None  # launch() passes None as a null pointer
     i32, i64 = np.int32, np.int64
     scale_log2 = np_acc(scale * 1.4426950408889634)
     rows_arg = null if rows is None else rows
@@ -218,9 +237,7 @@ def attention_with_scores_cuda(q, k, v, scale, causal, key_bias, score_rows):
     Rk = i32(0 if rows is None else R)
     qs, ks, vs = ([i64(s) for s in t.stride()[:3]] for t in (q, k, v))
 
-    fwd = get_kernel(SOURCE, names["fwd"], NVRTC_OPTIONS)
-    if plan.fwd_smem > 48 * 1024:
-        fwd.max_dynamic_shared_size_bytes = plan.fwd_smem
+    fwd = get_kernel(SOURCE, names["fwd"], NVRTC_OPTIONS)  # launch() raises the smem limit when needed
     launch(fwd, (plan.nqb, H, B), (THREADS, 1, 1),
            (q, k, v, *qs, *ks, *vs, bias_arg, rows_arg, Rk, out,
             lse if plan.need_lse else null, oacc if plan.need_oacc else null,
@@ -230,8 +247,6 @@ def attention_with_scores_cuda(q, k, v, scale, causal, key_bias, score_rows):
            shared_mem=plan.fwd_smem)
     if plan.colscore:
         cs = get_kernel(SOURCE, names["colscore"], NVRTC_OPTIONS)
-        if plan.colscore_smem > 48 * 1024:
-            cs.max_dynamic_shared_size_bytes = plan.colscore_smem
         launch(cs, (plan.nkt, H, B), (THREADS, 1, 1),
                (q, k, *qs, *ks, bias_arg, rows_arg, Rk, lse, partial, i32(H), i32(Hkv), i32(Nq),
                 i32(Nk), i32(Dh), scale_log2, i32(bool(causal)), vqk),
