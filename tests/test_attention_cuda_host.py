@@ -49,7 +49,7 @@ def test_cuh_is_nvrtc_clean_and_defines_the_named_kernels():
     for ctype in nv._CTYPE.values():
         for expr in nv.attention_names(ctype).values():
             name = expr.split("::")[-1].split("<")[0]
-            assert re.search(rf"__global__ void __launch_bounds__\(kThreads\) {name}\(", src), name
+            assert re.search(rf"__global__ void __launch_bounds__\(kThreads(, [^)]+)?\) {name}\(", src), name
     assert nv.SOURCE == "attention_with_scores/attention_with_scores_kernels.cuh"
     assert os.path.exists(os.path.join(ROOT, "csrc", nv.SOURCE))
 

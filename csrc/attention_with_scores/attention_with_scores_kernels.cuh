@@ -106,25 +106,37 @@ TR_ATTN_HD constexpr long long colscore_smem_bytes(bool mma, int Dh, int esize, 
 template <typename A, typename B> struct SameType { static constexpr bool value = false; };
 template <typename A> struct SameType<A, A> { static constexpr bool value = true; };
 
+// min_blocks: __launch_bounds__ of the forward kernel (2 CTAs per SM -> at most 128
+// registers, so small key counts can run two CTAs per SM; fp64 gets 1 so its larger
+// accumulators do not spill, and so do fp16 / bf16 below sm_90, where 128 registers spill)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define TR_ATTN_MMA_MIN_BLOCKS 1
+#else
+#define TR_ATTN_MMA_MIN_BLOCKS 2
+#endif
 template <typename T> struct Traits {  // float
   typedef float acc;
   typedef float smem_t;  // what Q / K / V tiles are stored as in shared memory
   static constexpr bool mma = false;
+  static constexpr int min_blocks = 2;
 };
 template <> struct Traits<double> {
   typedef double acc;
   typedef double smem_t;
   static constexpr bool mma = false;
+  static constexpr int min_blocks = 1;
 };
 template <> struct Traits<__half> {
   typedef float acc;
   typedef __half smem_t;
   static constexpr bool mma = true;
+  static constexpr int min_blocks = TR_ATTN_MMA_MIN_BLOCKS;
 };
 template <> struct Traits<__nv_bfloat16> {
   typedef float acc;
   typedef __nv_bfloat16 smem_t;
   static constexpr bool mma = true;
+  static constexpr int min_blocks = TR_ATTN_MMA_MIN_BLOCKS;
 };
 
 __device__ __forceinline__ float to_acc(float v) { return v; }
@@ -163,6 +175,24 @@ __device__ __forceinline__ double log2_acc(double x) { return log2(x); }
 template <typename acc> __device__ __forceinline__ acc log2e();
 template <> __device__ __forceinline__ float log2e<float>() { return 1.4426950408889634f; }
 template <> __device__ __forceinline__ double log2e<double>() { return 1.4426950408889634074; }
+
+// aligned pair access to fp32 / fp64 shared memory (p at an even element offset)
+__device__ __forceinline__ void store_pair(float* p, float x, float y) {
+  *reinterpret_cast<float2*>(p) = make_float2(x, y);
+}
+__device__ __forceinline__ void store_pair(double* p, double x, double y) {
+  *reinterpret_cast<double2*>(p) = make_double2(x, y);
+}
+__device__ __forceinline__ void load_pair(const float* p, float& x, float& y) {
+  const float2 v = *reinterpret_cast<const float2*>(p);
+  x = v.x;
+  y = v.y;
+}
+__device__ __forceinline__ void load_pair(const double* p, double& x, double& y) {
+  const double2 v = *reinterpret_cast<const double2*>(p);
+  x = v.x;
+  y = v.y;
+}
 
 // max that propagates NaN (a NaN logit must turn the row into NaN, as in eager softmax)
 template <typename acc> __device__ __forceinline__ acc nanmax(acc a, acc b) {
@@ -501,7 +531,7 @@ __device__ __forceinline__ void block_qk(typename Traits<T>::acc* sacc, typename
 // workspace, needed when Nk > kc (several key chunks), else null. partial [B, H*nqb, Nk]
 // column sums, only when Nk <= kc (single chunk), else null.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) attn_fwd_kernel(
+__global__ void __launch_bounds__(kThreads, Traits<T>::min_blocks) attn_fwd_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, long long qsb, long long qsh,
     long long qsn, long long ksb, long long ksh, long long ksn, long long vsb, long long vsh, long long vsn,
     const typename Traits<T>::acc* __restrict__ bias, const long long* __restrict__ rows, int R,
@@ -607,26 +637,30 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(
         Ss[r * lds + (j - c0)] = s;
       }
     }
-    uint4 vst[2];  // first V tile of the chunk: loads overlap the softmax
-    if (stage_v && ntiles > 0) fetch_v_regs<T>(vst, vbase + (long long)c0 * vsn, vsn, jend - c0, 0, Dv < kDvChunk ? Dv : kDvChunk);
     __syncthreads();
     // ---- 2. online softmax over the chunk, one exp2 per logit, in place
     for (int rr = 0; rr < kBQ / 8; ++rr) {
       const int r = warp * (kBQ / 8) + rr;
       acc* srow = Ss + r * lds;
       acc mx = NEG_INF;
-      for (int c = lane; c < cw; c += 32) mx = nanmax(mx, srow[c]);
+      for (int c = 2 * lane; c < cw; c += 64) {  // cw is a multiple of 64: pairs, no tail
+        acc x0, x1;
+        load_pair(srow + c, x0, x1);
+        mx = nanmax(nanmax(mx, x0), x1);
+      }
       mx = warp_nanmax(mx);
       const acc m_old = row_m[r];
       const acc m_new = nanmax(m_old, mx);
       acc sum = 0;
       if (m_new == NEG_INF) {
-        for (int c = lane; c < cw; c += 32) srow[c] = 0;
+        for (int c = 2 * lane; c < cw; c += 64) store_pair(srow + c, acc(0), acc(0));
       } else {
-        for (int c = lane; c < cw; c += 32) {
-          const acc p = exp2_acc(srow[c] - m_new);
-          srow[c] = p;
-          sum += p;
+        for (int c = 2 * lane; c < cw; c += 64) {
+          acc x0, x1;
+          load_pair(srow + c, x0, x1);
+          const acc p0 = exp2_acc(x0 - m_new), p1 = exp2_acc(x1 - m_new);
+          store_pair(srow + c, p0, p1);
+          sum += p0 + p1;
         }
       }
       sum = warp_sum(sum);
@@ -656,6 +690,8 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(
       }
     }
     // ---- 4. O = P V, per 64-wide column chunk of Dv
+    uint4 vst[2];  // first V tile of the chunk: loads issued before the loop
+    if (stage_v && ntiles > 0) fetch_v_regs<T>(vst, vbase + (long long)c0 * vsn, vsn, jend - c0, 0, Dv < kDvChunk ? Dv : kDvChunk);
     const bool last = ch == nchunks - 1;
     for (int dv0 = 0; dv0 < Dv; dv0 += kDvChunk) {
       acc oa[16];

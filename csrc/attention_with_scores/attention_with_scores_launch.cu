@@ -11,6 +11,8 @@
 //    LSE (a GEMV-sized pass), then the reduction (3 launches);
 //  * long keys: the forward walks key chunks with an online softmax (O in a workspace), writes
 //    the LSE, then the key-block-major pass and the reduction (3 launches).
+#include <atomic>
+
 #include "attention_with_scores_kernels.cuh"
 #include "attention_with_scores_launch.h"
 
@@ -27,10 +29,24 @@ bool vec_ok(const void* p, const long long* strides, int D, int esize) {
   return true;
 }
 
+// Dynamic shared memory above 48 KiB needs an opt-in per kernel and device; remember the
+// largest size granted so the common launch costs one cudaGetDevice.
+constexpr int kMaxDevices = 64;
 template <typename K>
 cudaError_t set_smem(K kernel, long long bytes) {
   if (bytes <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+  static std::atomic<long long> granted[kMaxDevices];  // one table per kernel (K is its type)
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  if (dev >= 0 && dev < kMaxDevices && granted[dev].load(std::memory_order_relaxed) >= bytes) return cudaSuccess;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+  if (err == cudaSuccess && dev >= 0 && dev < kMaxDevices) {
+    long long cur = granted[dev].load(std::memory_order_relaxed);
+    while (cur < bytes && !granted[dev].compare_exchange_weak(cur, bytes)) {
+    }
+  }
+  return err;
 }
 
 template <typename T>
