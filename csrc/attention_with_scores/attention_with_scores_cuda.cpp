@@ -1,0 +1,132 @@
+// attention_with_scores on CUDA: torch glue around the torch-free launcher
+// (attention_with_scores_launch.cu, kernels in attention_with_scores_kernels.cuh).
+//
+// Same checks and messages as the CPU kernel. No host sync: score_rows is only read on
+// the device. Difference from the CPU op: an out-of-range score_rows entry cannot raise
+// IndexError without a device-to-host copy, so the CUDA kernels ignore it (it adds
+// nothing to the scores and still counts in the 1 / (H * R) denominator).
+// Never allocates [B, H, Nq, Nk]: workspaces are the partial column sums [B, P, Nk]
+// (P = H * ceil(Nq / 64) or H), the LSE [B, H, Nq] and, for long keys only, an fp32 copy
+// of the output [B, H, Nq, Dv].
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../common/cpu_utils.h"
+#include "attention_with_scores_launch.h"
+
+namespace tokenreduce {
+namespace {
+
+constexpr const char* kOp = "attention_with_scores";
+
+int dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return attn::kFloat32;
+    case at::kHalf: return attn::kFloat16;
+    case at::kBFloat16: return attn::kBFloat16;
+    case at::kDouble: return attn::kFloat64;
+    default: return -1;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_with_scores_cuda(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, double scale,
+    bool causal, const std::optional<at::Tensor>& key_bias,
+    const std::optional<at::Tensor>& score_rows) {
+  check_dim(kOp, "q", q_in, 4, "[B, H, Nq, Dh]");
+  check_dim(kOp, "k", k_in, 4, "[B, Hkv, Nk, Dh]");
+  check_dim(kOp, "v", v_in, 4, "[B, Hkv, Nk, Dv]");
+  check_float(kOp, "q", q_in);
+  TR_CHECK_TYPE("attention_with_scores",
+                k_in.scalar_type() == q_in.scalar_type() && v_in.scalar_type() == q_in.scalar_type(),
+                "q, k and v must share a dtype, got ", q_in.scalar_type(), ", ", k_in.scalar_type(),
+                " and ", v_in.scalar_type());
+  check_device(kOp, "k", k_in, q_in);
+  check_device(kOp, "v", v_in, q_in);
+  const int64_t B = q_in.size(0), H = q_in.size(1), Nq = q_in.size(2), Dh = q_in.size(3);
+  const int64_t Hkv = k_in.size(1), Nk = k_in.size(2), Dv = v_in.size(3);
+  TR_CHECK_VALUE("attention_with_scores", k_in.size(0) == B && v_in.size(0) == B,
+                 "batch sizes differ: q ", q_in.sizes(), ", k ", k_in.sizes(), ", v ", v_in.sizes());
+  TR_CHECK_VALUE("attention_with_scores", k_in.size(3) == Dh, "k's head dim ", k_in.size(3),
+                 " differs from q's ", Dh);
+  TR_CHECK_VALUE("attention_with_scores", v_in.size(1) == Hkv && v_in.size(2) == Nk,
+                 "v ", v_in.sizes(), " must match k ", k_in.sizes(), " in heads and keys");
+  TR_CHECK_VALUE("attention_with_scores", Hkv > 0 && H % Hkv == 0, "q's heads (", H,
+                 ") must be a multiple of k's heads (", Hkv, ")");
+  TR_CHECK_VALUE("attention_with_scores", Nk > 0, "k must hold at least one key");
+  // limits of the CUDA kernels
+  TR_CHECK_VALUE("attention_with_scores", Dh >= 1 && Dh <= attn::kMaxHeadDim && Dv >= 1 &&
+                     Dv <= attn::kMaxHeadDim,
+                 "the CUDA kernel supports head dims 1..", attn::kMaxHeadDim, ", got Dh = ", Dh,
+                 " and Dv = ", Dv);
+  TR_CHECK_VALUE("attention_with_scores", B <= attn::kMaxGridYZ && H <= attn::kMaxGridYZ,
+                 "the CUDA kernel supports at most ", attn::kMaxGridYZ, " batch rows and heads, got B = ",
+                 B, ", H = ", H);
+  TR_CHECK_VALUE("attention_with_scores", Nq < (int64_t(1) << 31) && Nk < (int64_t(1) << 31),
+                 "sequence lengths must be below 2^31, got Nq = ", Nq, ", Nk = ", Nk);
+  const int dtype = dtype_code(q_in.scalar_type());
+  TR_CHECK_TYPE("attention_with_scores", dtype >= 0, "unsupported dtype ", q_in.scalar_type());
+
+  const auto acc_dtype = at::toOpMathType(q_in.scalar_type());
+  at::Tensor bias;
+  if (key_bias.has_value()) {
+    check_float(kOp, "key_bias", *key_bias);
+    check_device(kOp, "key_bias", *key_bias, q_in);
+    TR_CHECK_VALUE("attention_with_scores",
+                   key_bias->dim() == 2 && key_bias->size(0) == B && key_bias->size(1) == Nk,
+                   "key_bias must have shape [B, Nk] = [", B, ", ", Nk, "], got ", key_bias->sizes());
+    bias = key_bias->to(acc_dtype).contiguous();
+  }
+  at::Tensor rows;
+  int64_t R = -1;  // -1: every row is scored
+  if (score_rows.has_value()) {
+    check_long(kOp, "score_rows", *score_rows);
+    check_device(kOp, "score_rows", *score_rows, q_in);
+    TR_CHECK_VALUE("attention_with_scores", score_rows->dim() == 1 && score_rows->numel() > 0,
+                   "score_rows must be a non-empty 1-D tensor of query positions, got shape ",
+                   score_rows->sizes());
+    TR_CHECK_VALUE("attention_with_scores", score_rows->numel() < (int64_t(1) << 31),
+                   "score_rows is too long (", score_rows->numel(), " entries)");
+    rows = score_rows->contiguous();
+    R = rows.numel();
+  }
+
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
+                   v = last_dim_contiguous(v_in);
+  at::Tensor out = at::empty({B, H, Nq, Dv}, q.options());
+  if (B * H * Nq == 0) return {out, at::zeros({B, Nk}, q.options().dtype(acc_dtype))};
+  at::Tensor scores = at::empty({B, Nk}, q.options().dtype(acc_dtype));
+
+  const long long smem_optin = (long long)at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  const attn::Plan plan = attn::make_plan(dtype, (int)H, (int)Nq, (int)Nk, (int)Dh, (int)Dv, R, smem_optin);
+  TR_CHECK_VALUE("attention_with_scores", plan.ok, "head dims Dh = ", Dh, ", Dv = ", Dv,
+                 " do not fit in this GPU's shared memory (", smem_optin, " bytes per block)");
+  at::Tensor partial = at::empty({B, plan.partial_rows, Nk}, q.options().dtype(acc_dtype));
+  at::Tensor lse, oacc;
+  if (plan.need_lse) lse = at::empty({B, H, Nq}, q.options().dtype(acc_dtype));
+  if (plan.need_oacc) oacc = at::empty({B, H, Nq, Dv}, q.options().dtype(acc_dtype));
+
+  const long long qs[3] = {q.stride(0), q.stride(1), q.stride(2)};
+  const long long ks[3] = {k.stride(0), k.stride(1), k.stride(2)};
+  const long long vs[3] = {v.stride(0), v.stride(1), v.stride(2)};
+  const cudaError_t err = attn::launch(
+      dtype, plan, q.data_ptr(), k.data_ptr(), v.data_ptr(), qs, ks, vs,
+      bias.defined() ? bias.data_ptr() : nullptr,
+      rows.defined() ? reinterpret_cast<const long long*>(rows.data_ptr<int64_t>()) : nullptr, R < 0 ? 0 : R, (int)B, (int)H, (int)Hkv, (int)Nq,
+      (int)Nk, (int)Dh, (int)Dv, scale, causal, out.data_ptr(), scores.data_ptr(), partial.data_ptr(),
+      lse.defined() ? lse.data_ptr() : nullptr, oacc.defined() ? oacc.data_ptr() : nullptr,
+      at::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "tokenreduce.attention_with_scores: CUDA launch failed: ",
+              cudaGetErrorString(err));
+  return {out, scores};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tokenreduce, CUDA, m) {
+  m.impl("attention_with_scores", &attention_with_scores_cuda);
+}
+
+}  // namespace tokenreduce
