@@ -8,11 +8,12 @@
 // Never allocates [B, H, Nq, Nk]: workspaces are the partial column sums [B, P, Nk]
 // (P = H * ceil(Nq / 64) or H), the LSE [B, H, Nq] and, for long keys only, an fp32 copy
 // of the output [B, H, Nq, Dv].
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "../common/cpu_utils.h"
+#include "../common/cuda_glue.h"
 #include "attention_with_scores_launch.h"
 
 namespace tokenreduce {
@@ -99,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor> attention_with_scores_cuda(
   if (B * H * Nq == 0) return {out, at::zeros({B, Nk}, q.options().dtype(acc_dtype))};
   at::Tensor scores = at::empty({B, Nk}, q.options().dtype(acc_dtype));
 
-  const long long smem_optin = (long long)at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  const long long smem_optin = max_shared_memory_optin(q_in);
   const attn::Plan plan = attn::make_plan(dtype, (int)H, (int)Nq, (int)Nk, (int)Dh, (int)Dv, R, smem_optin);
   TR_CHECK_VALUE("attention_with_scores", plan.ok, "head dims Dh = ", Dh, ", Dv = ", Dv,
                  " do not fit in this GPU's shared memory (", smem_optin, " bytes per block)");
@@ -117,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor> attention_with_scores_cuda(
       rows.defined() ? reinterpret_cast<const long long*>(rows.data_ptr<int64_t>()) : nullptr, R < 0 ? 0 : R, (int)B, (int)H, (int)Hkv, (int)Nq,
       (int)Nk, (int)Dh, (int)Dv, scale, causal, out.data_ptr(), scores.data_ptr(), partial.data_ptr(),
       lse.defined() ? lse.data_ptr() : nullptr, oacc.defined() ? oacc.data_ptr() : nullptr,
-      at::cuda::getCurrentCUDAStream().stream());
+      c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "tokenreduce.attention_with_scores: CUDA launch failed: ",
               cudaGetErrorString(err));
   return {out, scores};

@@ -139,6 +139,12 @@ template <> struct Traits<__nv_bfloat16> {
   static constexpr int min_blocks = TR_ATTN_MMA_MIN_BLOCKS;
 };
 
+// zero of each storage type without the implicit float conversions that torch's builds
+// disable (-D__CUDA_NO_HALF_CONVERSIONS__ / -D__CUDA_NO_BFLOAT16_CONVERSIONS__)
+template <typename T> __device__ __forceinline__ T zero_of() { return T(0); }
+template <> __device__ __forceinline__ __half zero_of<__half>() { return __float2half(0.0f); }
+template <> __device__ __forceinline__ __nv_bfloat16 zero_of<__nv_bfloat16>() { return __float2bfloat16(0.0f); }
+
 __device__ __forceinline__ float to_acc(float v) { return v; }
 __device__ __forceinline__ double to_acc(double v) { return v; }
 __device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
@@ -233,14 +239,14 @@ __device__ __forceinline__ void load_rows(D* __restrict__ dst, int ld, const T* 
         for (int u = 0; u < VW; ++u) d[u] = to_smem<D>(xt[u]);
       } else {
 #pragma unroll
-        for (int u = 0; u < VW; ++u) d[u] = to_smem<D>(T(0.0f));
+        for (int u = 0; u < VW; ++u) d[u] = to_smem<D>(zero_of<T>());
       }
     }
   } else {
     for (int e = threadIdx.x; e < kBQ * width; e += kThreads) {
       const int r = e / width, c = e - r * width;
       const long long row = rowidx ? (long long)rowidx[r] : (r < nrows ? (long long)r : -1);
-      T x = T(0.0f);
+      T x = zero_of<T>();
       if (row >= 0 && c < ncols) x = base[row * stride + col0 + c];
       dst[r * ld + c] = to_smem<D>(x);
     }
@@ -270,7 +276,7 @@ __device__ __forceinline__ void load_v(D* __restrict__ dst, const T* __restrict_
   } else {
     for (int e = threadIdx.x; e < kBK * kDvChunk; e += kThreads) {
       const int r = e / kDvChunk, c = e - r * kDvChunk;
-      T x = T(0.0f);
+      T x = zero_of<T>();
       if (r < nrows && c < ncols) x = base[(long long)r * stride + col0 + c];
       if (kTransposed) dst[c * ld + r] = to_smem<D>(x);
       else dst[r * ld + c] = to_smem<D>(x);

@@ -48,7 +48,19 @@ def recycle_names(t: str) -> dict:
     }
 
 
+_AT = "tokenreduce::attn::"
+
+
+def attention_with_scores_names(t: str) -> dict:
+    return {
+        "fwd": f"{_AT}attn_fwd_kernel<{t}>",
+        "colscore": f"{_AT}attn_colscore_kernel<{t}>",
+        "reduce": f"{_AT}attn_reduce_scores_kernel<{ACC[t]}>",
+    }
+
+
 SOURCES = {
+    "attention_with_scores/attention_with_scores_kernels.cuh": attention_with_scores_names,
     "kcenter/kcenter_kernels.cuh": kcenter_names,
     "bipartite_merge/bipartite_merge_kernels.cuh": bipartite_merge_names,
     "recycle/recycle_kernels.cuh": recycle_names,
