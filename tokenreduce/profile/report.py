@@ -134,7 +134,7 @@ def table(report: Dict[str, Any]) -> Table:
              + (" (encoder + LLM prefill)" if vlm else " (encoder blocks)"),
              "peak MiB: tensor memory one call allocates above what was allocated before it"]
     if vlm:
-        notes.append("KL: KL(full || reduced) of next-token logits; 1st tok / tok agree: greedy tokens equal to "
+        notes.append("KL: KL(full || reduced) of next-token logits; tok1 / agree: greedy tokens equal to "
                      f"the unreduced run's (first / first {report.get('new_tokens')})")
     else:
         notes.append("cos: cosine with the unreduced run ([CLS]; patches un-merged to the full grid: all / kept); "

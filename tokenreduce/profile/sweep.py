@@ -68,7 +68,8 @@ def default_methods(kind: str, limit: int = MAX_DEFAULT) -> List[str]:
     """Registered methods for the default sweep: the preferred ones that exist, then any other
     method of a fitting stage, at most ``limit``."""
     ok = {"vision": (Stage.VIT, Stage.PROJECTOR), "vlm": (Stage.VIT, Stage.PROJECTOR, Stage.LLM)}[kind]
-    avail = [n for n in _M.available() if _M.get(n).stage in ok and not n.startswith("test-")]
+    avail = [n for n in _M.available() if _M.get(n).stage in ok
+             and _M.get(n).__module__.startswith("tokenreduce.methods.")]   # not test doubles
     pref = PREFERRED_VISION if kind == "vision" else PREFERRED_VLM
     names = [n for n in pref if n in avail] + [n for n in avail if n not in pref]
     return names[:limit]
