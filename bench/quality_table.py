@@ -67,18 +67,21 @@ def markdown(rep: Dict[str, Any], command: str, loaded: bool) -> str:
     out += ["", "## All measures", "",
             "| method | stage | budget | tokens kept | saliency r | CLS cos | patch cos | kept cos | "
             "GFLOP ratio | time ratio |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    def ratio(r):
+        return "n/a" if loaded else _f(r["total_ms"] / base["total_ms"], ".2f")
+
     for r in rows:
         if r.get("error"):
             out.append(f"| {r['method']} | {r['stage']} | {r['budget']} | error: {r['error'][:100]} | | | | | | |")
             continue
         out.append(f"| {r['method']} | {r['stage']} | {r['budget']} | {r['tokens_kept']}/{r['image_tokens']} | "
                    f"{_f(r['saliency_corr'])} | {_f(r['pooled_cos'])} | {_f(r['patch_cos'])} | "
-                   f"{_f(r['patch_cos_kept'])} | {_f(r['flops_ratio'], '.2f')} | "
-                   f"{_f(r['total_ms'] / base['total_ms'], '.2f')} |")
+                   f"{_f(r['patch_cos_kept'])} | {_f(r['flops_ratio'], '.2f')} | {ratio(r)} |")
     out += ["", "GFLOP ratio: FastV's per-layer count over the tokens each encoder block saw, relative to "
             "the unreduced encoder. time ratio: median call time relative to the unreduced run of the same "
-            "session" + (" (the machine was shared and loaded while this ran: time ratios are indicative "
-                         "only; re-measure with `tokenreduce profile` on an idle machine)" if loaded else "") + ".", ""]
+            "session" + (": n/a here, the machine was shared and heavily loaded while this ran, so its "
+                         "timings are noise (they are kept in the JSON); measure with `tokenreduce profile` on an "
+                         "idle machine" if loaded else "") + ".", ""]
     return "\n".join(out)
 
 
@@ -89,7 +92,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--methods", nargs="+", default=None, help="default: every vit / projector method")
     ap.add_argument("--out", default="docs/quality_dinov2s", help="output path without extension")
-    ap.add_argument("--loaded", action="store_true", help="note that the machine was loaded (time ratios)")
+    ap.add_argument("--loaded", action="store_true",
+                    help="the machine is shared / loaded: leave time ratios out of the Markdown (JSON keeps them)")
     args = ap.parse_args(argv)
     argv = sys.argv[1:] if argv is None else list(argv)
     command = "python bench/quality_table.py" + ("" if not argv else " " + " ".join(argv))
