@@ -28,8 +28,13 @@ def test_sources_are_found_and_listed():
 def test_source_inlines_local_includes_once(rel):
     text = nvrtc.load_source(rel)
     assert '#include "' not in text
-    assert text.count("namespace tokenreduce") >= 2  # common + the op's own code
-    assert text.count("struct WmmaSmem {") == 1  # cuda_common.cuh inlined exactly once
+    with open(os.path.join(nvrtc.source_root(), rel)) as fh:
+        raw = fh.read()
+    if "cuda_common.cuh" in raw or "struct WmmaSmem {" in text:
+        assert text.count("namespace tokenreduce") >= 2  # common + the op's own code
+        assert text.count("struct WmmaSmem {") == 1  # cuda_common.cuh inlined exactly once
+    else:  # a self-contained source (attention_with_scores keeps its helpers local)
+        assert text.count("namespace tokenreduce") >= 1
     angle = set(re.findall(r"#\s*include\s*<([^>]+)>", text))
     assert angle <= {"cuda_fp16.h", "cuda_bf16.h", "mma.h"}, angle
     assert "torch" not in re.sub(r"//.*", "", text)
