@@ -15,6 +15,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
+#include <memory>
 #include <numeric>
 
 #include "../common/cpu_utils.h"
@@ -72,7 +74,8 @@ void bipartite_merge_cpu_impl(const at::Tensor& x, const at::Tensor& metric, con
   std::vector<macc> inv(B * N);
   // bf16 screening (float metrics only; double keeps the plain float64 GEMM)
   const bool screen = std::is_same_v<macc, float> && Dm >= kScreenMinDim && Nb >= kScreenMinCols;
-  std::vector<at::BFloat16> unit(screen ? B * N * Dm : 0);  // unit rows in bf16
+  // unit rows in bf16 (uninitialised: every row is written by its norm pass)
+  std::unique_ptr<at::BFloat16[]> unit(screen ? new at::BFloat16[B * N * Dm] : nullptr);
   auto norms = [&](int64_t i0, int64_t i1) {  // inverse norms (and bf16 unit rows) of flat rows [i0, i1)
     for (int64_t i = i0; i < i1; ++i) {
       const macc* row = mrows + (i / N) * mbs + (i % N) * mld;
@@ -82,10 +85,17 @@ void bipartite_merge_cpu_impl(const at::Tensor& x, const at::Tensor& metric, con
                         "batch ", i / N, ", token ", i % N);
       inv[i] = inv_norm(s);
       if (screen) {
+        // round to nearest even on the bits (the row is finite: checked above), so the
+        // loop vectorises, unlike c10::BFloat16's NaN-aware conversion
         const float w = static_cast<float>(inv[i]);
-        at::BFloat16* u = unit.data() + i * Dm;
+        uint16_t* u = reinterpret_cast<uint16_t*>(unit.get() + i * Dm);
 #pragma omp simd
-        for (int64_t d = 0; d < Dm; ++d) u[d] = static_cast<at::BFloat16>(static_cast<float>(row[d]) * w);
+        for (int64_t d = 0; d < Dm; ++d) {
+          uint32_t bits;
+          const float f = static_cast<float>(row[d]) * w;
+          std::memcpy(&bits, &f, sizeof bits);
+          u[d] = static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+        }
       }
     }
   };
@@ -110,7 +120,7 @@ void bipartite_merge_cpu_impl(const at::Tensor& x, const at::Tensor& metric, con
       const macc* base = mrows + b * mbs;
       const macc* ib = inv.data() + b * N;
       if (screen) {
-        const at::BFloat16* ub = unit.data() + b * N * Dm;
+        const at::BFloat16* ub = unit.get() + b * N * Dm;
         gemm_abt(ub + 2 * a0 * Dm, 2 * Dm, ub + Dm, 2 * Dm, Sh.data(), Nb, m, Nb, Dm);
         int64_t cand = 0;  // candidates in the tile: rescoring them must stay cheaper than the GEMM
         for (int64_t e = 0; e < m; ++e) {
