@@ -169,6 +169,13 @@ def run(spec: Spec, progress: Optional[Callable[[int, int, str], None]] = None) 
 
 def _run(spec: Spec, progress) -> Dict[str, Any]:
     device, dtype = _resolve_device(spec)
+    allocator = None
+    if device.type == "cpu":
+        # as `tokenreduce bench`: fixed glibc malloc thresholds, so large activations are
+        # reused between calls instead of page-faulted in anew depending on the allocator's
+        # history (without it, configurations drifted by 10-20% with the run order)
+        from .. import benchmarks as _BM
+        allocator = _BM.configure_allocator("warm")
     t_start = time.perf_counter()
     workload, info = load_workload(spec, device, dtype)
     names = spec.methods if spec.methods else default_methods(workload.kind, spec.max_default_methods)
@@ -178,6 +185,9 @@ def _run(spec: Spec, progress) -> Dict[str, Any]:
     configs = [(None, None)] + [(n, b) for n in names for b in budgets]
     rows: List[Dict[str, Any]] = []
     base = None
+    # process-level warm-up before anything is timed (lazy kernel setup, allocator growth)
+    for _ in range(max(2, spec.warmup + 1)):
+        workload.call(None, R.Timeline(device))
     for i, (name, budget) in enumerate(configs):
         label = "baseline (unreduced)" if name is None else f"{name} {_label(budget)}"
         if progress:
@@ -211,6 +221,6 @@ def _run(spec: Spec, progress) -> Dict[str, Any]:
         "warmup": spec.warmup, "repeat": spec.repeat, "new_tokens": spec.new_tokens if workload.kind == "vlm" else None,
         "layers": spec.layers, "image_tokens": workload.image_tokens, "methods": names,
         "budgets": [_label(b) for b in budgets], "timer": "cuda events" if device.type == "cuda" else
-        "time.perf_counter (CPU ops are synchronous)", "env": _env(device),
+        "time.perf_counter (CPU ops are synchronous)", "env": _env(device), "allocator": allocator,
         "wall_s": time.perf_counter() - t_start, "rows": rows,
     }
