@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One command from a fresh clone: create .venv, install torch and the tools, build the
-# native ops, then run the main job (the kernel benchmarks against the PyTorch
-# references, on the built-in default shapes).
+# native ops, then run the main job: `tokenreduce profile` on its embedded default (the real
+# DINOv2-S/14 on shipped images, several methods and budgets; `tokenreduce bench` runs the op benchmarks).
 #
-#   ./setup.sh            install + build + `tokenreduce info` + `tokenreduce bench`
+#   ./setup.sh            install + build + `tokenreduce info` + `tokenreduce profile`
 #   ./setup.sh --no-run   install + build only (what CI uses)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -34,5 +34,5 @@ $PIP install -q --no-build-isolation --no-deps -e .
 
 if [ "$RUN" = 1 ]; then
   "$VENV/bin/tokenreduce" info
-  "$VENV/bin/tokenreduce" bench
+  "$VENV/bin/tokenreduce" profile
 fi

@@ -47,7 +47,12 @@ def test_pool_rect_grid_and_errors():
     x = _x(1, D=16)
     red = build("pool", out_grid=(12, 16))(Context(x=x[:, 1:], grid=(24, 24)))
     assert red.tokens.shape == (1, 192, 16)
-    with pytest.raises(ValueError, match="pool.*square"):
-        build("pool", keep=128)(Context(x=x[:, 1:]))
+    # a non-square keep pools to the most square factorisation: 128 -> 8 x 16
+    red = build("pool", keep=128)(Context(x=x[:, 1:]))
+    want = torch.nn.functional.adaptive_avg_pool2d(x[:, 1:].transpose(1, 2).reshape(1, 16, 24, 24), (8, 16))
+    torch.testing.assert_close(red.tokens, want.reshape(1, 16, 128).transpose(1, 2))
+    assert build("pool", keep=28).keep_tokens(576) == 28
+    with pytest.raises(ValueError, match="pool.*square grid"):   # 575 tokens have no grid
+        build("pool", keep=64)(Context(x=x[:, 2:]))
     low = build("pool", keep=64)(Context(x=x.bfloat16(), has_cls=True))
     assert low.tokens.dtype == torch.bfloat16

@@ -91,11 +91,12 @@ class Pool(Method):
              "(LLaVolta), NeurIPS 2024; Cai et al., Matryoshka Multimodal Models, 2024")
     code = "github.com/Beckschen/LLaVolta"
     needs = frozenset({Need.FEATURES, Need.GRID})
-    options = {"out_grid": "(gh, gw) of the pooled grid; default: the square root of keep"}
-    budgets = ("keep=K with K a square (nested presets of 576: 144, 64, 36, 16, 9, 1) or "
-               "out_grid=(gh, gw); keep=192/128 need out_grid (e.g. (12, 16), (8, 16))")
+    options = {"out_grid": "(gh, gw) of the pooled grid; default: the most square gh x gw = keep"}
+    budgets = ("keep=K or ratio=r: the most square grid gh x gw = K (nested presets of 576: 144, 64, "
+               "36, 16, 9, 1 are squares; 192 -> 12x16, 128 -> 8x16), or out_grid=(gh, gw)")
     faithful_to = "average pooling of the patch grid (LLaVolta's stage pooling, Matryoshka's nested sizes)"
-    deviations = "non-divisible sizes use adaptive pooling windows (overlapping), source = the cell of floor(i*g/h)"
+    deviations = ("non-divisible sizes use adaptive pooling windows (overlapping), source = the cell of "
+                  "floor(i*g/h); a non-square keep takes the most square factorisation (a prime K gives 1 x K)")
 
     def default_budget_ok(self) -> bool:
         return self.opts.get("out_grid") is not None
@@ -105,11 +106,11 @@ class Pool(Method):
         if g is not None:
             gh, gw = int(g[0]), int(g[1])
         else:
+            # keep=K: the most square factorisation gh x gw = K (gh <= gw), e.g. 64 -> 8x8,
+            # 128 -> 8x16, 192 -> 12x16, 28 -> 4x7; out_grid chooses another
             k = self.budget.tokens(n)
-            s = math.isqrt(k)
-            if s * s != k:
-                fail(self.name, f"keep={k} is not a square; give out_grid=(gh, gw) with gh*gw={k}")
-            gh = gw = s
+            gh = max(d for d in range(1, math.isqrt(k) + 1) if k % d == 0)
+            gw = k // gh
         if gh < 1 or gw < 1:
             fail(self.name, f"out_grid must be positive, got {(gh, gw)}")
         return gh, gw
