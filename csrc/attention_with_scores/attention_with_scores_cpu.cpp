@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include "../common/cpu_utils.h"
+#include "attention_with_scores_checks.h"
 
 namespace tokenreduce {
 namespace {
@@ -220,47 +221,18 @@ std::tuple<at::Tensor, at::Tensor> attention_with_scores_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, double scale,
     bool causal, const std::optional<at::Tensor>& key_bias,
     const std::optional<at::Tensor>& score_rows) {
-  check_dim(kOp, "q", q_in, 4, "[B, H, Nq, Dh]");
-  check_dim(kOp, "k", k_in, 4, "[B, Hkv, Nk, Dh]");
-  check_dim(kOp, "v", v_in, 4, "[B, Hkv, Nk, Dv]");
-  check_float(kOp, "q", q_in);
-  TR_CHECK_TYPE("attention_with_scores",
-                k_in.scalar_type() == q_in.scalar_type() && v_in.scalar_type() == q_in.scalar_type(),
-                "q, k and v must share a dtype, got ", q_in.scalar_type(), ", ", k_in.scalar_type(),
-                " and ", v_in.scalar_type());
-  check_device(kOp, "k", k_in, q_in);
-  check_device(kOp, "v", v_in, q_in);
-  const int64_t B = q_in.size(0), H = q_in.size(1), Nq = q_in.size(2), Dh = q_in.size(3);
-  const int64_t Hkv = k_in.size(1), Nk = k_in.size(2), Dv = v_in.size(3);
-  TR_CHECK_VALUE("attention_with_scores", k_in.size(0) == B && v_in.size(0) == B,
-                 "batch sizes differ: q ", q_in.sizes(), ", k ", k_in.sizes(), ", v ", v_in.sizes());
-  TR_CHECK_VALUE("attention_with_scores", k_in.size(3) == Dh, "k's head dim ", k_in.size(3),
-                 " differs from q's ", Dh);
-  TR_CHECK_VALUE("attention_with_scores", v_in.size(1) == Hkv && v_in.size(2) == Nk,
-                 "v ", v_in.sizes(), " must match k ", k_in.sizes(), " in heads and keys");
-  TR_CHECK_VALUE("attention_with_scores", Hkv > 0 && H % Hkv == 0, "q's heads (", H,
-                 ") must be a multiple of k's heads (", Hkv, ")");
-  TR_CHECK_VALUE("attention_with_scores", Nk > 0, "k must hold at least one key");
+  const AttentionShape sh = check_attention_args(q_in, k_in, v_in, key_bias, score_rows);
+  const int64_t B = sh.B, H = sh.H, Nq = sh.Nq, Hkv = sh.Hkv, Nk = sh.Nk, Dv = sh.Dv;
 
   at::Tensor bias;
   if (key_bias.has_value()) {
-    check_float(kOp, "key_bias", *key_bias);
-    check_device(kOp, "key_bias", *key_bias, q_in);
-    TR_CHECK_VALUE("attention_with_scores",
-                   key_bias->dim() == 2 && key_bias->size(0) == B && key_bias->size(1) == Nk,
-                   "key_bias must have shape [B, Nk] = [", B, ", ", Nk, "], got ", key_bias->sizes());
     bias = key_bias->to(at::toOpMathType(q_in.scalar_type())).contiguous();
   }
 
   // weight of each query row in the scores: (times listed) / (H * R)
   std::vector<double> row_weight(Nq, 0.0);
   if (score_rows.has_value()) {
-    const at::Tensor& rows_t = *score_rows;
-    check_long(kOp, "score_rows", rows_t);
-    TR_CHECK_VALUE("attention_with_scores", rows_t.dim() == 1 && rows_t.numel() > 0,
-                   "score_rows must be a non-empty 1-D tensor of query positions, got shape ",
-                   rows_t.sizes());
-    const at::Tensor rows = rows_t.cpu().contiguous();
+    const at::Tensor rows = score_rows->cpu().contiguous();
     const int64_t R = rows.numel();
     const int64_t* rp = rows.data_ptr<int64_t>();
     for (int64_t e = 0; e < R; ++e) {

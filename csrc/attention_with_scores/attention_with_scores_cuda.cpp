@@ -14,6 +14,7 @@
 
 #include "../common/cpu_utils.h"
 #include "../common/cuda_glue.h"
+#include "attention_with_scores_checks.h"
 #include "attention_with_scores_launch.h"
 
 namespace tokenreduce {
@@ -35,27 +36,8 @@ std::tuple<at::Tensor, at::Tensor> attention_with_scores_cuda(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, double scale,
     bool causal, const std::optional<at::Tensor>& key_bias,
     const std::optional<at::Tensor>& score_rows) {
-  check_dim(kOp, "q", q_in, 4, "[B, H, Nq, Dh]");
-  check_dim(kOp, "k", k_in, 4, "[B, Hkv, Nk, Dh]");
-  check_dim(kOp, "v", v_in, 4, "[B, Hkv, Nk, Dv]");
-  check_float(kOp, "q", q_in);
-  TR_CHECK_TYPE("attention_with_scores",
-                k_in.scalar_type() == q_in.scalar_type() && v_in.scalar_type() == q_in.scalar_type(),
-                "q, k and v must share a dtype, got ", q_in.scalar_type(), ", ", k_in.scalar_type(),
-                " and ", v_in.scalar_type());
-  check_device(kOp, "k", k_in, q_in);
-  check_device(kOp, "v", v_in, q_in);
-  const int64_t B = q_in.size(0), H = q_in.size(1), Nq = q_in.size(2), Dh = q_in.size(3);
-  const int64_t Hkv = k_in.size(1), Nk = k_in.size(2), Dv = v_in.size(3);
-  TR_CHECK_VALUE("attention_with_scores", k_in.size(0) == B && v_in.size(0) == B,
-                 "batch sizes differ: q ", q_in.sizes(), ", k ", k_in.sizes(), ", v ", v_in.sizes());
-  TR_CHECK_VALUE("attention_with_scores", k_in.size(3) == Dh, "k's head dim ", k_in.size(3),
-                 " differs from q's ", Dh);
-  TR_CHECK_VALUE("attention_with_scores", v_in.size(1) == Hkv && v_in.size(2) == Nk,
-                 "v ", v_in.sizes(), " must match k ", k_in.sizes(), " in heads and keys");
-  TR_CHECK_VALUE("attention_with_scores", Hkv > 0 && H % Hkv == 0, "q's heads (", H,
-                 ") must be a multiple of k's heads (", Hkv, ")");
-  TR_CHECK_VALUE("attention_with_scores", Nk > 0, "k must hold at least one key");
+  const AttentionShape sh = check_attention_args(q_in, k_in, v_in, key_bias, score_rows);
+  const int64_t B = sh.B, H = sh.H, Nq = sh.Nq, Dh = sh.Dh, Hkv = sh.Hkv, Nk = sh.Nk, Dv = sh.Dv;
   // limits of the CUDA kernels
   TR_CHECK_VALUE("attention_with_scores", Dh >= 1 && Dh <= attn::kMaxHeadDim && Dv >= 1 &&
                      Dv <= attn::kMaxHeadDim,
@@ -72,21 +54,12 @@ std::tuple<at::Tensor, at::Tensor> attention_with_scores_cuda(
   const auto acc_dtype = at::toOpMathType(q_in.scalar_type());
   at::Tensor bias;
   if (key_bias.has_value()) {
-    check_float(kOp, "key_bias", *key_bias);
-    check_device(kOp, "key_bias", *key_bias, q_in);
-    TR_CHECK_VALUE("attention_with_scores",
-                   key_bias->dim() == 2 && key_bias->size(0) == B && key_bias->size(1) == Nk,
-                   "key_bias must have shape [B, Nk] = [", B, ", ", Nk, "], got ", key_bias->sizes());
     bias = key_bias->to(acc_dtype).contiguous();
   }
   at::Tensor rows;
   int64_t R = -1;  // -1: every row is scored
   if (score_rows.has_value()) {
-    check_long(kOp, "score_rows", *score_rows);
     check_device(kOp, "score_rows", *score_rows, q_in);
-    TR_CHECK_VALUE("attention_with_scores", score_rows->dim() == 1 && score_rows->numel() > 0,
-                   "score_rows must be a non-empty 1-D tensor of query positions, got shape ",
-                   score_rows->sizes());
     TR_CHECK_VALUE("attention_with_scores", score_rows->numel() < (int64_t(1) << 31),
                    "score_rows is too long (", score_rows->numel(), " entries)");
     rows = score_rows->contiguous();

@@ -20,6 +20,7 @@
 #include <numeric>
 
 #include "../common/cpu_utils.h"
+#include "bipartite_merge_checks.h"
 
 namespace tokenreduce {
 namespace {
@@ -241,30 +242,12 @@ void bipartite_merge_cpu_impl(const at::Tensor& x, const at::Tensor& metric, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge_cpu(
     const at::Tensor& x_in, int64_t r, const std::optional<at::Tensor>& metric_in,
     const std::optional<at::Tensor>& size_in, int64_t protect, c10::string_view order) {
-  check_dim(kOp, "x", x_in, 3, "[B, N, D]");
-  check_float(kOp, "x", x_in);
-  TR_CHECK_VALUE("bipartite_merge", order == "tome" || order == "spatial",
-                 "order must be \"tome\" or \"spatial\", got \"", std::string(order), "\"");
+  check_bipartite_merge_args(x_in, r, metric_in, size_in, protect, order);
   const int64_t B = x_in.size(0), N = x_in.size(1), D = x_in.size(2);
-  TR_CHECK_VALUE("bipartite_merge", protect >= 0 && protect <= N, "protect=", protect,
-                 " must lie in [0, N=", N, "]");
-  TR_CHECK_VALUE("bipartite_merge", r >= 0 && r <= (N - protect) / 2, "r=", r,
-                 " must lie in [0, (N - protect) // 2 = ", (N - protect) / 2, "] (N=", N,
-                 ", protect=", protect, ")");
   const auto acc_dtype = at::toOpMathType(x_in.scalar_type());
   at::Tensor metric = metric_in.has_value() ? *metric_in : x_in;
-  if (metric_in.has_value()) {
-    check_float(kOp, "metric", metric);
-    check_device(kOp, "metric", metric, x_in);
-    TR_CHECK_VALUE("bipartite_merge", metric.dim() == 3 && metric.size(0) == B && metric.size(1) == N,
-                   "metric must have shape [B, N, Dm] = [", B, ", ", N, ", Dm], got ", metric.sizes());
-  }
   at::Tensor size;
   if (size_in.has_value()) {
-    check_float(kOp, "size", *size_in);
-    check_device(kOp, "size", *size_in, x_in);
-    TR_CHECK_VALUE("bipartite_merge", size_in->dim() == 2 && size_in->size(0) == B && size_in->size(1) == N,
-                   "size must have shape [B, N] = [", B, ", ", N, "], got ", size_in->sizes());
     size = size_in->to(acc_dtype).contiguous();
   } else {
     size = at::ones({B, N}, x_in.options().dtype(acc_dtype));
