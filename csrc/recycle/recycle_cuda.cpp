@@ -9,6 +9,7 @@
 
 #include "../common/cpu_utils.h"
 #include "../common/cuda_glue.h"
+#include "recycle_checks.h"
 #include "recycle_launch.h"
 
 namespace tokenreduce {
@@ -20,43 +21,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recycle_cuda(
     const at::Tensor& x_in, const at::Tensor& target_in, const at::Tensor& source_in,
     const std::optional<at::Tensor>& weight_in, const std::optional<at::Tensor>& assign_in,
     const std::optional<at::Tensor>& features_in, c10::string_view metric, bool include_target) {
-  check_dim(kOp, "x", x_in, 3, "[B, N, D]");
-  check_float(kOp, "x", x_in);
-  TR_CHECK_VALUE("recycle", metric == "cosine", "metric must be \"cosine\", got \"",
-                 std::string(metric), "\"");
+  check_recycle_args(x_in, target_in, source_in, weight_in, assign_in, features_in, metric);
   const int64_t B = x_in.size(0), N = x_in.size(1), D = x_in.size(2);
-  check_long(kOp, "target", target_in);
-  check_long(kOp, "source", source_in);
-  check_device(kOp, "target", target_in, x_in);
-  check_device(kOp, "source", source_in, x_in);
-  TR_CHECK_VALUE("recycle", target_in.dim() == 2 && target_in.size(0) == B,
-                 "target must have shape [B, T] with B=", B, ", got ", target_in.sizes());
-  TR_CHECK_VALUE("recycle", source_in.dim() == 2 && source_in.size(0) == B,
-                 "source must have shape [B, S] with B=", B, ", got ", source_in.sizes());
   const int64_t T = target_in.size(1), S = source_in.size(1);
   const auto acc_dtype = at::toOpMathType(x_in.scalar_type());
-  if (weight_in.has_value()) {
-    check_float(kOp, "weight", *weight_in);
-    check_device(kOp, "weight", *weight_in, x_in);
-    TR_CHECK_VALUE("recycle", weight_in->dim() == 2 && weight_in->size(0) == B && weight_in->size(1) == N,
-                   "weight must have shape [B, N] = [", B, ", ", N, "], got ", weight_in->sizes());
-  }
   at::Tensor feats;
-  if (assign_in.has_value()) {
-    check_long(kOp, "assign", *assign_in);
-    check_device(kOp, "assign", *assign_in, x_in);
-    TR_CHECK_VALUE("recycle", assign_in->dim() == 2 && assign_in->size(0) == B && assign_in->size(1) == S,
-                   "assign must have shape [B, S] = [", B, ", ", S, "], got ", assign_in->sizes());
-  } else {
-    TR_CHECK_VALUE("recycle", T > 0 || S == 0, "sources need at least one target to join (T=0, S=",
-                   S, "); pass assign to drop them");
+  if (!assign_in.has_value()) {
     feats = features_in.has_value() ? *features_in : x_in;
-    if (features_in.has_value()) {
-      check_float(kOp, "features", feats);
-      check_device(kOp, "features", feats, x_in);
-      TR_CHECK_VALUE("recycle", feats.dim() == 3 && feats.size(0) == B && feats.size(1) == N,
-                     "features must have shape [B, N, Df] = [", B, ", ", N, ", Df], got ", feats.sizes());
-    }
     check_int_range(kOp, "Df", feats.size(2));
   }
   check_int_range(kOp, "N", N);
