@@ -397,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16", "fp32", "fp16", "bf16"),
                     help="model dtype (default float32 on the CPU, float16 on CUDA)")
     pr.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed calls first (default 1)")
-    pr.add_argument("--repeat", type=int, default=3, metavar="N", help="timed calls (default 3)")
+    pr.add_argument("--repeat", type=int, default=5, metavar="N", help="timed calls (default 5)")
     pr.add_argument("--new-tokens", type=int, default=4, metavar="N",
                     help="VLMs: greedy tokens generated (decode timing, token agreement; default 4)")
     pr.add_argument("--prompt", default="Describe the image in one sentence.", help="VLMs: the text prompt")

