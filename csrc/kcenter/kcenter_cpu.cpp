@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include "../common/cpu_utils.h"
+#include "kcenter_checks.h"
 
 namespace tokenreduce {
 namespace {
@@ -170,32 +171,16 @@ std::tuple<at::Tensor, at::Tensor> kcenter_cpu(const at::Tensor& x_in, int64_t k
                                                c10::string_view metric, int64_t first,
                                                const std::optional<at::Tensor>& first_index,
                                                bool isolated, const std::optional<at::Tensor>& mask) {
-  check_dim(kOp, "x", x_in, 3, "[B, N, D]");
-  check_float(kOp, "x", x_in);
-  TR_CHECK_VALUE("kcenter", metric == "cosine" || metric == "l2",
-                 "metric must be \"cosine\" or \"l2\", got \"", std::string(metric), "\"");
+  check_kcenter_args(x_in, k, metric, first_index, mask);
   const int64_t B = x_in.size(0), N = x_in.size(1);
-  TR_CHECK_VALUE("kcenter", k >= 0 && k <= N, "k=", k, " must lie in [0, N=", N, "]");
   at::Tensor firsts;
   if (first_index.has_value()) {
-    check_long(kOp, "first", *first_index);
-    check_device(kOp, "first", *first_index, x_in);
-    TR_CHECK_VALUE("kcenter", first_index->dim() == 1 && first_index->size(0) == B,
-                   "first must be an int or an int64 tensor of shape [B] = [", B, "], got shape ",
-                   first_index->sizes());
     firsts = first_index->contiguous();
   } else {
     firsts = at::full({B}, first, x_in.options().dtype(at::kLong));
   }
   at::Tensor m;
-  if (mask.has_value()) {
-    TR_CHECK_TYPE("kcenter", mask->scalar_type() == at::kBool, "mask must be a bool tensor, got ",
-                  mask->scalar_type());
-    check_device(kOp, "mask", *mask, x_in);
-    TR_CHECK_VALUE("kcenter", mask->dim() == 2 && mask->size(0) == B && mask->size(1) == N,
-                   "mask must have shape [B, N] = [", B, ", ", N, "], got ", mask->sizes());
-    m = mask->contiguous();
-  }
+  if (mask.has_value()) m = mask->contiguous();
   const at::Tensor x = last_dim_contiguous(x_in);
   const auto acc_dtype = at::toOpMathType(x.scalar_type());
   at::Tensor index = at::empty({B, k}, x.options().dtype(at::kLong));

