@@ -97,14 +97,9 @@ class BuildPyWithKernelSources(build_py):
 
 
 setup(
-    name="tokenreduce",
-    version="0.1.0",
-    description="Fast, measurable visual token reduction: fused ops, published methods, a CLI",
+    # name, version, dependencies (with their supported ranges) and the console script are
+    # declared in pyproject.toml; this file adds what needs code: the extension and build_py
     packages=find_packages(include=["tokenreduce", "tokenreduce.*"]),
-    python_requires=">=3.10",
-    install_requires=["torch>=2.4", "rich>=13"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "numpy"], "nvrtc": ["cupy-cuda13x"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True), "build_py": BuildPyWithKernelSources},
-    entry_points={"console_scripts": ["tokenreduce=tokenreduce.cli:main"]},
 )

