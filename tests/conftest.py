@@ -20,3 +20,12 @@ def gen(request):
 
 def randn(g, *shape, dtype=torch.float32):
     return torch.randn(*shape, generator=g).to(dtype)
+
+
+def pytest_report_header(config):
+    """The fuzz suite's seed (fresh each run unless TOKENREDUCE_FUZZ_SEED is set)."""
+    import os
+    import random
+
+    os.environ.setdefault("TOKENREDUCE_FUZZ_SEED", str(random.SystemRandom().randrange(2**31)))
+    return f"tokenreduce fuzz seed: {os.environ['TOKENREDUCE_FUZZ_SEED']} (TOKENREDUCE_FUZZ_SEED=... to rerun)"

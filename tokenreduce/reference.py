@@ -73,12 +73,15 @@ def kcenter(
     """DivPrune's greedy max-min: a full distance matrix, then a Python loop over picks
     (and over the batch: the published code runs one image at a time).
 
-    x [B, N, D] -> index [B, k] int64, mindist [B, N] float32.
+    x [B, N, D] -> index [B, k] int64, mindist [B, N] float32. k = 0 picks nothing and every
+    distance to the (empty) set is +inf; negative ``first`` indices count from the end.
     """
     B, N, _ = x.shape
     acc = _acc(x)
     index = torch.empty(B, k, dtype=torch.long, device=x.device)
     mindist = torch.empty(B, N, dtype=acc, device=x.device)
+    if k == 0:
+        return index, mindist.fill_(math.inf)
     for b in range(B):
         xb = x[b].to(acc)
         if metric == "cosine":
@@ -91,7 +94,7 @@ def kcenter(
             nn = nn.min(dim=0).values if N > 1 else torch.zeros(1, dtype=acc, device=x.device)
             pick = nn.masked_fill(~eligible, -math.inf).argmax()
         elif isinstance(first, Tensor):
-            pick = first[b]
+            pick = first[b] % N
         else:
             pick = torch.tensor(first % N if first < 0 else first, device=x.device)
         picked = torch.zeros(N, dtype=torch.bool, device=x.device)
@@ -118,11 +121,14 @@ def bipartite_merge(
     of facebookresearch/ToMe `tome/merge.py`, generalised to `protect` tokens.
 
     x [B, N, D] -> merged [B, N - r, D], size [B, N - r], source [B, N] int64.
+    ``size`` is [B, N] or ToMe's [B, N, 1].
     """
     B, N, D = x.shape
     acc = _acc(x)
     dev = x.device
     metric = x if metric is None else metric
+    if size is not None and size.dim() == 3:
+        size = size.squeeze(-1)
     size = torch.ones(B, N, dtype=acc, device=dev) if size is None else size.to(acc)
     if r == 0:  # ToMe's do_nothing
         return x.clone(), size.clone(), torch.arange(N, device=dev).expand(B, N).clone()
@@ -203,9 +209,14 @@ def recycle(
     `scatter_reduce`, the way VisionZip-style code aggregates pruned tokens.
 
     x [B, N, D], target [B, T], source [B, S] -> out [B, T, D], count [B, T] int64.
+    With T = 0 every source must be dropped (``assign`` all -1, or S = 0), as in the op.
     """
     B, N, D = x.shape
     T = target.shape[1]
+    if T == 0 and source.shape[1] > 0 and (assign is None or bool((assign >= 0).any())):
+        raise ValueError(f"reference.recycle: sources need at least one target to join (T=0, S={source.shape[1]})")
+    if T == 0:
+        return x.new_zeros(B, 0, D), torch.zeros(B, 0, dtype=torch.long, device=x.device)
     acc = _acc(x)
     feats = x if features is None else features
     w = torch.ones(B, N, dtype=acc, device=x.device) if weight is None else weight.to(acc)
