@@ -73,6 +73,11 @@ def _element_size(dtype: torch.dtype) -> int:
     return torch.tensor([], dtype=dtype).element_size()
 
 
+def _tokens(B: int, N: int, D: int, dtype: torch.dtype) -> Callable[[int], Inputs]:
+    """make_inputs of a case whose one input is the tokens x [B, N, D]."""
+    return lambda seed: (_randn(_gen(seed), B, N, D, dtype=dtype),)
+
+
 # --------------------------------------------------------------------------------------
 # one builder per op: (quick, dtype) -> Case
 # --------------------------------------------------------------------------------------
@@ -81,20 +86,15 @@ def _element_size(dtype: torch.dtype) -> int:
 def kcenter_case(quick: bool, dtype: torch.dtype = torch.float32) -> Case:
     """kcenter on x [B, N, D]: k centres from ``first`` (full: B=8 N=576 D=1024 k=64)."""
     B, N, D, k, first = (2, 129, 128, 16, 0) if quick else (8, 576, 1024, 64, 0)
-    es = _element_size(dtype)
-
-    def make_inputs(seed: int) -> Inputs:
-        return (_randn(_gen(seed), B, N, D, dtype=dtype),)
-
     return Case(
         op="kcenter",
         shape=f"B={B} N={N} D={D} k={k} first={first}",
         dtype=dtype,
-        make_inputs=make_inputs,
+        make_inputs=_tokens(B, N, D, dtype),
         tokenreduce=lambda x: ops.kcenter(x, k, first=first),
         reference=lambda x: reference.kcenter(x, k, first=first),
         # read x; write index [B, k] int64 + mindist [B, N] float32
-        bytes_moved=B * N * D * es + B * k * 8 + B * N * 4,
+        bytes_moved=B * N * D * _element_size(dtype) + B * k * 8 + B * N * 4,
         target=5.0,
         quick=quick,
     )
@@ -104,15 +104,11 @@ def bipartite_merge_case(quick: bool, dtype: torch.dtype = torch.float32) -> Cas
     """bipartite_merge of x [B, N, D] by r tokens (full: B=8 N=577 D=1024 r=288 protect=1)."""
     B, N, D, r, protect = (2, 129, 128, 64, 1) if quick else (8, 577, 1024, 288, 1)
     es = _element_size(dtype)
-
-    def make_inputs(seed: int) -> Inputs:
-        return (_randn(_gen(seed), B, N, D, dtype=dtype),)
-
     return Case(
         op="bipartite_merge",
         shape=f"B={B} N={N} D={D} r={r} protect={protect}",
         dtype=dtype,
-        make_inputs=make_inputs,
+        make_inputs=_tokens(B, N, D, dtype),
         tokenreduce=lambda x: ops.bipartite_merge(x, r, protect=protect),
         reference=lambda x: reference.bipartite_merge(x, r, protect=protect),
         # read x; write merged [B, N-r, D] + size [B, N-r] float32 + source [B, N] int64
