@@ -1,4 +1,4 @@
-"""pytest-benchmark suite of the tokenreduce ops, built from `tokenreduce.benchmarks`.
+"""pytest-benchmark suite of the tokenreduce ops, built from `tokenreduce.bench`'s cases.
 
     pytest bench -q            the issue's target shapes; speed targets asserted
     pytest bench -q --quick    small shapes (CI smoke run): same tests, targets not asserted
@@ -6,7 +6,7 @@
 ``--quick`` can also be given as the environment variable ``TOKENREDUCE_BENCH_QUICK=1``;
 ``--bench-threads N`` sets torch's thread count for the measurements (default 2);
 ``--allocator warm|default`` the C allocator setting (default warm, see
-`tokenreduce.benchmarks.configure_allocator`).
+`tokenreduce.measure.configure_allocator`).
 The same-run speedups (and attention's peak memory) are printed at the end of the run.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Dict, List
 
 import pytest
 
-from tokenreduce import benchmarks as bm
+from tokenreduce import bench, measure
 
 
 def pytest_addoption(parser):
@@ -28,7 +28,7 @@ def pytest_addoption(parser):
                     help="torch threads during the measurements (default 2)")
     group.addoption("--allocator", choices=("warm", "default"), default="warm",
                     help="C allocator setting for the run, see "
-                         "tokenreduce.benchmarks.configure_allocator (default warm)")
+                         "tokenreduce.measure.configure_allocator (default warm)")
 
 
 def _is_quick(config) -> bool:
@@ -38,7 +38,7 @@ def _is_quick(config) -> bool:
 
 def pytest_generate_tests(metafunc):
     if "case" in metafunc.fixturenames:
-        cases = bm.cases(quick=_is_quick(metafunc.config))
+        cases = bench.cases(quick=_is_quick(metafunc.config))
         metafunc.parametrize("case", cases, ids=[c.op for c in cases])
 
 
@@ -64,10 +64,10 @@ def input_sets(case, bench_threads):
     reference: a benchmark never times a kernel whose outputs are wrong."""
     key = f"{case.id}/quick={case.quick}"
     if key not in _INPUTS:
-        sets = bm.make_input_sets(case)
-        with bm.threads(bench_threads):
+        sets = bench.make_input_sets(case)
+        with measure.threads(bench_threads):
             for inputs in sets:
-                bm.check_outputs(case, case.tokenreduce(*inputs), case.reference(*inputs))
+                bench.check_outputs(case, case.tokenreduce(*inputs), case.reference(*inputs))
         _INPUTS[key] = sets
     return _INPUTS[key]
 
@@ -78,7 +78,7 @@ _SUMMARY_KEY = pytest.StashKey[List[str]]()
 def pytest_configure(config):
     config.stash[_SUMMARY_KEY] = []
     # a warm allocator for the whole run: timings do not depend on glibc's history
-    bm.configure_allocator(config.getoption("--allocator", default="warm"))
+    measure.configure_allocator(config.getoption("--allocator", default="warm"))
 
 
 @pytest.fixture
@@ -91,7 +91,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     lines = config.stash.get(_SUMMARY_KEY, [])
     if lines:
         mode = "quick (targets not asserted)" if _is_quick(config) else "full"
-        alloc = bm.env_info()["allocator"]["mode"]
+        alloc = measure.env_info()["allocator"]["mode"]
         terminalreporter.write_sep("-", f"tokenreduce same-run speedups: {mode} mode, "
                                         f"{alloc} allocator")
         for line in lines:

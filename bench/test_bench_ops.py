@@ -1,6 +1,6 @@
 """Benchmarks of each op and its plain-PyTorch reference (grouped per case, so
 pytest-benchmark shows them side by side), and the speed targets checked from a same-run
-measurement of both. The cases are `tokenreduce.benchmarks.cases()`, the same list the
+measurement of both. The cases are `tokenreduce.bench.cases()`, the same list the
 ``tokenreduce bench`` command runs. Fixtures (``case``, ``input_sets``, ``quick``...) are
 in bench/conftest.py; ``input_sets`` checks the op's outputs against the reference first.
 """
@@ -10,7 +10,8 @@ import itertools
 
 import pytest
 
-from tokenreduce import benchmarks as bm
+from tokenreduce import bench, measure
+from tokenreduce.bench import report
 
 
 def _benchmark(benchmark, case, fn, input_sets, quick, bench_threads, impl):
@@ -23,7 +24,7 @@ def _benchmark(benchmark, case, fn, input_sets, quick, bench_threads, impl):
     def setup():
         return next(rotation), {}
 
-    with bm.threads(bench_threads):
+    with measure.threads(bench_threads):
         benchmark.pedantic(fn, setup=setup, rounds=12 if quick else 15,
                            warmup_rounds=2 if quick else 3, iterations=1)
 
@@ -39,9 +40,9 @@ def test_reference(benchmark, case, input_sets, quick, bench_threads):
 def test_speedup_target(case, input_sets, quick, bench_threads, speed_log):
     """The op against its reference, timed in the same run (alternating blocks of calls,
     median of each side); the target is asserted on the full shapes only."""
-    ours, ref = bm.measure_case(case, n_threads=bench_threads, input_sets=input_sets,
-                                check=False,  # input_sets already checked the outputs
-                                memory=case.attn_buffer_bytes is not None)
+    ours, ref = bench.measure_case(case, n_threads=bench_threads, input_sets=input_sets,
+                                   check=False,  # input_sets already checked the outputs
+                                   memory=case.attn_buffer_bytes is not None)
     speedup = ours["speedup"]
     if quick or case.target is None:
         verdict = "not asserted"
@@ -52,7 +53,7 @@ def test_speedup_target(case, input_sets, quick, bench_threads, speed_log):
         f"(IQR {ours['iqr_ms']:.3f}), reference {ref['median_ms']:.3f} ms "
         f"(IQR {ref['iqr_ms']:.3f}): {speedup:.2f}x (target >= {case.target:g}x: {verdict})"
     )
-    speed_log.extend(bm.memory_lines([ours, ref]))
+    speed_log.extend(report.memory_lines([ours, ref]))
     if quick or case.target is None:
         return
     assert speedup >= case.target, (

@@ -1,8 +1,10 @@
 """The ``tokenreduce`` command line: ``info`` and a quick ``bench`` with a JSON report."""
 import json
 
-from tokenreduce import benchmarks
-from tokenreduce.cli import kernel_table, main
+import pytest
+
+from tokenreduce import bench
+from tokenreduce.cli import OPS, kernel_table, main
 
 ROW_FIELDS = {"op", "shape", "dtype", "impl", "median_ms", "iqr_ms", "speedup", "gbps",
               "bytes_moved", "threads", "target", "target_met", "correct", "peak_extra_bytes"}
@@ -12,14 +14,14 @@ ENV_FIELDS = {"tokenreduce", "torch", "python", "threads", "cpu_model", "build_i
 def test_info(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    for op in benchmarks.OP_NAMES:
+    for op in OPS:
         assert op in out
     assert "torch" in out and "CUDA" in out
 
 
 def test_kernel_table_has_cpu_and_fake_kernels():
     rows = {r["op"]: r for r in kernel_table()}
-    assert set(rows) == set(benchmarks.OP_NAMES)
+    assert set(rows) == set(OPS)
     for op, row in rows.items():
         assert row["CPU"] and row["fake"], row
     assert not rows["kcenter"]["autograd"]  # kcenter is not differentiable
@@ -48,3 +50,16 @@ def test_bench_quick_json(tmp_path, capsys):
     assert ref["speedup"] == 1.0
     assert abs(ours["speedup"] - ref["median_ms"] / ours["median_ms"]) < 1e-9
     assert ours["target"] == 5.0
+
+
+def test_every_op_has_a_bench_case():
+    assert set(bench.CASE_BUILDERS) == set(OPS)
+    for quick in (True, False):
+        assert [c.op for c in bench.cases(quick=quick)] == list(bench.CASE_BUILDERS)
+        assert all(c.quick is quick for c in bench.cases(quick=quick))
+    assert [c.op for c in bench.cases(quick=True, op_names=["recycle", "kcenter"])] == ["kcenter", "recycle"]
+
+
+def test_bench_unknown_op_names_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown op\(s\) \['nope'\]; choose from \['kcenter', "):
+        bench.cases(op_names=["nope"])

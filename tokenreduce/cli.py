@@ -21,10 +21,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__
-from . import benchmarks as bm
+from . import __version__, bench, measure
+from .bench import report as bench_report
 
-OPS = bm.OP_NAMES
+# MERGE(issue 9): the op list lives in `tokenreduce.ops.registry.OPS`; switch this one line to
+# `from .ops.registry import OPS` at merge (until then the bench case builders' op names stand in)
+OPS = tuple(bench.CASE_BUILDERS)
 
 
 # --------------------------------------------------------------------------------------
@@ -78,7 +80,7 @@ def _yes(v: bool) -> str:
 
 
 def cmd_info(args: argparse.Namespace, console: Console) -> int:
-    env = bm.env_info()
+    env = measure.env_info()
     about = Table(title="tokenreduce", show_header=False, title_justify="left")
     about.add_column(style="bold")
     about.add_column()
@@ -122,96 +124,27 @@ def cmd_info(args: argparse.Namespace, console: Console) -> int:
 # --------------------------------------------------------------------------------------
 
 
-def _mib(n: Optional[int]) -> str:
-    return "n/a" if n is None else f"{n / 2**20:.2f} MiB"
-
-
-def _target_cell(row: Dict[str, Any]) -> str:
-    if row["impl"] != "tokenreduce" or row["target"] is None:
-        return ""
-    if row["target_met"] is None:
-        return f"[dim]>={row['target']:g}x (quick: n/a)[/]"
-    mark = "[green]met[/]" if row["target_met"] else "[bold red]MISSED[/]"
-    return f"{mark} (>={row['target']:g}x)"
-
-
-def results_table(report: Dict[str, Any]) -> Table:
-    env = report["env"]
-    table = Table(
-        title=f"tokenreduce bench: {report['mode']} mode, {env['threads']} threads, "
-              f"{env['cpu_model']}, torch {env['torch']}, "
-              f"{env.get('allocator', {}).get('mode', '?')} allocator",
-        title_justify="left",
-    )
-    for col, just in (("op", "left"), ("shape", "left"), ("dtype", "left"),
-                      ("implementation", "left"), ("median ms (IQR)", "right"),
-                      ("speedup", "right"), ("GB/s", "right"), ("peak extra mem", "right"),
-                      ("target", "left")):
-        table.add_column(col, justify=just, no_wrap=col != "shape")
-    prev = None
-    for row in report["results"]:
-        first = (row["op"], row["shape"]) != prev
-        prev = (row["op"], row["shape"])
-        if first and table.rows:
-            table.add_section()
-        ours = row["impl"] == "tokenreduce"
-        table.add_row(
-            row["op"] if first else "",
-            row["shape"] if first else "",
-            row["dtype"] if first else "",
-            row["impl"],
-            f"{row['median_ms']:.3f} ({row['iqr_ms']:.3f})",
-            f"[bold]{row['speedup']:.2f}x[/]" if ours else "1.00x",
-            f"{row['gbps']:.3g}",
-            _mib(row.get("peak_extra_bytes")),
-            _target_cell(row),
-        )
-    table.caption = ("speedup = reference median / median (same run); GB/s = bytes the op "
-                     "must read and write / median")
-    return table
-
-
 def cmd_bench(args: argparse.Namespace, console: Console) -> int:
-    quick = bool(args.quick)
+    """Time the ops against their references (`tokenreduce.bench` does the work)."""
     if args.threads is not None and args.threads < 1:
         console.print("[red]--threads must be >= 1[/]")
         return 2
 
-    def progress(case: bm.Case) -> None:
+    def progress(case: bench.Case) -> None:
         console.print(f"[dim]timing {case.op} [{case.shape}] ...[/]", highlight=False)
 
     try:
-        report = bm.run(quick=quick, op_names=args.op, n_threads=args.threads,
-                        warmup=args.warmup, repeat=args.repeat, memory=not args.no_memory,
-                        allocator=args.allocator, progress=progress)
+        report = bench.run(quick=bool(args.quick), op_names=args.op, n_threads=args.threads,
+                           warmup=args.warmup, repeat=args.repeat, memory=not args.no_memory,
+                           allocator=args.allocator, progress=progress)
     except AssertionError as e:
         console.print(f"[bold red]wrong result, nothing timed:[/] {e}", highlight=False)
         return 2
-    console.print(results_table(report))
-    for line in bm.memory_lines(report["results"]):
-        console.print(line, highlight=False)
-    if not args.no_memory:
-        console.print("[dim]peak extra memory: tensor bytes allocated through torch's CPU "
-                      "allocator during one call above those allocated before it, outputs "
-                      "included (torch.profiler, profile_memory=True); native scratch outside "
-                      "torch's allocator is not counted.[/]", highlight=False)
-    missed = [r for r in report["results"] if r["target_met"] is False]
-    if quick:
-        console.print("[dim]quick mode: small shapes; speed targets apply to the full shapes "
-                      "and are not checked.[/]")
-    elif missed:
-        for r in missed:
-            console.print(f"[bold red]target missed:[/] {r['op']} [{r['shape']}]: "
-                          f"{r['speedup']:.2f}x < {r['target']:g}x", highlight=False)
+    bench_report.print_report(report, console, memory=not args.no_memory)
     if args.json:
-        report["targets_checked"] = not quick
-        path = os.path.abspath(args.json)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
+        path = bench_report.write_json(report, args.json)
         console.print(f"results written to {path}", highlight=False)
-    if args.check and missed:
+    if args.check and bench_report.missed_targets(report):
         return 1
     return 0
 
@@ -245,11 +178,11 @@ def cmd_profile(args: argparse.Namespace, console: Console) -> int:
     """Baseline and each method x budget on the same inputs: stage times, memory, FLOPs, fidelity."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .profile import report as RP
-    from .profile import sweep as SW
+    from .profile import report as profile_report
+    from .profile import sweep
 
     try:
-        spec = SW.Spec(model=args.model, methods=args.method, keeps=args.keep or [], ratios=args.ratio or [],
+        spec = sweep.Spec(model=args.model, methods=args.method, keeps=args.keep or [], ratios=args.ratio or [],
                        opts=parse_opts(args.opt), batch=args.batch, device=args.device, dtype=args.dtype,
                        warmup=args.warmup, repeat=args.repeat, new_tokens=args.new_tokens, prompt=args.prompt,
                        layers=args.layers, random_weights=args.random_weights, images=args.images,
@@ -261,21 +194,21 @@ def cmd_profile(args: argparse.Namespace, console: Console) -> int:
             def progress(i: int, n: int, label: str) -> None:
                 bar.update(task, total=n, completed=i, description=f"profiling {label}")
 
-            report = SW.run(spec, progress)
+            report = sweep.run(spec, progress)
     except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         console.print(f"[red]profile: {msg}[/]", highlight=False)
         return 2
     report["command"] = "tokenreduce profile " + " ".join(args.argv_) if getattr(args, "argv_", None) \
         else "tokenreduce profile"
-    console.print(RP.table(report))
+    console.print(profile_report.table(report))
     if not report["fidelity_meaningful"]:
         console.print(f"[bold yellow]{args.model} runs with RANDOM weights: timings, FLOPs and memory are "
                       "faithful, fidelity numbers say nothing about quality.[/]", highlight=False)
     else:
         console.print(f"[dim]{report['published']}; images: {', '.join(report['images'])}; "
                       f"{report['wall_s']:.0f} s in all.[/]", highlight=False)
-    for flag, fn in (("json", RP.write_json), ("csv", RP.write_csv), ("plot", RP.plot)):
+    for flag, fn in (("json", profile_report.write_json), ("csv", profile_report.write_csv), ("plot", profile_report.plot)):
         path = getattr(args, flag)
         if path:
             console.print(f"{flag}: {fn(report, path)}", highlight=False)
@@ -289,8 +222,8 @@ def cmd_profile(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_methods(args: argparse.Namespace, console: Console) -> int:
     """The registered reduction methods: where they run, what they need, their budgets."""
-    from . import methods as M
-    rows = M.describe_all()
+    from . import methods
+    rows = methods.describe_all()
     if args.name:
         wanted = {n.lower().replace("_", "-") for n in args.name}
         unknown = wanted - {r["name"] for r in rows}
@@ -303,7 +236,7 @@ def cmd_methods(args: argparse.Namespace, console: Console) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     if args.markdown:
-        print(M.markdown_table([r["name"] for r in rows]), end="")
+        print(methods.markdown_table([r["name"] for r in rows]), end="")
         return 0
     table = Table(title="tokenreduce reduction methods", show_lines=False)
     for col in ("method", "runs", "needs", "budget / options", "paper"):

@@ -321,8 +321,8 @@ def _peak_bytes(fn: Callable[[], Any], device: torch.device) -> Optional[int]:
         fn()
         torch.cuda.synchronize()
         return int(torch.cuda.max_memory_allocated() - before)
-    from .. import benchmarks as _bm
-    return _bm.peak_extra_bytes(lambda: fn(), ())
+    from ..measure import peak_extra_bytes
+    return peak_extra_bytes(lambda: fn(), ())
 
 
 def _summary(values: List[Optional[float]]) -> Tuple[Optional[float], Optional[float]]:

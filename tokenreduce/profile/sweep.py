@@ -18,9 +18,9 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from .. import methods as _M
+from ..measure import configure_allocator, cpu_model
 from ..methods.base import Stage
-from . import inputs as IN
-from . import runner as R
+from . import inputs, runner
 
 __all__ = ["Spec", "run", "default_methods", "budgets_of", "DEFAULT_RATIOS", "FIDELITY_KEYS"]
 
@@ -48,7 +48,7 @@ class Spec:
     warmup: int = 1
     repeat: int = 5
     new_tokens: int = 4
-    prompt: str = IN.DEFAULT_PROMPT
+    prompt: str = inputs.DEFAULT_PROMPT
     layers: Optional[int] = None
     random_weights: bool = False
     images: Optional[List[str]] = None
@@ -91,13 +91,9 @@ def _resolve_device(spec: Spec):
 
 
 def _env(device) -> Dict[str, Any]:
-    from .. import benchmarks as bm
     env = {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
            "device": str(device)}
-    try:
-        env["cpu_model"] = bm.env_info()["cpu_model"]
-    except Exception:   # pragma: no cover
-        env["cpu_model"] = platform.processor()
+    env["cpu_model"] = cpu_model()
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
@@ -105,37 +101,37 @@ def _env(device) -> Dict[str, Any]:
 
 def load_workload(spec: Spec, device, dtype):
     """(workload, info) for the spec's model: a preset (random weights need ``random_weights``)."""
-    from ..models import presets as P
-    preset = P.PRESETS.get(spec.model)
+    from ..models import presets
+    preset = presets.PRESETS.get(spec.model)
     if preset is None:
-        raise ValueError(f"tokenreduce.profile: unknown model {spec.model!r}; presets: {', '.join(P.names())}")
+        raise ValueError(f"tokenreduce.profile: unknown model {spec.model!r}; presets: {', '.join(presets.names())}")
     if not preset.real and not spec.random_weights:
         raise ValueError(f"tokenreduce.profile: {spec.model} has no real weights here; pass --random-weights "
                          "(latency, FLOPs and memory are faithful, quality numbers are not)")
     size = spec.image_size or preset.image_size
-    ims = IN.load_batch(spec.batch, spec.images)
+    ims = inputs.load_batch(spec.batch, spec.images)
     info = {"model": spec.model, "published": preset.published, "real_weights": preset.real,
             "images": [n for n, _ in ims], "image_size": size}
     if preset.kind == "vision":
-        model = P.build(spec.model, layers=spec.layers, dtype=dtype).to(device)
+        model = presets.build(spec.model, layers=spec.layers, dtype=dtype).to(device)
         decoder = None
         if preset.real and preset.family == "dinov2":
             from ..models.dinov2_onnx import load_dinov2_small
             decoder = load_dinov2_small()[1].to(device)
-        inp = IN.vision_inputs(preset.family, size, ims).to(device, dtype)
-        return R.VisionWorkload(model, inp, decoder), info
-    model = P.build(spec.model, layers=spec.layers, dtype=dtype)
-    inp = IN.vlm_inputs(model, preset.kind, size, ims, spec.prompt)
+        inp = inputs.vision_inputs(preset.family, size, ims).to(device, dtype)
+        return runner.VisionWorkload(model, inp, decoder), info
+    model = presets.build(spec.model, layers=spec.layers, dtype=dtype)
+    inp = inputs.vlm_inputs(model, preset.kind, size, ims, spec.prompt)
     model = model.to(device)
-    return R.VLMWorkload(model, inp.to(device, dtype), spec.new_tokens), info
+    return runner.VLMWorkload(model, inp.to(device, dtype), spec.new_tokens), info
 
 
-def _row(name: str, stage: str, budget, meas: R.Measurement, base: Optional[R.Measurement],
+def _row(name: str, stage: str, budget, meas: runner.Measurement, base: Optional[runner.Measurement],
          fid: Dict[str, float], workload) -> Dict[str, Any]:
     row: Dict[str, Any] = {"method": name, "stage": stage, "budget": _label(budget) if budget else "-",
                            "keep": (budget or {}).get("keep"), "ratio": (budget or {}).get("ratio"),
                            "image_tokens": workload.image_tokens, "tokens_kept": meas.tokens_kept}
-    for k in R.STAGES:
+    for k in runner.STAGES:
         row[f"{k}_ms"] = meas.times[k]
         row[f"{k}_iqr_ms"] = meas.spread[k]
     bt = (base or meas).times["total"]
@@ -174,8 +170,7 @@ def _run(spec: Spec, progress) -> Dict[str, Any]:
         # as `tokenreduce bench`: fixed glibc malloc thresholds, so large activations are
         # reused between calls instead of page-faulted in anew depending on the allocator's
         # history (without it, configurations drifted by 10-20% with the run order)
-        from .. import benchmarks as _BM
-        allocator = _BM.configure_allocator("warm")
+        allocator = configure_allocator("warm")
     t_start = time.perf_counter()
     workload, info = load_workload(spec, device, dtype)
     names = spec.methods if spec.methods else default_methods(workload.kind, spec.max_default_methods)
@@ -189,14 +184,14 @@ def _run(spec: Spec, progress) -> Dict[str, Any]:
     rows_fid0: Dict[str, float] = {}
     # process-level warm-up before anything is timed (lazy kernel setup, allocator growth)
     for _ in range(max(2, spec.warmup + 1)):
-        workload.call(None, R.Timeline(device))
+        workload.call(None, runner.Timeline(device))
     for i, (name, budget) in enumerate(configs):
         label = "baseline (unreduced)" if name is None else f"{name} {_label(budget)}"
         if progress:
             progress(i, len(configs), label)
         torch.manual_seed(spec.seed)
         if name is None:
-            base = R.measure(workload, None, device, spec.warmup, spec.repeat, spec.memory)
+            base = runner.measure(workload, None, device, spec.warmup, spec.repeat, spec.memory)
             rows_fid0 = workload.fidelity(base.first, base.first)
             rows.append(_row("baseline", "-", None, base, None, rows_fid0, workload))
             continue
@@ -207,8 +202,8 @@ def _run(spec: Spec, progress) -> Dict[str, Any]:
             if cls.stage not in workload.stages:
                 raise ValueError(f"{name} runs at stage {cls.stage.value}; {spec.model} takes "
                                  f"{', '.join(s.value for s in workload.stages)}")
-            meth = R.build_method(name, budget, opts)
-            meas = R.measure(workload, meth, device, spec.warmup, spec.repeat, spec.memory)
+            meth = runner.build_method(name, budget, opts)
+            meas = runner.measure(workload, meth, device, spec.warmup, spec.repeat, spec.memory)
             fid = workload.fidelity(base.first, meas.first)
             rows.append(_row(name, cls.stage.value, budget, meas, base, fid, workload))
             timed.append((len(rows) - 1, name, cls.stage.value, budget, meas, fid))
@@ -223,10 +218,10 @@ def _run(spec: Spec, progress) -> Dict[str, Any]:
     if timed and base is not None:
         if progress:
             progress(len(configs) - 1, len(configs), "baseline (again, at the end)")
-        base_end = R.measure(workload, None, device, spec.warmup, spec.repeat, False)
+        base_end = runner.measure(workload, None, device, spec.warmup, spec.repeat, False)
         if base_end.times["total"] < base.times["total"]:
-            faster = R.Measurement(base_end.times, base_end.spread, base.tokens_kept, base.flops,
-                                   base.peak_mem_bytes, base.first, base_end.repeats, base_end.raw)
+            faster = runner.Measurement(base_end.times, base_end.spread, base.tokens_kept, base.flops,
+                                        base.peak_mem_bytes, base.first, base_end.repeats, base_end.raw)
             rows[0] = _row("baseline", "-", None, faster, None, rows_fid0, workload)
             for i, name, stage, budget, meas, fid in timed:
                 rows[i] = _row(name, stage, budget, meas, faster, fid, workload)

@@ -1,0 +1,226 @@
+"""The op bench cases: each op against its plain-PyTorch reference on one input shape.
+
+Each :class:`Case` pairs a tokenreduce op with its reference (`tokenreduce.reference`, the
+way published code computes it today). ``CASE_BUILDERS`` maps each op to the function that
+builds its case: the issue's target shapes (``quick=False``) or small shapes for CI smoke
+runs (``quick=True``). :func:`cases` gives the list; :func:`check_outputs` compares an op's
+outputs with the reference's; :func:`make_input_sets` draws the inputs to rotate among.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .. import ops, reference
+
+__all__ = ["CASE_BUILDERS", "Case", "TOLERANCES", "cases", "check_outputs", "make_input_sets"]
+
+# float tolerance of the correctness check (both sides accumulate in float32)
+TOLERANCES = {
+    torch.float32: dict(atol=1e-4, rtol=1e-4),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+    torch.float64: dict(atol=1e-10, rtol=1e-9),
+}
+
+Inputs = Tuple[torch.Tensor, ...]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark: an op on one input shape.
+
+    ``tokenreduce(*inputs)`` and ``reference(*inputs)`` compute the same outputs from
+    ``inputs = make_inputs(seed)`` (fresh random tensors; same seed, same tensors).
+    ``bytes_moved`` is what the op has to read and write at least (input bytes it reads
+    plus output bytes it writes); effective GB/s = bytes_moved / median time.
+    ``target``: the speedup over the reference the op must reach on the full shapes
+    (``None``: no target). ``attn_buffer_bytes``: for attention, the size of the
+    ``[B, H, Nq, Nk]`` float32 probabilities the eager reference materialises.
+    """
+
+    op: str
+    shape: str
+    dtype: torch.dtype
+    make_inputs: Callable[[int], Inputs] = field(repr=False)
+    tokenreduce: Callable[..., Any] = field(repr=False)
+    reference: Callable[..., Any] = field(repr=False)
+    bytes_moved: int
+    target: Optional[float]
+    quick: bool = False
+    attn_buffer_bytes: Optional[int] = None
+
+    @property
+    def id(self) -> str:
+        return f"{self.op}[{self.shape}]"
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).replace("torch.", "")
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed))
+
+
+def _randn(g: torch.Generator, *shape: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(*shape, generator=g).to(dtype)
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.tensor([], dtype=dtype).element_size()
+
+
+def _tokens(B: int, N: int, D: int, dtype: torch.dtype) -> Callable[[int], Inputs]:
+    """make_inputs of a case whose one input is the tokens x [B, N, D]."""
+    return lambda seed: (_randn(_gen(seed), B, N, D, dtype=dtype),)
+
+
+# --------------------------------------------------------------------------------------
+# one builder per op: (quick, dtype) -> Case
+# --------------------------------------------------------------------------------------
+
+
+def kcenter_case(quick: bool, dtype: torch.dtype = torch.float32) -> Case:
+    """kcenter on x [B, N, D]: k centres from ``first`` (full: B=8 N=576 D=1024 k=64)."""
+    B, N, D, k, first = (2, 129, 128, 16, 0) if quick else (8, 576, 1024, 64, 0)
+    return Case(
+        op="kcenter",
+        shape=f"B={B} N={N} D={D} k={k} first={first}",
+        dtype=dtype,
+        make_inputs=_tokens(B, N, D, dtype),
+        tokenreduce=lambda x: ops.kcenter(x, k, first=first),
+        reference=lambda x: reference.kcenter(x, k, first=first),
+        # read x; write index [B, k] int64 + mindist [B, N] float32
+        bytes_moved=B * N * D * _element_size(dtype) + B * k * 8 + B * N * 4,
+        target=5.0,
+        quick=quick,
+    )
+
+
+def bipartite_merge_case(quick: bool, dtype: torch.dtype = torch.float32) -> Case:
+    """bipartite_merge of x [B, N, D] by r tokens (full: B=8 N=577 D=1024 r=288 protect=1)."""
+    B, N, D, r, protect = (2, 129, 128, 64, 1) if quick else (8, 577, 1024, 288, 1)
+    es = _element_size(dtype)
+    return Case(
+        op="bipartite_merge",
+        shape=f"B={B} N={N} D={D} r={r} protect={protect}",
+        dtype=dtype,
+        make_inputs=_tokens(B, N, D, dtype),
+        tokenreduce=lambda x: ops.bipartite_merge(x, r, protect=protect),
+        reference=lambda x: reference.bipartite_merge(x, r, protect=protect),
+        # read x; write merged [B, N-r, D] + size [B, N-r] float32 + source [B, N] int64
+        bytes_moved=B * N * D * es + B * (N - r) * D * es + B * (N - r) * 4 + B * N * 8,
+        target=2.0,
+        quick=quick,
+    )
+
+
+def recycle_case(quick: bool, dtype: torch.dtype = torch.float32) -> Case:
+    """recycle of x [B, N, D]: S sources into T targets (full: B=8 N=576 D=1024 T=64 S=448)."""
+    B, N, D, T, S = (2, 128, 128, 16, 96) if quick else (8, 576, 1024, 64, 448)
+    es = _element_size(dtype)
+
+    def make_inputs(seed: int) -> Inputs:
+        g = _gen(seed)
+        x = _randn(g, B, N, D, dtype=dtype)
+        # a random permutation per batch row, split into targets and sources
+        perm = torch.rand(B, N, generator=g).argsort(dim=1)
+        return x, perm[:, :T].contiguous(), perm[:, T:T + S].contiguous()
+
+    return Case(
+        op="recycle",
+        shape=f"B={B} N={N} D={D} T={T} S={S}",
+        dtype=dtype,
+        make_inputs=make_inputs,
+        tokenreduce=lambda x, t, s: ops.recycle(x, t, s),
+        reference=lambda x, t, s: reference.recycle(x, t, s),
+        # read the T + S rows of x it uses + target/source int64; write out [B, T, D] +
+        # count [B, T] int64
+        bytes_moved=B * (T + S) * D * es + B * (T + S) * 8 + B * T * D * es + B * T * 8,
+        target=3.0,
+        quick=quick,
+    )
+
+
+def attention_with_scores_case(quick: bool, dtype: torch.dtype = torch.float32) -> Case:
+    """attention_with_scores of q, k, v [B, H, N, Dh], scores of all rows (full: B=2 H=16
+    N=577 Dh=64)."""
+    B, H, N, Dh = (1, 4, 129, 32) if quick else (2, 16, 577, 64)
+    es = _element_size(dtype)
+
+    def make_inputs(seed: int) -> Inputs:
+        g = _gen(seed)
+        return tuple(_randn(g, B, H, N, Dh, dtype=dtype) for _ in range(3))
+
+    return Case(
+        op="attention_with_scores",
+        shape=f"B={B} H={H} N={N} Dh={Dh} rows=all",
+        dtype=dtype,
+        make_inputs=make_inputs,
+        tokenreduce=lambda q, k, v: ops.attention_with_scores(q, k, v),
+        reference=lambda q, k, v: reference.attention_with_scores(q, k, v),
+        # read q, k, v; write out [B, H, N, Dh] + scores [B, N] float32
+        bytes_moved=4 * B * H * N * Dh * es + B * N * 4,
+        target=1.0,
+        quick=quick,
+        attn_buffer_bytes=B * H * N * N * 4,
+    )
+
+
+# op name -> its case builder, in the order the cases run
+CASE_BUILDERS: Dict[str, Callable[[bool, torch.dtype], Case]] = {
+    "kcenter": kcenter_case,
+    "bipartite_merge": bipartite_merge_case,
+    "recycle": recycle_case,
+    "attention_with_scores": attention_with_scores_case,
+}
+
+
+def cases(quick: bool = False, op_names: Optional[Sequence[str]] = None,
+          dtype: torch.dtype = torch.float32) -> List[Case]:
+    """The benchmark cases: the issue's target shapes, or small ``quick`` shapes.
+
+    ``op_names`` keeps only the named ops (in ``CASE_BUILDERS``' order).
+    """
+    if op_names is not None:
+        unknown = sorted(set(op_names) - set(CASE_BUILDERS))
+        if unknown:
+            raise ValueError(f"unknown op(s) {unknown}; choose from {list(CASE_BUILDERS)}")
+    return [build(quick, dtype) for op, build in CASE_BUILDERS.items()
+            if op_names is None or op in op_names]
+
+
+# --------------------------------------------------------------------------------------
+# correctness and inputs
+# --------------------------------------------------------------------------------------
+
+
+def _as_tuple(out) -> Tuple[torch.Tensor, ...]:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def check_outputs(case: Case, ours, ref) -> None:
+    """Raise AssertionError unless the op's outputs match the reference's: integer
+    outputs exactly, floating outputs within a dtype tolerance."""
+    ours, ref = _as_tuple(ours), _as_tuple(ref)
+    if len(ours) != len(ref):
+        raise AssertionError(f"{case.id}: {len(ours)} outputs vs the reference's {len(ref)}")
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        if a.shape != b.shape:
+            raise AssertionError(f"{case.id}: output {i} has shape {tuple(a.shape)}, "
+                                 f"reference {tuple(b.shape)}")
+        if a.dtype.is_floating_point:
+            tol = TOLERANCES.get(case.dtype, TOLERANCES[torch.float32])
+            torch.testing.assert_close(a.float(), b.float(), **tol,
+                                       msg=lambda m: f"{case.id}: output {i} differs: {m}")
+        elif not torch.equal(a, b):
+            n = int((a != b).sum())
+            raise AssertionError(f"{case.id}: output {i} differs in {n} of {a.numel()} entries")
+
+
+def make_input_sets(case: Case, n_inputs: int = 3, seed: int = 0) -> List[Inputs]:
+    """``n_inputs`` fresh input sets (seeds ``seed``, ``seed + 1``, ...) to rotate among."""
+    return [case.make_inputs(seed + i) for i in range(max(1, n_inputs))]
