@@ -115,7 +115,7 @@ void attention_cpu_impl(const at::Tensor& q, const at::Tensor& k, const at::Tens
                 for (int64_t j = 0; j < lim; ++j) s[j] += brow[j];
               }
               acc mx = kNegInf;
-              for (int64_t j = 0; j < lim; ++j) mx = s[j] > mx ? s[j] : mx;
+              for (int64_t j = 0; j < lim; ++j) mx = (s[j] > mx || s[j] != s[j]) ? s[j] : mx;  // NaN sticks
               if (lim <= 0 || mx == kNegInf) {  // no admissible key: the row is zero
                 std::fill(s, s + jend, acc(0));
                 continue;
@@ -154,7 +154,7 @@ void attention_cpu_impl(const at::Tensor& q, const at::Tensor& k, const at::Tens
                   for (int64_t j = 0; j < lim; ++j) s[j] += brow[j0 + j];
                 }
                 acc mx = rmax[r];
-                for (int64_t j = 0; j < lim; ++j) mx = s[j] > mx ? s[j] : mx;
+                for (int64_t j = 0; j < lim; ++j) mx = (s[j] > mx || s[j] != s[j]) ? s[j] : mx;  // NaN sticks
                 if (mx == kNegInf) {
                   std::fill(s, s + n, acc(0));
                   continue;
@@ -179,11 +179,12 @@ void attention_cpu_impl(const at::Tensor& q, const at::Tensor& k, const at::Tens
             }
             scored.clear();
             for (int64_t r = 0; r < m; ++r) {
-              const acc inv = rsum[r] > acc(0) ? acc(1) / rsum[r] : acc(0);
+              const bool nan_row = rsum[r] != rsum[r];  // a NaN logit: the row is NaN, as in eager
+              const acc inv = rsum[r] > acc(0) || nan_row ? acc(1) / rsum[r] : acc(0);
               acc* o = O.data() + r * Dv;
 #pragma omp simd
               for (int64_t d = 0; d < Dv; ++d) o[d] *= inv;
-              rlse[r] = rsum[r] > acc(0) ? rmax[r] + std::log(rsum[r]) : kNegInf;
+              rlse[r] = rsum[r] > acc(0) || nan_row ? rmax[r] + std::log(rsum[r]) : kNegInf;
               if (row_weight[i0 + r] != 0.0 && rlse[r] != kNegInf) scored.push_back(r);
             }
             // pass 2: the scored rows' probabilities, summed into the columns
