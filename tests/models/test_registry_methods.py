@@ -10,11 +10,9 @@ error naming the reason: that is asserted, not skipped."""
 import pytest
 import torch
 
-import tokenreduce.methods as M
+from tokenreduce import methods
 from tokenreduce.methods.base import Need, Stage
-from tokenreduce.models import presets as P
-from tokenreduce.models import vit as V
-from tokenreduce.models import vlm as VL
+from tokenreduce.models import presets, vit, vlm
 
 VISION = ["tiny-clip", "tiny-siglip", "tiny-dinov2"]
 VLMS = ["tiny-llava", "tiny-llava-next", "tiny-qwen2-vl"]
@@ -27,15 +25,15 @@ SCORES = {Need.CLS_ATTN, Need.ATTN_RECEIVED, Need.QUERY_ATTN, Need.VISUAL_ATTN, 
 N_IMG = 16          # every tiny image is a 4 x 4 patch grid
 KEEP = 9            # a square (pooling to a 3 x 3 grid)
 
-CASES = [pytest.param(name, arch, id=f"{name}-{arch}") for name in M.available()
-         for arch in ARCH[M.get(name).stage]]
+CASES = [pytest.param(name, arch, id=f"{name}-{arch}") for name in methods.available()
+         for arch in ARCH[methods.get(name).stage]]
 
 
 def build_method(name):
     """The method with a budget of KEEP of 16 (keep=, else ratio=, else its default budget)."""
     for kw in ({"keep": KEEP}, {"ratio": KEEP / N_IMG}, {}):
         try:
-            return M.build(name, **kw)
+            return methods.build(name, **kw)
         except (TypeError, ValueError):
             continue
     pytest.fail(f"{name}: cannot be built with keep={KEEP}, ratio={KEEP / N_IMG} or its default budget")
@@ -47,7 +45,7 @@ def models():
 
     def get(name):
         if name not in cache:
-            cache[name] = P.build(name)
+            cache[name] = presets.build(name)
         return cache[name]
     return get
 
@@ -137,14 +135,14 @@ def test_method_runs_in_architecture(models, name, arch):
     m = models(arch)
     torch.manual_seed(0)
     if arch in VISION:
-        V.prepare(m)
+        vit.prepare(m)
         px = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(1))
         if err is not None:
             with pytest.raises(err[0], match=err[1]):
-                V.run_vision(m, px, meth)
+                vit.run_vision(m, px, meth)
             return
-        out = V.run_vision(m, px, meth)
-        c = int(V.vision_parts(m).has_cls)
+        out = vit.run_vision(m, px, meth)
+        c = int(vit.vision_parts(m).has_cls)
         assert out.last_hidden_state.shape == (2, c + meth.keep_tokens(N_IMG), m.config.hidden_size)
         assert torch.isfinite(out.last_hidden_state).all()
         assert out.tracker.source.shape == (2, N_IMG) and out.steps
@@ -153,11 +151,11 @@ def test_method_runs_in_architecture(models, name, arch):
 
     if err is not None:
         with pytest.raises(err[0], match=err[1]):
-            r = VL.VLMRunner(m, meth)
+            r = vlm.VLMRunner(m, meth)
             batch, _ = _vlm_inputs(arch, m)
             r.next_token_logits(**batch)
         return
-    r = VL.VLMRunner(m, meth)
+    r = vlm.VLMRunner(m, meth)
     batch, n = _vlm_inputs(arch, m)
     logits = r.next_token_logits(**batch)
     assert logits.shape == (2, m.config.get_text_config().vocab_size) and torch.isfinite(logits).all()
