@@ -18,7 +18,8 @@ from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .qwen2_vl import Qwen2VLAdapter
 
-__all__ = ["ADAPTERS", "adapter_class", "model_parts", "ModelParts", "Prepared", "VLMAdapter"]
+__all__ = ["ADAPTERS", "adapter_class", "model_parts", "ModelParts", "Prepared", "VLMAdapter", "LlavaAdapter",
+           "LlavaNextAdapter", "Qwen2VLAdapter"]
 
 # first match wins: LLaVA-NeXT's class names also start with "Llava"
 ADAPTERS = (LlavaNextAdapter, LlavaAdapter, Qwen2VLAdapter)

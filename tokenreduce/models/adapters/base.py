@@ -68,8 +68,8 @@ class VLMAdapter:
     def matches(cls, model: nn.Module) -> bool:
         return type(model).__name__.startswith(cls.class_prefixes)
 
-    @staticmethod
-    def parts(model: nn.Module) -> ModelParts:
+    @classmethod
+    def parts(cls, model: nn.Module) -> ModelParts:
         raise NotImplementedError
 
     def check_method(self) -> None:

@@ -24,11 +24,11 @@ class LlavaAdapter(VLMAdapter):
     kind = "llava"
     class_prefixes = ("Llava",)
 
-    @staticmethod
-    def parts(model: nn.Module) -> ModelParts:
+    @classmethod
+    def parts(cls, model: nn.Module) -> ModelParts:
         inner, cfg = model.model, model.config
         tower = vision_parts(inner.vision_tower)
-        return ModelParts(LlavaAdapter.kind, tower.layers, cfg.vision_config, tower.patch, tower.has_cls,
+        return ModelParts(cls.kind, tower.layers, cfg.vision_config, tower.patch, tower.has_cls,
                           projector=inner.multi_modal_projector, lm=inner.language_model, lm_head=model.lm_head,
                           text_config=cfg.get_text_config())
 

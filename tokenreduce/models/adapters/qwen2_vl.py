@@ -32,10 +32,10 @@ class Qwen2VLAdapter(VLMAdapter):
     kind = "qwen2-vl"
     class_prefixes = ("Qwen2VL", "Qwen2_5_VL")
 
-    @staticmethod
-    def parts(model: nn.Module) -> ModelParts:
+    @classmethod
+    def parts(cls, model: nn.Module) -> ModelParts:
         inner, cfg = model.model, model.config
-        return ModelParts(Qwen2VLAdapter.kind, inner.visual.blocks, cfg.vision_config, cfg.vision_config.patch_size,
+        return ModelParts(cls.kind, inner.visual.blocks, cfg.vision_config, cfg.vision_config.patch_size,
                           False, projector=getattr(inner.visual, "merger", None), lm=inner.language_model,
                           lm_head=model.lm_head, text_config=cfg.get_text_config())
 
