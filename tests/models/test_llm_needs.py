@@ -7,6 +7,8 @@ import torch
 from tokenreduce.methods.base import Method, Need, Reduction, Stage, keep_indices
 from tokenreduce.models import presets, stages, vit, vlm
 
+from _inputs import qwen_inputs
+
 
 class KeepAllLookahead(Method):
     """Keeps every image token after layer 1 and stores what it was given (lookahead to 2)."""
@@ -25,20 +27,6 @@ class KeepAllLookahead(Method):
         self.seen = ctx
         B, n, _ = ctx.x.shape
         return keep_indices(ctx, torch.arange(n).expand(B, n))
-
-
-@pytest.fixture(scope="module")
-def llava():
-    m = presets.build("tiny-llava")
-    g = torch.Generator().manual_seed(0)
-    B, L = 2, 26
-    px = torch.randn(B, 3, 56, 56, generator=g)
-    ids = torch.randint(1, 290, (B, L), generator=g)
-    ids[:, 5:21] = 300
-    am = torch.ones(B, L, dtype=torch.long)
-    am[1, :3] = 0
-    ids[1, :3] = 0
-    return m, ids, am, px
 
 
 def test_lookahead_statistics_equal_eager_next_layer(llava):
@@ -103,8 +91,7 @@ def test_layer_plan_maps_long_schedules_onto_short_models():
 def test_pdrop_stages_on_a_three_layer_llm_and_generate():
     from tokenreduce import methods
     m = presets.build("tiny-qwen2-vl")
-    from test_registry_methods import _qwen_inputs
-    batch, n = _qwen_inputs(torch.Generator().manual_seed(0))
+    batch, n = qwen_inputs(torch.Generator().manual_seed(0))
     r = vlm.VLMRunner(m, methods.build("pdrop", keep=4))
     r.next_token_logits(**batch)
     steps = r.llm_reducer.steps

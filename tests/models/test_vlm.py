@@ -8,20 +8,6 @@ from tokenreduce.models import presets, vlm
 from _methods import EveryOtherLLM, TopClsProjector, TopNormProjector, TopQueryLLM
 
 
-@pytest.fixture(scope="module")
-def llava():
-    m = presets.build("tiny-llava")
-    g = torch.Generator().manual_seed(0)
-    B, L = 2, 26
-    px = torch.randn(B, 3, 56, 56, generator=g)
-    ids = torch.randint(1, 290, (B, L), generator=g)
-    ids[:, 5:21] = 300                        # 16 image tokens (4 x 4 patches)
-    am = torch.ones(B, L, dtype=torch.long)
-    am[1, :3] = 0                             # left padding in row 1
-    ids[1, :3] = 0
-    return m, ids, am, px
-
-
 def test_llava_full_path_equals_model_and_generate(llava):
     m, ids, am, px = llava
     with torch.no_grad():

@@ -50,8 +50,7 @@ from torch import Tensor, nn
 
 from ..methods.base import Method, Need, Stage
 from . import attention
-from .adapters import adapter_class
-from .adapters.base import Prepared
+from .adapters import Prepared, adapter_class
 from .llm import LLMReducer
 from .positions import cut_image_tokens, split_positions
 
