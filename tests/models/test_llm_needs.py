@@ -7,7 +7,7 @@ import torch
 from tokenreduce.methods.base import Method, Need, Reduction, Stage, keep_indices
 from tokenreduce.models import presets, stages, vit, vlm
 
-from _inputs import qwen_inputs
+from _vlm_inputs import llava, qwen_inputs  # noqa: F401  (llava: fixture)
 
 
 class KeepAllLookahead(Method):

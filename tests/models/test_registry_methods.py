@@ -14,7 +14,7 @@ from tokenreduce import methods
 from tokenreduce.methods.base import Need, Stage
 from tokenreduce.models import presets, vit, vlm
 
-from _inputs import N_IMG, vlm_inputs
+from _vlm_inputs import N_IMG, vlm_inputs
 
 VISION = ["tiny-clip", "tiny-siglip", "tiny-dinov2"]
 VLMS = ["tiny-llava", "tiny-llava-next", "tiny-qwen2-vl"]

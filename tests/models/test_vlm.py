@@ -5,6 +5,7 @@ import torch
 
 from tokenreduce.models import presets, vlm
 
+from _vlm_inputs import llava  # noqa: F401  (fixture)
 from _methods import EveryOtherLLM, TopClsProjector, TopNormProjector, TopQueryLLM
 
 

@@ -1,6 +1,10 @@
 """Inputs of the tiny VLMs (batch 2, left padding in row 1), shared by the model tests;
-each builder returns (batch kwargs, image tokens per sample)."""
+each builder returns (batch kwargs, image tokens per sample). `llava` is a module-scoped
+fixture (a test module imports it by name)."""
+import pytest
 import torch
+
+from tokenreduce.models import presets
 
 N_IMG = 16          # every tiny image is a 4 x 4 patch grid
 
@@ -60,3 +64,10 @@ def vlm_inputs(arch, m):
     if arch == "tiny-llava-next":
         return next_inputs(m, g)
     return qwen_inputs(g)
+
+
+@pytest.fixture(scope="module")
+def llava():
+    """tiny-llava and its inputs: 16 image tokens (4 x 4 patches) at 5:21, left padding in row 1."""
+    batch, _ = llava_inputs(torch.Generator().manual_seed(0))
+    return presets.build("tiny-llava"), batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
