@@ -5,11 +5,8 @@ import torch
 from tokenreduce.methods.base import Method, Need, Reduction, Stage, keep_indices, topk_indices
 
 
-class TopClsVit(Method):
-    """Keep the top-k image tokens by [CLS] attention after layer `at`, inside the ViT."""
-    name = "test-topcls-vit"
-    stage = Stage.VIT
-    needs = frozenset({Need.FEATURES, Need.CLS_ATTN})
+class AtLayer(Method):
+    """Reduces after layer ``at`` (option, default 1) and reads that layer's statistics."""
     options = {"at": "layer"}
 
     def reduce_layers(self, L):
@@ -17,6 +14,13 @@ class TopClsVit(Method):
 
     def attention_layers(self, L):
         return [self.opts.get("at", 1)]
+
+
+class TopClsVit(AtLayer):
+    """Keep the top-k image tokens by [CLS] attention after layer `at`, inside the ViT."""
+    name = "test-topcls-vit"
+    stage = Stage.VIT
+    needs = frozenset({Need.FEATURES, Need.CLS_ATTN})
 
     def reduce(self, ctx):
         s = ctx.cls_attn[ctx.layer][:, 1:]
@@ -71,18 +75,11 @@ class PairMergeVit(Method):
         return Reduction(tokens, index, source, size)
 
 
-class TopQueryLLM(Method):
+class TopQueryLLM(AtLayer):
     """FastV-like: after LLM layer `at`, keep the image tokens the last text token attends to most."""
     name = "test-topquery-llm"
     stage = Stage.LLM
     needs = frozenset({Need.FEATURES, Need.QUERY_ATTN})
-    options = {"at": "layer"}
-
-    def reduce_layers(self, L):
-        return [self.opts.get("at", 1)]
-
-    def attention_layers(self, L):
-        return [self.opts.get("at", 1)]
 
     def reduce(self, ctx):
         s = ctx.query_attn[ctx.layer]

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenreduce.models import attention as A
+from tokenreduce.models import attention
 
 
 class _Mod(nn.Module):
@@ -40,14 +40,15 @@ def test_outputs_match_sdpa_and_scores_match_eager(gen, causal, pad):
     if pad:   # left padding of 3 tokens in row 1, as transformers builds it with the tokenreduce mask fn
         valid = torch.ones(B, N, dtype=torch.bool)
         valid[1, :3] = False
-        mask = A.tokenreduce_mask(B, N, N, mask_function=__import__("transformers").masking_utils.causal_mask_function,
-                                  attention_mask=valid)
+        mask = attention.tokenreduce_mask(B, N, N,
+                                          mask_function=__import__("transformers").masking_utils.causal_mask_function,
+                                          attention_mask=valid)
         assert mask.shape == (B, 1, 1, N)
         bias = torch.zeros(B, N).masked_fill(~valid, float("-inf"))
-    rec = A.ScoreRecorder()
-    rec.request("llm", 3, A.KINDS)
-    with A.recording(rec):
-        out, w = A.tokenreduce_attention(m, q, k, v, mask)
+    rec = attention.ScoreRecorder()
+    rec.request("llm", 3, attention.KINDS)
+    with attention.recording(rec):
+        out, w = attention.tokenreduce_attention(m, q, k, v, mask)
     assert w is None and rec.calls["fused"] == 1 and not rec.fallbacks
     ref_out, p = _eager(q, k, v, causal, bias)
     torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
@@ -61,8 +62,8 @@ def test_outputs_match_sdpa_and_scores_match_eager(gen, causal, pad):
     torch.testing.assert_close(rec.get("keys", "llm", 3), k.mean(1))
     torch.testing.assert_close(rec.get("values", "llm", 3), v.transpose(1, 2).reshape(B, N, -1))
     # nothing requested: the sdpa path, same output
-    with A.recording(A.ScoreRecorder()) as r2:
-        out2, _ = A.tokenreduce_attention(m, q, k, v, mask)
+    with attention.recording(attention.ScoreRecorder()) as r2:
+        out2, _ = attention.tokenreduce_attention(m, q, k, v, mask)
     assert r2.calls["sdpa"] == 1
     torch.testing.assert_close(out2, ref_out, atol=2e-5, rtol=1e-4)
 
@@ -73,21 +74,21 @@ def test_key_bias_from_recorder_and_inexpressible_mask_fallback(gen):
     m = _Mod(False, 1)
     m._tokenreduce_part, m._tokenreduce_layer = "vision", 0
     size = torch.randint(1, 4, (B, N), generator=gen).float()
-    rec = A.ScoreRecorder()
+    rec = attention.ScoreRecorder()
     rec.request("vision", 0, ["cls"])
     rec.key_bias["vision"] = size.log()
-    with A.recording(rec):
-        out, _ = A.tokenreduce_attention(m, q, k, v, None)
+    with attention.recording(rec):
+        out, _ = attention.tokenreduce_attention(m, q, k, v, None)
     ref, p = _eager(q, k, v, False, size.log())
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(rec.get("cls", "vision", 0), p[:, :, 0].mean(1), atol=2e-5, rtol=1e-4)
     # a full [B, 1, N, N] mask cannot be a key bias: sdpa output, plain-torch row scores, counted
     full = torch.rand(B, 1, N, N, generator=gen) > 0.3
     full[..., 0] = True
-    rec = A.ScoreRecorder()
+    rec = attention.ScoreRecorder()
     rec.request("vision", 0, ["cls"])
-    with A.recording(rec):
-        out, _ = A.tokenreduce_attention(m, q, k, v, full)
+    with attention.recording(rec):
+        out, _ = attention.tokenreduce_attention(m, q, k, v, full)
     assert rec.fallbacks and rec.calls["sdpa"] == 1
     logits = (q @ k.transpose(-1, -2)) * Dh ** -0.5
     p = torch.softmax(logits.masked_fill(~full, float("-inf")), -1)
@@ -99,10 +100,10 @@ def test_training_falls_back_to_sdpa_and_says_so(gen):
     B, H, N, Dh = 1, 2, 5, 4
     q, k, v = (torch.randn(B, H, N, Dh, generator=gen, requires_grad=True) for _ in range(3))
     m = _Mod(False, 1)
-    rec = A.ScoreRecorder()
+    rec = attention.ScoreRecorder()
     rec.request("llm", 3, ["received"])
-    with A.recording(rec):
-        out, _ = A.tokenreduce_attention(m, q, k, v, None)
+    with attention.recording(rec):
+        out, _ = attention.tokenreduce_attention(m, q, k, v, None)
     out.sum().backward()
     assert q.grad is not None
     assert any("training" in r for r in rec.fallbacks)
@@ -111,4 +112,4 @@ def test_training_falls_back_to_sdpa_and_says_so(gen):
 
 def test_unknown_kind_is_rejected():
     with pytest.raises(ValueError, match="unknown score kind"):
-        A.ScoreRecorder().request("llm", 0, ["nope"])
+        attention.ScoreRecorder().request("llm", 0, ["nope"])

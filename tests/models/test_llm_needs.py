@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from tokenreduce.methods.base import Method, Need, Reduction, Stage, keep_indices
-from tokenreduce.models import presets as P
-from tokenreduce.models import vit as V
-from tokenreduce.models import vlm as VL
+from tokenreduce.models import presets, stages, vit, vlm
+
+from _vlm_inputs import llava, qwen_inputs  # noqa: F401  (llava: fixture)
 
 
 class KeepAllLookahead(Method):
@@ -29,24 +29,10 @@ class KeepAllLookahead(Method):
         return keep_indices(ctx, torch.arange(n).expand(B, n))
 
 
-@pytest.fixture(scope="module")
-def llava():
-    m = P.build("tiny-llava")
-    g = torch.Generator().manual_seed(0)
-    B, L = 2, 26
-    px = torch.randn(B, 3, 56, 56, generator=g)
-    ids = torch.randint(1, 290, (B, L), generator=g)
-    ids[:, 5:21] = 300
-    am = torch.ones(B, L, dtype=torch.long)
-    am[1, :3] = 0
-    ids[1, :3] = 0
-    return m, ids, am, px
-
-
 def test_lookahead_statistics_equal_eager_next_layer(llava):
     m, ids, am, px = llava
     meth = KeepAllLookahead(keep=16)
-    r = VL.VLMRunner(m, meth)
+    r = vlm.VLMRunner(m, meth)
     r.next_token_logits(ids, am, px)
     ctx = meth.seen
     assert not r.llm_reducer.rec.fallbacks and r.llm_reducer.rec.calls["fused"] >= 3
@@ -89,25 +75,24 @@ def test_lookahead_statistics_equal_eager_next_layer(llava):
 
 
 def test_layer_plan_maps_long_schedules_onto_short_models():
-    import tokenreduce.methods as M
-    pd = M.build("pdrop")
-    plan = V.plan_layers(pd, 4, default_nominal=32, reduce_top=2)
+    from tokenreduce import methods
+    pd = methods.build("pdrop")
+    plan = stages.plan_layers(pd, 4, default_nominal=32, reduce_top=2)
     assert plan.Ln == 32 and [a for _, a in plan.reduce] == [0, 1, 2] and [n for n, _ in plan.reduce] == [7, 15, 23]
-    plan = V.plan_layers(pd, 3, default_nominal=32, reduce_top=1)
+    plan = stages.plan_layers(pd, 3, default_nominal=32, reduce_top=1)
     assert plan.reduce_at() == {0: [7, 15], 1: [23]}
-    plan = V.plan_layers(pd, 32, reduce_top=30)
+    plan = stages.plan_layers(pd, 32, reduce_top=30)
     assert not plan.mapped and [a for _, a in plan.reduce] == [7, 15, 23]
-    hp = M.build("hiprune", keep=8)
-    plan = V.plan_layers(hp, 4, default_nominal=24)
+    hp = methods.build("hiprune", keep=8)
+    plan = stages.plan_layers(hp, 4, default_nominal=24)
     assert plan.Ln == 24 and [(l, a) for l, _, a in plan.attention] == [(8, 0), (-2, 2)]
 
 
 def test_pdrop_stages_on_a_three_layer_llm_and_generate():
-    import tokenreduce.methods as M
-    m = P.build("tiny-qwen2-vl")
-    from test_registry_methods import _qwen_inputs
-    batch, n = _qwen_inputs(torch.Generator().manual_seed(0))
-    r = VL.VLMRunner(m, M.build("pdrop", keep=4))
+    from tokenreduce import methods
+    m = presets.build("tiny-qwen2-vl")
+    batch, n = qwen_inputs(torch.Generator().manual_seed(0))
+    r = vlm.VLMRunner(m, methods.build("pdrop", keep=4))
     r.next_token_logits(**batch)
     steps = r.llm_reducer.steps
     assert [s["layer"] for s in steps] == [0, 0, 1] and [s["method_layer"] for s in steps] == [7, 15, 23]
@@ -133,7 +118,7 @@ class PadProjector(Method):
 
 def test_padding_slots_are_masked_in_the_llm(llava):
     m, ids, am, px = llava
-    r = VL.VLMRunner(m, PadProjector(keep=6))
+    r = vlm.VLMRunner(m, PadProjector(keep=6))
     lg = r.next_token_logits(ids, am, px)
     p = r.last
     assert p.n_img == 6
@@ -150,7 +135,7 @@ def test_padding_slots_are_masked_in_the_llm(llava):
 
 def test_padding_bias_and_proportional_attention_default():
     s = torch.tensor([[1.0, 2.0, 0.0]])
-    b = V.padding_bias(s, True)
+    b = vit.padding_bias(s, True)
     assert b[0, 0] == 0 and torch.isclose(b[0, 1], torch.log(torch.tensor(2.0))) and b[0, 2] == float("-inf")
-    assert V.padding_bias(s, False).tolist() == [[0.0, 0.0, float("-inf")]]
+    assert vit.padding_bias(s, False).tolist() == [[0.0, 0.0, float("-inf")]]
     assert Method.proportional_attention is True

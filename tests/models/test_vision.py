@@ -2,9 +2,7 @@
 import pytest
 import torch
 
-from tokenreduce.models import fidelity as Fm
-from tokenreduce.models import presets as P
-from tokenreduce.models import vit as V
+from tokenreduce.models import attention, fidelity, presets, vit
 
 from _methods import PairMergeVit, TopClsProjector, TopClsVit, TopNormProjector
 
@@ -13,7 +11,7 @@ TINY = ["tiny-clip", "tiny-siglip", "tiny-dinov2"]
 
 @pytest.fixture(scope="module")
 def models():
-    return {n: P.build(n) for n in TINY}
+    return {n: presets.build(n) for n in TINY}
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -22,14 +20,14 @@ def test_runner_equals_model_with_scores_everywhere(models, name):
     px = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = m(px)
-    V.prepare(m)
-    rec = V.A.ScoreRecorder()
-    for l in range(len(V.vision_parts(m).layers)):
+    vit.prepare(m)
+    rec = attention.ScoreRecorder()
+    for l in range(len(vit.vision_parts(m).layers)):
         rec.request("vision", l, ["cls", "received", "keys", "values"])
-    out = V.run_vision(m, px, recorder=rec)
+    out = vit.run_vision(m, px, recorder=rec)
     torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(out.pooled, ref.pooler_output, atol=1e-5, rtol=1e-4)
-    assert rec.calls["fused"] == len(V.vision_parts(m).layers) and not rec.fallbacks
+    assert rec.calls["fused"] == len(vit.vision_parts(m).layers) and not rec.fallbacks
     # recorded [CLS] attention equals an eager computation of the last layer
     m.set_attn_implementation("eager")
     with torch.no_grad():
@@ -42,9 +40,9 @@ def test_runner_equals_model_with_scores_everywhere(models, name):
 
 def test_vit_stage_topk_matches_manual(models):
     m = models["tiny-dinov2"]
-    V.prepare(m)
+    vit.prepare(m)
     px = torch.randn(3, 3, 56, 56, generator=torch.Generator().manual_seed(2))
-    out = V.run_vision(m, px, TopClsVit(keep=5, at=1))
+    out = vit.run_vision(m, px, TopClsVit(keep=5, at=1))
     assert out.last_hidden_state.shape == (3, 6, 64) and out.steps[0]["tokens_out"] == 6
     # manual: eager attention, gather by [CLS] attention after layer 1, continue
     m.set_attn_implementation("eager")
@@ -75,13 +73,13 @@ def test_vit_stage_topk_matches_manual(models):
 
 def test_merge_sizes_give_proportional_attention(models):
     m = models["tiny-clip"]
-    V.prepare(m)
+    vit.prepare(m)
     px = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(3))
-    out = V.run_vision(m, px, PairMergeVit(keep=8))
+    out = vit.run_vision(m, px, PairMergeVit(keep=8))
     assert out.last_hidden_state.shape[1] == 1 + 8
     assert (out.tracker.size[:, :] == 2).all()               # patch slots stand for 2 patches
     # manual: merge after layer 0, then attention with log(size) bias in every later layer
-    parts = V.vision_parts(m)
+    parts = vit.vision_parts(m)
     with torch.no_grad():
         h = parts.layers[0](parts.embed(px), None)
         h = torch.cat([h[:, :1], h[:, 1:].view(2, 8, 2, 64).mean(2)], 1)
@@ -94,25 +92,25 @@ def test_merge_sizes_give_proportional_attention(models):
 @pytest.mark.parametrize("name", TINY)
 def test_projector_stage_and_fidelity(models, name):
     m = models[name]
-    V.prepare(m)
+    vit.prepare(m)
     px = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(4))
-    full = V.run_vision(m, px)
+    full = vit.run_vision(m, px)
     meth = TopNormProjector(keep=4) if name == "tiny-siglip" else TopClsProjector(keep=4)
-    red = V.run_vision(m, px, meth)
-    c = int(V.vision_parts(m).has_cls)
+    red = vit.run_vision(m, px, meth)
+    c = int(vit.vision_parts(m).has_cls)
     assert red.last_hidden_state.shape[1] == 4 + c
-    f = Fm.encoder_fidelity(full, red)
+    f = fidelity.encoder_fidelity(full, red)
     assert torch.allclose(f["pooled_cos"], torch.ones(2), atol=1e-5)   # PROJECTOR keeps the pooled output
     torch.testing.assert_close(f["patch_cos_kept"], torch.ones(2), atol=1e-5, rtol=0)
     assert torch.allclose(f["kept_fraction"], torch.full((2,), 4 / 16))
-    same = Fm.encoder_fidelity(full, full)
+    same = fidelity.encoder_fidelity(full, full)
     assert torch.allclose(same["patch_cos"], torch.ones(2), atol=1e-5)
 
 
 def test_method_needing_scores_without_prepare_is_refused():
-    m = P.build("tiny-dinov2")
+    m = presets.build("tiny-dinov2")
     with pytest.raises(RuntimeError, match="prepare"):
-        V.run_vision(m, torch.randn(1, 3, 56, 56), TopClsVit(keep=3))
+        vit.run_vision(m, torch.randn(1, 3, 56, 56), TopClsVit(keep=3))
 
 
 def test_llava_feature_layer_skips_the_unused_last_layer(models):
@@ -120,5 +118,5 @@ def test_llava_feature_layer_skips_the_unused_last_layer(models):
     px = torch.randn(1, 3, 56, 56)
     with torch.no_grad():
         ref = m(px, output_hidden_states=True).hidden_states[-2]
-    out = V.run_vision(m, px, feature_layer=-2)
+    out = vit.run_vision(m, px, feature_layer=-2)
     torch.testing.assert_close(out.features, ref)

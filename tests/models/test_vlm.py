@@ -3,24 +3,10 @@ LLM-stage reductions, positions (M-RoPE), masks, batch > 1 with padding / mixed 
 import pytest
 import torch
 
-from tokenreduce.models import presets as P
-from tokenreduce.models import vlm as VL
+from tokenreduce.models import presets, vlm
 
+from _vlm_inputs import llava  # noqa: F401  (fixture)
 from _methods import EveryOtherLLM, TopClsProjector, TopNormProjector, TopQueryLLM
-
-
-@pytest.fixture(scope="module")
-def llava():
-    m = P.build("tiny-llava")
-    g = torch.Generator().manual_seed(0)
-    B, L = 2, 26
-    px = torch.randn(B, 3, 56, 56, generator=g)
-    ids = torch.randint(1, 290, (B, L), generator=g)
-    ids[:, 5:21] = 300                        # 16 image tokens (4 x 4 patches)
-    am = torch.ones(B, L, dtype=torch.long)
-    am[1, :3] = 0                             # left padding in row 1
-    ids[1, :3] = 0
-    return m, ids, am, px
 
 
 def test_llava_full_path_equals_model_and_generate(llava):
@@ -28,14 +14,14 @@ def test_llava_full_path_equals_model_and_generate(llava):
     with torch.no_grad():
         ref = m(input_ids=ids, attention_mask=am, pixel_values=px).logits[:, -1]
         ref_gen = m.generate(input_ids=ids, attention_mask=am, pixel_values=px, max_new_tokens=3, do_sample=False)
-    r = VL.VLMRunner(m, None)
+    r = vlm.VLMRunner(m, None)
     torch.testing.assert_close(r.next_token_logits(ids, am, px), ref, atol=1e-5, rtol=1e-4)
     assert torch.equal(r.generate(ids, am, px, max_new_tokens=3), ref_gen[:, -3:])
 
 
 def test_llava_projector_reduction(llava):
     m, ids, am, px = llava
-    r = VL.VLMRunner(m, TopClsProjector(keep=6))
+    r = vlm.VLMRunner(m, TopClsProjector(keep=6))
     logits = r.next_token_logits(ids, am, px)
     p = r.last
     assert p.inputs_embeds.shape[1] == 26 - 16 + 6 and p.n_img == 6
@@ -52,10 +38,10 @@ def test_llava_llm_stage_keep_all_is_identity_and_reduced_generate(llava):
     with torch.no_grad():
         ref = m(input_ids=ids, attention_mask=am, pixel_values=px).logits[:, -1]
         ref_gen = m.generate(input_ids=ids, attention_mask=am, pixel_values=px, max_new_tokens=3, do_sample=False)
-    r = VL.VLMRunner(m, TopQueryLLM(keep=16, at=1))
+    r = vlm.VLMRunner(m, TopQueryLLM(keep=16, at=1))
     torch.testing.assert_close(r.next_token_logits(ids, am, px), ref, atol=1e-5, rtol=1e-4)
     assert torch.equal(r.generate(ids, am, px, max_new_tokens=3), ref_gen[:, -3:])
-    r = VL.VLMRunner(m, TopQueryLLM(keep=5, at=1))
+    r = vlm.VLMRunner(m, TopQueryLLM(keep=5, at=1))
     r.next_token_logits(ids, am, px)
     assert r.llm_reducer.steps[0]["tokens_out"] == 5
     assert r.llm_reducer.rec.calls["fused"] == 1 and not r.llm_reducer.rec.fallbacks
@@ -65,7 +51,7 @@ def test_llm_stage_decode_step_matches_recompute(llava):
     """After the reduction, a cached decoding step equals recomputing the whole sequence
     (prompt + the generated token) with the same reduction: positions, masks and KV cache agree."""
     m, ids, am, px = llava
-    r = VL.VLMRunner(m, EveryOtherLLM(keep=8))
+    r = vlm.VLMRunner(m, EveryOtherLLM(keep=8))
     p = r.prepare(ids, am, px)
     from transformers import DynamicCache
     with torch.no_grad():
@@ -87,7 +73,7 @@ def test_llm_stage_decode_step_matches_recompute(llava):
 
 @pytest.fixture(scope="module")
 def qwen():
-    return P.build("tiny-qwen2-vl")
+    return presets.build("tiny-qwen2-vl")
 
 
 def _qwen_sample(g, h, w, L):
@@ -112,11 +98,11 @@ def test_qwen2vl_full_path_projector_positions_and_generate(qwen):
         ref = m(input_ids=ids, attention_mask=am, pixel_values=px, image_grid_thw=thw, mm_token_type_ids=mm).logits[:, -1]
         ref_gen = m.generate(input_ids=ids, attention_mask=am, pixel_values=px, image_grid_thw=thw,
                              mm_token_type_ids=mm, max_new_tokens=3, do_sample=False)[:, -3:]
-    r = VL.VLMRunner(m, None)
+    r = vlm.VLMRunner(m, None)
     torch.testing.assert_close(r.next_token_logits(ids, am, px, image_grid_thw=thw), ref, atol=1e-5, rtol=1e-4)
     assert torch.equal(r.generate(ids, am, px, image_grid_thw=thw, max_new_tokens=3), ref_gen)
     full_pos = r.last.position_ids
-    r = VL.VLMRunner(m, TopNormProjector(keep=5))
+    r = vlm.VLMRunner(m, TopNormProjector(keep=5))
     r.next_token_logits(ids, am, px, image_grid_thw=thw)
     p = r.last
     assert p.inputs_embeds.shape[1] == 26 - 16 + 5
@@ -130,9 +116,9 @@ def test_qwen2vl_full_path_projector_positions_and_generate(qwen):
     torch.testing.assert_close(p.next_position, full_pos.amax(dim=(0, 2)) + 1)
     assert r.generate(ids, am, px, image_grid_thw=thw, max_new_tokens=3).shape == (2, 3)
     # LLM stage keeping everything is the full model
-    r = VL.VLMRunner(m, TopQueryLLM(keep=16, at=1))
+    r = vlm.VLMRunner(m, TopQueryLLM(keep=16, at=1))
     torch.testing.assert_close(r.next_token_logits(ids, am, px, image_grid_thw=thw), ref, atol=1e-5, rtol=1e-4)
-    r = VL.VLMRunner(m, TopQueryLLM(keep=4, at=1))
+    r = vlm.VLMRunner(m, TopQueryLLM(keep=4, at=1))
     assert r.generate(ids, am, px, image_grid_thw=thw, max_new_tokens=3).shape == (2, 3)
 
 
@@ -143,20 +129,20 @@ def test_qwen2vl_batch_of_different_grids_matches_single_runs(qwen):
     ids = torch.stack([i0, torch.cat([torch.zeros(8, dtype=torch.long), i1])])
     am = (torch.arange(26)[None] >= torch.tensor([[0], [8]])).long()
     px, thw = torch.cat([p0, p1]), torch.tensor([[1, 8, 8], [1, 4, 8]])
-    r = VL.VLMRunner(m, TopNormProjector(keep=5))
+    r = vlm.VLMRunner(m, TopNormProjector(keep=5))
     lg = r.next_token_logits(ids, am, px, image_grid_thw=thw)
     assert (r.last.is_img.sum(1) == 5).all()
-    l0 = VL.VLMRunner(m, TopNormProjector(keep=5)).next_token_logits(i0[None], torch.ones(1, 26, dtype=torch.long), p0,
-                                                                     image_grid_thw=thw[:1])
-    l1 = VL.VLMRunner(m, TopNormProjector(keep=5)).next_token_logits(i1[None], torch.ones(1, 18, dtype=torch.long), p1,
-                                                                     image_grid_thw=thw[1:])
+    l0 = vlm.VLMRunner(m, TopNormProjector(keep=5)).next_token_logits(i0[None], torch.ones(1, 26, dtype=torch.long), p0,
+                                                                      image_grid_thw=thw[:1])
+    l1 = vlm.VLMRunner(m, TopNormProjector(keep=5)).next_token_logits(i1[None], torch.ones(1, 18, dtype=torch.long), p1,
+                                                                      image_grid_thw=thw[1:])
     torch.testing.assert_close(lg, torch.cat([l0, l1]), atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="same image-token count"):
-        VL.VLMRunner(m, TopQueryLLM(keep=4, at=1)).next_token_logits(ids, am, px, image_grid_thw=thw)
+        vlm.VLMRunner(m, TopQueryLLM(keep=4, at=1)).next_token_logits(ids, am, px, image_grid_thw=thw)
 
 
 def test_llava_next_anyres_full_llm_and_projector():
-    m = P.build("tiny-llava-next")
+    m = presets.build("tiny-llava-next")
     g = torch.Generator().manual_seed(0)
     B = 2
     sizes = torch.tensor([[56, 112], [56, 112]])           # base image + 1 x 2 tiles
@@ -172,12 +158,12 @@ def test_llava_next_anyres_full_llm_and_projector():
     am = torch.ones(B, L, dtype=torch.long)
     with torch.no_grad():
         ref = m(input_ids=ids, attention_mask=am, pixel_values=px, image_sizes=sizes).logits[:, -1]
-    torch.testing.assert_close(VL.VLMRunner(m, None).next_token_logits(ids, am, px, image_sizes=sizes), ref,
+    torch.testing.assert_close(vlm.VLMRunner(m, None).next_token_logits(ids, am, px, image_sizes=sizes), ref,
                                atol=1e-5, rtol=1e-4)
-    r = VL.VLMRunner(m, TopQueryLLM(keep=n, at=1))
+    r = vlm.VLMRunner(m, TopQueryLLM(keep=n, at=1))
     torch.testing.assert_close(r.next_token_logits(ids, am, px, image_sizes=sizes), ref, atol=1e-5, rtol=1e-4)
-    r = VL.VLMRunner(m, TopQueryLLM(keep=8, at=1))
+    r = vlm.VLMRunner(m, TopQueryLLM(keep=8, at=1))
     assert r.generate(ids, am, px, image_sizes=sizes, max_new_tokens=3).shape == (2, 3)
-    r = VL.VLMRunner(m, TopNormProjector(keep=8))
+    r = vlm.VLMRunner(m, TopNormProjector(keep=8))
     assert r.generate(ids, am, px, image_sizes=sizes, max_new_tokens=3).shape == (2, 3)
     assert r.last.inputs_embeds.shape[1] == L - n + 8

@@ -1,7 +1,7 @@
 """Attention statistics of one LLM decoder layer computed from its own q/k projections on
 given hidden states, with the fused ``attention_with_scores`` op (never eager attention).
 
-Used by `tokenreduce.models.vlm.LLMReducer` for
+Used by `tokenreduce.models.llm.LLMReducer` for
 
 * `Need.LOOKAHEAD`: at a reduce call after layer ``l`` the statistics of layer ``l + 1`` on the
   current hidden states, before ``l + 1`` runs (its input norm, q/k projections, q/k norms

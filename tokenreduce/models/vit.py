@@ -25,7 +25,6 @@ mapped back to the full patch grid (`Tracker.unmerge`) for fidelity measures.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -33,11 +32,11 @@ import torch
 from torch import Tensor, nn
 
 from ..methods.base import Context, Method, Need, Reduction, Stage
-from . import attention as A
+from . import attention
+from .stages import NOMINAL_DEPTH, LayerPlan, check_needs, check_reduction, fill_context_scores, plan_layers, \
+    request_scores
 
-__all__ = ["VisionParts", "vision_parts", "Tracker", "VisionOutput", "run_vision", "prepare",
-           "request_scores", "fill_context_scores", "LayerPlan", "plan_layers", "check_needs",
-           "NOMINAL_DEPTH", "padding_bias"]
+__all__ = ["VisionParts", "vision_parts", "Tracker", "VisionOutput", "run_vision", "prepare", "padding_bias"]
 
 
 @dataclass
@@ -82,8 +81,8 @@ def vision_parts(model: nn.Module) -> VisionParts:
 
 def prepare(model: nn.Module) -> nn.Module:
     """Register the ``"tokenreduce"`` attention and switch ``model`` (and its sub-models) to it."""
-    A.register()
-    model.set_attn_implementation(A.NAME)
+    attention.register()
+    model.set_attn_implementation(attention.NAME)
     return model
 
 
@@ -135,95 +134,10 @@ class VisionOutput:
     pooled: Optional[Tensor]                 # [CLS] / pooled embedding
     features: Optional[Tensor]               # hidden state at feature_layer (reduced when PROJECTOR)
     tracker: Tracker                         # original patch tokens (no [CLS]) -> current tokens
-    recorder: A.ScoreRecorder
+    recorder: attention.ScoreRecorder
     grid: Tuple[int, int]
     steps: List[Dict[str, Any]] = field(default_factory=list)   # (stage, layer, tokens in, tokens out)
     reduction: Optional[Reduction] = None    # the PROJECTOR reduction, if any
-
-
-_NEED_KIND = {Need.CLS_ATTN: "cls", Need.ATTN_RECEIVED: "received", Need.QUERY_ATTN: "query",
-              Need.VALUES: "values"}
-_CTX_FIELD = {"cls": "cls_attn", "received": "attn_received", "query": "query_attn", "values": "values"}
-
-
-def _resolve(layer: int, n: int, what: str) -> int:
-    l = layer + n if layer < 0 else layer
-    if not 0 <= l < n:
-        raise ValueError(f"tokenreduce.models: {what} layer {layer} is outside the {n} layers")
-    return l
-
-
-# Depth a method's layer numbers refer to when they do not fit the model (a short test model,
-# ``--layers``): the papers' reference models (CLIP-L/14: 24 vision layers; Vicuna/LLaMA-7B of
-# LLaVA-1.5: 32 LLM layers).
-NOMINAL_DEPTH = {"vision": 24, "llm": 32}
-
-
-@dataclass
-class LayerPlan:
-    """A method's layer numbers mapped onto a model with ``L`` layers.
-
-    The method declares its layers for a depth ``Ln`` (``Ln == L`` when its declarations fit
-    the model: the identity). When they do not (PyramidDrop's 8/16/24 in a 4-layer LLM,
-    HiPrune's object layer 9 in a 4-layer ViT), they are read at the nominal depth ``Ln``
-    (`NOMINAL_DEPTH`) and layer ``l`` (0-based) runs at ``(l + 1) * L // Ln - 1``, clipped to
-    ``[0, top]`` (relative depth kept). Several nominal reduce layers may land on the same
-    model layer: `reduce` is then called for each, in order, at that layer. The method keeps
-    seeing its own numbers (``ctx.layer``, ``ctx.num_layers = Ln``, statistics keyed by the
-    layers it declared)."""
-    L: int
-    Ln: int
-    reduce: List[Tuple[int, int]]              # (nominal layer, model layer), call order
-    attention: List[Tuple[int, int, int]]      # (as declared, nominal >= 0, model layer)
-
-    @property
-    def mapped(self) -> bool:
-        return self.Ln != self.L
-
-    def reduce_at(self) -> Dict[int, List[int]]:
-        """model layer -> nominal layers to reduce after it (in order)."""
-        out: Dict[int, List[int]] = {}
-        for n, a in self.reduce:
-            out.setdefault(a, []).append(n)
-        return out
-
-    def model_layer(self, nominal: int, top: Optional[int] = None) -> int:
-        if not self.mapped:
-            return nominal
-        top = self.L - 1 if top is None else top
-        return min(max((nominal + 1) * self.L // self.Ln - 1, 0), top)
-
-
-def plan_layers(method: Method, L: int, nominal_layers: Optional[int] = None, default_nominal: int = 24,
-                reduce_top: Optional[int] = None) -> LayerPlan:
-    """Map ``method``'s declared layers onto a model with ``L`` layers (see `LayerPlan`).
-    ``nominal_layers`` forces the depth the method's numbers refer to; by default the model's
-    own depth when the declarations fit it, else ``max(default_nominal, L)``.
-    ``reduce_top``: the last model layer a mapped reduction may follow (``L - 2`` for
-    lookahead); an identity plan is returned as declared (callers check what can run)."""
-    Ln = nominal_layers
-    if Ln is None:
-        try:
-            [_resolve(l, L, "") for l in method.reduce_layers(L)]
-            [_resolve(l, L, "") for l in method.attention_layers(L)]
-            Ln = L
-        except ValueError:
-            Ln = max(default_nominal, L)
-    red = sorted({_resolve(l, Ln, f"{method.name} reduce") for l in method.reduce_layers(Ln)})
-    att = [(l, _resolve(l, Ln, f"{method.name} attention")) for l in method.attention_layers(Ln)]
-    plan = LayerPlan(L, Ln, [], [])
-    top = L - 1 if reduce_top is None else reduce_top
-    plan.reduce = [(r, plan.model_layer(r, top)) for r in red]
-    plan.attention = [(l, r, plan.model_layer(r)) for l, r in att]
-    return plan
-
-
-def check_needs(method: Method, unavailable: Dict[Need, str]) -> None:
-    """Raise a clear error when ``method`` needs something this model cannot give
-    (``unavailable``: need -> why)."""
-    for need, why in unavailable.items():
-        if need in method.needs:
-            raise ValueError(f"tokenreduce.models: {method.name} needs {need.value}, but {why}")
 
 
 def padding_bias(size: Tensor, proportional: bool) -> Tensor:
@@ -232,48 +146,6 @@ def padding_bias(size: Tensor, proportional: bool) -> Tensor:
     size = size.float()
     b = size.clamp_min(1e-30).log() if proportional else torch.zeros_like(size)
     return b.masked_fill(size <= 0, float("-inf"))
-
-
-def request_scores(rec: A.ScoreRecorder, method: Method, part: str, num_layers: int,
-                   key_layers: List[int] = (), plan: Optional[LayerPlan] = None,
-                   skip_layers: Tuple[int, ...] = ()) -> None:
-    """Ask the recorder for what ``method`` needs (``key_layers``: model layers where
-    Need.KEYS is read; ``plan``: the method's layers on this model, default the identity;
-    ``skip_layers``: nominal layers computed elsewhere, e.g. by lookahead)."""
-    plan = plan if plan is not None else plan_layers(method, num_layers, nominal_layers=num_layers)
-    kinds = [k for n, k in _NEED_KIND.items() if n in method.needs]
-    for _, r, a in plan.attention:
-        if kinds and r not in skip_layers:
-            rec.request(part, a, kinds)
-    if Need.KEYS in method.needs:
-        for l in key_layers:
-            rec.request(part, l, ["keys"])
-
-
-def fill_context_scores(ctx: Context, rec: A.ScoreRecorder, method: Method, part: str, num_layers: int,
-                        transform: Callable[[Tensor], Tensor] = lambda t: t,
-                        plan: Optional[LayerPlan] = None) -> None:
-    """Put the recorded statistics the method named into ``ctx``, keyed by the layers the
-    method declared (both spellings: as declared, e.g. -2, and resolved >= 0)."""
-    plan = plan if plan is not None else plan_layers(method, num_layers, nominal_layers=num_layers)
-    for l, r, a in plan.attention:
-        for need, kind in _NEED_KIND.items():
-            if need not in method.needs:
-                continue
-            v = rec.get(kind, part, a)
-            if v is not None:
-                d = getattr(ctx, _CTX_FIELD[kind])
-                d[r] = transform(v)
-                d[l] = d[r]
-
-
-def _check_method(method: Method, x: Tensor, red: Reduction, where: str) -> None:
-    B, N, _ = x.shape
-    if not isinstance(red, Reduction):
-        raise TypeError(f"tokenreduce.models: {method.name} {where} returned {type(red).__name__}, not a Reduction")
-    if red.tokens.dim() != 3 or red.tokens.shape[0] != B or red.source.shape != (B, N):
-        raise ValueError(f"tokenreduce.models: {method.name} {where}: Reduction shapes do not match the input "
-                         f"(x {tuple(x.shape)}, tokens {tuple(red.tokens.shape)}, source {tuple(red.source.shape)})")
 
 
 def _feature_layers(feature_layer: Optional[int], L: int) -> int:
@@ -288,7 +160,7 @@ def _feature_layers(feature_layer: Optional[int], L: int) -> int:
 
 @torch.no_grad()
 def run_vision(model: nn.Module, pixel_values: Tensor, method: Optional[Method] = None, *,
-               feature_layer: Optional[int] = None, recorder: Optional[A.ScoreRecorder] = None,
+               feature_layer: Optional[int] = None, recorder: Optional[attention.ScoreRecorder] = None,
                part: str = "vision", nominal_layers: Optional[int] = None,
                text: Optional[Tensor] = None) -> VisionOutput:
     """Run a vision encoder with ``method`` (Stage.VIT or Stage.PROJECTOR, or None: the
@@ -305,8 +177,8 @@ def run_vision(model: nn.Module, pixel_values: Tensor, method: Optional[Method] 
     L = len(parts.layers)
     n_run = n_feat = _feature_layers(feature_layer, L)
     proj_key_layer = n_feat - 1
-    rec = recorder if recorder is not None else A.ScoreRecorder()
-    A.tag_layers(parts.layers, part)
+    rec = recorder if recorder is not None else attention.ScoreRecorder()
+    attention.tag_layers(parts.layers, part)
     B = pixel_values.shape[0]
     grid = (pixel_values.shape[-2] // parts.patch, pixel_values.shape[-1] // parts.patch)
     c = int(parts.has_cls)
@@ -347,13 +219,13 @@ def run_vision(model: nn.Module, pixel_values: Tensor, method: Optional[Method] 
         if any(a >= n_run for _, _, a in plan.attention):
             raise ValueError(f"tokenreduce.models.vit: {method.name} reads attention of layer "
                              f"{max(a for _, _, a in plan.attention)} but only {n_run} layers run")
-        if rec.requests and model.config._attn_implementation != A.NAME:
+        if rec.requests and model.config._attn_implementation != attention.NAME:
             raise RuntimeError(f"tokenreduce.models.vit: {method.name} needs attention statistics: call "
                                f"tokenreduce.models.vit.prepare(model) first (attention implementation is "
                                f"{model.config._attn_implementation!r}; eager output_attentions is never used)")
     state: Dict[str, Any] = {}
     steps: List[Dict[str, Any]] = []
-    with A.recording(rec):
+    with attention.recording(rec):
         h = parts.embed(pixel_values)
         tracker = Tracker(B, h.shape[1] - c, h.device)
         tracker_full = Tracker(B, h.shape[1], h.device)   # including [CLS], for reindexing sizes
@@ -366,7 +238,7 @@ def run_vision(model: nn.Module, pixel_values: Tensor, method: Optional[Method] 
                                pixel_values, plan, key_layer=i)
                 ctx.text = text
                 red = method(ctx)
-                _check_method(method, h, red, f"after layer {i}")
+                check_reduction(method, h, red, f"after layer {i}")
                 steps.append({"stage": "vit", "layer": i, "tokens_in": h.shape[1], "tokens_out": red.tokens.shape[1]})
                 h = red.tokens
                 tracker_full.apply(red)
@@ -389,7 +261,7 @@ def run_vision(model: nn.Module, pixel_values: Tensor, method: Optional[Method] 
             ctx.layer = None
             ctx.text = text
             red_p = method(ctx)
-            _check_method(method, final_h, red_p, "on the encoder output")
+            check_reduction(method, final_h, red_p, "on the encoder output")
             steps.append({"stage": "projector", "layer": None, "tokens_in": final_h.shape[1],
                           "tokens_out": red_p.tokens.shape[1]})
             tracker_full.apply(red_p)

@@ -30,6 +30,8 @@ from torch import Tensor, nn
 
 from .. import methods as _M
 from ..methods.base import Method, Stage
+from ..models import attention, fidelity, vit, vlm
+from ..models.adapters import model_parts
 from . import flops as FL
 from .inputs import VisionInputs, VLMInputs
 
@@ -211,31 +213,28 @@ class VisionWorkload:
     stages = (Stage.VIT, Stage.PROJECTOR)
 
     def __init__(self, model: nn.Module, inputs: VisionInputs, decoder: Optional[nn.Module] = None):
-        from ..models import vit as _V
-        self.V = _V
-        self.model = _V.prepare(model)
-        self.parts = _V.vision_parts(model)
+        self.model = vit.prepare(model)
+        self.parts = model_parts(model)
         self.inputs = inputs
         self.decoder = decoder
         self.batch = inputs.pixel_values.shape[0]
         g = (inputs.pixel_values.shape[-2] // self.parts.patch, inputs.pixel_values.shape[-1] // self.parts.patch)
         self.image_tokens = g[0] * g[1]
-        self.dims = FL.vision_dims(self.parts.config)
-        self.probe = Probe(vision_layers=self.parts.layers, images=self.batch)
+        self.dims = FL.vision_dims(self.parts.vision_config)
+        self.probe = Probe(vision_layers=self.parts.vision_layers, images=self.batch)
 
     def call(self, method: Optional[Method], tl: Timeline) -> CallResult:
         self.probe.begin(tl)
-        out = self.V.run_vision(self.model, self.inputs.pixel_values, method)
+        out = vit.run_vision(self.model, self.inputs.pixel_values, method)
         self.probe.end()
         kept = out.last_hidden_state.shape[1] - int(self.parts.has_cls)
         return CallResult(out, int(kept), tl.resolve(), self.probe.vision_tokens, [])
 
     def fidelity(self, full: CallResult, red: CallResult) -> Dict[str, float]:
-        from ..models import fidelity as _F
         dec = None
         if self.decoder is not None:
             dec = lambda feats, grid: self.decoder(feats.float(), grid)  # noqa: E731
-        f = _F.encoder_fidelity(full.output, red.output, dec)
+        f = fidelity.encoder_fidelity(full.output, red.output, dec)
         return {k: float(v.float().mean()) for k, v in f.items()}
 
     def flops(self, res: CallResult) -> Dict[str, Optional[float]]:
@@ -251,33 +250,22 @@ class VLMWorkload:
     stages = (Stage.VIT, Stage.PROJECTOR, Stage.LLM)
 
     def __init__(self, model: nn.Module, inputs: VLMInputs, new_tokens: int = 4):
-        from ..models import attention as _A
-        from ..models import vlm as _VL
         if new_tokens < 1:
             raise ValueError(f"tokenreduce.profile: --new-tokens must be >= 1, got {new_tokens}")
-        self.VL = _VL
-        _A.register()
-        model.set_attn_implementation(_A.NAME)   # the same attention for the baseline and every method
+        attention.register()
+        model.set_attn_implementation(attention.NAME)   # the same attention for the baseline and every method
         self.model, self.inputs, self.new_tokens = model, inputs, new_tokens
         self.batch = inputs.input_ids.shape[0]
         self.image_tokens = inputs.n_image_tokens
-        cfg = model.config
-        inner = model.model
-        if hasattr(inner, "visual"):           # Qwen2-VL / 2.5-VL
-            vlayers, proj = inner.visual.blocks, getattr(inner.visual, "merger", None)
-            self.vdims = FL.vision_dims(cfg.vision_config)
-        else:                                  # LLaVA / LLaVA-NeXT (CLIP tower)
-            from ..models.vit import vision_parts
-            vlayers, proj = vision_parts(inner.vision_tower).layers, inner.multi_modal_projector
-            self.vdims = FL.vision_dims(cfg.vision_config)
-        self.tdims = FL.text_dims(cfg.get_text_config())
+        parts = model_parts(model)
+        self.vdims = FL.vision_dims(parts.vision_config)
+        self.tdims = FL.text_dims(parts.text_config)
         self.elem_bytes = torch.finfo(model.dtype).bits // 8
-        lm = inner.language_model
-        self.probe = Probe(vision_layers=vlayers, lm_layers=lm.layers, projector=proj, lm=lm,
-                           lm_head=model.lm_head, images=self.batch)
+        self.probe = Probe(vision_layers=parts.vision_layers, lm_layers=parts.lm_layers, projector=parts.projector,
+                           lm=parts.lm, lm_head=parts.lm_head, images=self.batch)
 
     def call(self, method: Optional[Method], tl: Timeline) -> CallResult:
-        r = self.VL.VLMRunner(self.model, method)
+        r = vlm.VLMRunner(self.model, method)
         self.probe.begin(tl)
         ids = r.generate(max_new_tokens=self.new_tokens, **self.inputs.kwargs())
         self.probe.end()
@@ -288,9 +276,8 @@ class VLMWorkload:
                           self.probe.logits)
 
     def fidelity(self, full: CallResult, red: CallResult) -> Dict[str, float]:
-        from ..models import fidelity as _F
-        out = {"kl": float(_F.next_token_kl(full.logits, red.logits).mean()),
-               "first_token_agree": float(_F.first_token_agreement(full.logits, red.logits).float().mean())}
+        out = {"kl": float(fidelity.next_token_kl(full.logits, red.logits).mean()),
+               "first_token_agree": float(fidelity.first_token_agreement(full.logits, red.logits).float().mean())}
         a, b = full.output, red.output
         n = min(a.shape[1], b.shape[1])
         out["tokens_agree"] = float((a[:, :n] == b[:, :n]).float().mean())
