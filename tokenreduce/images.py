@@ -101,9 +101,21 @@ def load_images(paths: Optional[Sequence[Union[str, Path]]] = None, n: Optional[
         raise FileNotFoundError(f"tokenreduce.images: no images in {list(map(str, paths))}")
     out = []
     for f in files[:n] if n is not None else files:
-        with Image.open(f) as im:
-            out.append((f.stem, im.convert("RGB")))
+        out.append((f.stem, _read(f)))
     return out
+
+
+def _read(path: Path) -> Image.Image:
+    """One image file as RGB, or a ValueError naming the file (empty, corrupt, not an image)."""
+    if path.stat().st_size == 0:
+        raise ValueError(f"tokenreduce.images: {path} is empty")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        reason = "not an image PIL can read" if isinstance(e, Image.UnidentifiedImageError) else str(e)
+        raise ValueError(f"tokenreduce.images: cannot read {path}: {reason}") from None
 
 
 def _normalize(arrs: Iterable[np.ndarray], mean, std) -> torch.Tensor:
