@@ -100,7 +100,9 @@ setup(
     name="tokenreduce",
     version="0.1.0",
     description="Fast, measurable visual token reduction: fused ops, published methods, a CLI",
-    packages=find_packages(include=["tokenreduce", "tokenreduce.*"]),
+    # tokenreduce.testing (test oracles, synthetic inputs) is for tests/ and bench/ only
+    packages=find_packages(include=["tokenreduce", "tokenreduce.*"],
+                           exclude=["tokenreduce.testing", "tokenreduce.testing.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "rich>=13"],
     extras_require={"test": ["pytest", "pytest-benchmark", "numpy"], "nvrtc": ["cupy-cuda13x"]},

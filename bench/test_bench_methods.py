@@ -1,8 +1,8 @@
 """Benchmarks of each reduction method against the re-implementation of its authors'
-algorithm (`tokenreduce.authors`), at LLaVA-1.5 shapes (577 tokens, D=1024, B=1 and 16)
-or tiny shapes with ``--quick``.
+algorithm (`tokenreduce.testing.authors`, test-only), at LLaVA-1.5 shapes (576 image tokens,
+B=1 and 16) or tiny shapes with ``--quick``.
 
-The cases are discovered: every module of `tokenreduce.authors` with a
+The cases are discovered: every module of `tokenreduce.testing.authors` with a
 ``bench_cases(quick)`` function contributes its own (so adding a method's benchmark is
 adding a file there). Per case: pytest-benchmark timings of ours and the authors' (same
 group, side by side) and a same-run ratio (alternating blocks, medians) recorded in
@@ -17,8 +17,8 @@ import time
 import pytest
 import torch
 
-from tokenreduce import authors
-from tokenreduce import benchmarks as bm
+from tokenreduce import benchmarks
+from tokenreduce.testing import authors
 
 
 def _quick(config) -> bool:
@@ -51,7 +51,7 @@ def _bench(benchmark, mcase, fn, impl, quick, bench_threads):
     benchmark.name = impl
     benchmark.extra_info.update(method=mcase.method, shape=mcase.shape, impl=impl,
                                 threads=bench_threads, **mcase.extra)
-    with bm.threads(bench_threads), torch.inference_mode():
+    with benchmarks.threads(bench_threads), torch.inference_mode():
         benchmark.pedantic(fn, args=(inputs,), rounds=_rounds(quick, impl == "authors"),
                            warmup_rounds=1, iterations=1)
 
@@ -77,7 +77,7 @@ def test_method_ratio(benchmark, mcase, quick, bench_threads, speed_log):
     """Same-run ratio: alternating blocks of ours and the authors', medians of each."""
     inputs = _inputs(mcase)
     ours, theirs = [], []
-    with bm.threads(bench_threads), torch.inference_mode():
+    with benchmarks.threads(bench_threads), torch.inference_mode():
         mcase.ours(inputs), mcase.authors(inputs)           # warm-up
         for _ in range(3):
             ours.append(_median_ms(mcase.ours, inputs, 3 if quick else 5))
@@ -88,7 +88,7 @@ def test_method_ratio(benchmark, mcase, quick, bench_threads, speed_log):
                                 speedup=ratio, threads=bench_threads, **mcase.extra)
     benchmark.group = f"method {mcase.id}"
     benchmark.name = "ratio (ours, timed once more)"
-    with bm.threads(bench_threads), torch.inference_mode():
+    with benchmarks.threads(bench_threads), torch.inference_mode():
         benchmark.pedantic(mcase.ours, args=(inputs,), rounds=1, iterations=1)
     speed_log.append(f"method {mcase.id}: tokenreduce {o:.3f} ms, authors {a:.3f} ms: "
                      f"{ratio:.2f}x (not asserted)")
