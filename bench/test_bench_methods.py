@@ -14,7 +14,6 @@ import os
 import statistics
 import time
 
-import pytest
 import torch
 
 from tokenreduce import benchmarks

@@ -1,8 +1,8 @@
 """Helpers of the method tests: Contexts from CLIP-L-like tensors (577 tokens incl. [CLS], D=1024)."""
 import torch
 
-from tokenreduce.testing.synthetic import ClipLike
 from tokenreduce.methods import Context
+from tokenreduce.testing.synthetic import ClipLike
 
 
 def ctx_of(d, dtype=torch.float32, **kw):

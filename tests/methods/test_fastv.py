@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from tokenreduce import methods
-from tokenreduce.testing.synthetic import llm_inputs
 from tokenreduce.testing.authors.fastv import fastv_authors, fastv_ours
+from tokenreduce.testing.synthetic import llm_inputs
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # method_checks, whatever the import mode
 from method_checks import LOW, check_errors, check_reduction, overlap
 

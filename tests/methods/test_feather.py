@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from tokenreduce import methods
-from tokenreduce.testing.synthetic import drop_image_tokens, llm_inputs
 from tokenreduce.testing.authors.feather import feather_ours, feather_stage1_authors, feather_stage2_authors
+from tokenreduce.testing.synthetic import drop_image_tokens, llm_inputs
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # method_checks, whatever the import mode
 from method_checks import LOW, check_errors, check_reduction, overlap
 

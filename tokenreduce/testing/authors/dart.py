@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import List
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.functional import cosine_similarity
 
 from tokenreduce.methods import Context, build
 
@@ -29,7 +29,7 @@ def dart_one(states: Tensor, img_k: Tensor, txt_k: Tensor, image_start: int, ima
     items = list(indices_set) if order == "set" else sorted(indices_set)
     for item in items:
         vectors = states[valid_list, :]
-        cos_sim = -F.cosine_similarity(states[item, :], vectors, dim=-1)
+        cos_sim = -cosine_similarity(states[item, :], vectors, dim=-1)
         top = cos_sim.topk(token_topk).indices
         real = [valid_list[i] for i in top.tolist()]
         indices_set.update(real)
@@ -48,7 +48,6 @@ def dart(image_states: Tensor, image_keys: Tensor, text_states: Tensor, text_key
         out.append(torch.tensor(dart_one(states, image_keys[b].float(), text_keys[b].float(), 0, image_states.shape[1], pivot_image,
                                          pivot_text, token_topk, order)))
     return torch.stack(out)
-
 
 
 def bench_cases(quick: bool):

@@ -46,7 +46,6 @@ def min_dist_objective(image_features: Tensor, picks: Tensor) -> Tensor:
     return torch.stack(out)
 
 
-
 def bench_cases(quick: bool):
     n, D, keep = (64, 64, 16) if quick else (576, 1024, 64)
 

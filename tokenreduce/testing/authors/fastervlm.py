@@ -21,7 +21,6 @@ def fastervlm(image_features: Tensor, image_attentions: Tensor, visual_token_num
     return torch.stack([f[m] for f, m in zip(image_features, index_masks)], dim=0)
 
 
-
 def bench_cases(quick: bool):
     n, D, keep = (64, 64, 16) if quick else (576, 1024, 64)
 

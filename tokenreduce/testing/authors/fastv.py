@@ -33,7 +33,6 @@ def fastv_ours(hidden: Tensor, q: Tensor, k: Tensor, v: Tensor, start: int, n_im
     return build("fastv", keep=keep, layer=K)(ctx)
 
 
-
 def bench_cases(quick: bool):
     n, D, H, Dh = (64, 128, 4, 32) if quick else (576, 4096, 32, 128)
     keep = n // 2

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Dict
 
-import numpy as np
+import numpy
 import torch
 from torch import Tensor
 
@@ -34,7 +34,7 @@ def feather_stage1_authors(q: Tensor, k: Tensor, start: int, n: int, r: float = 
         score = feather_attention(q[i], k[i], idx)
         top = score.topk(int(n * r)).indices
         g = int(math.sqrt(n))
-        strided = torch.from_numpy(np.arange(n).reshape(g, g)[::stride, ::stride].flatten())
+        strided = torch.from_numpy(numpy.arange(n).reshape(g, g)[::stride, ::stride].flatten())
         out.append(torch.unique(torch.cat([top, strided]), sorted=True))
     return out                                                      # list: counts may differ per sample
 
@@ -53,7 +53,6 @@ def feather_ours(stage: Dict[str, object], layer: int, method, state: dict):
     _, sc = ops.attention_with_scores(q[:, :, -1:], k[:, :, st:st + n], v[:, :, st:st + n])
     ctx = Context(x=stage["hidden"][:, st:st + n], query_attn_norope={layer: sc}, layer=layer - 1, state=state)
     return method(ctx)
-
 
 
 def bench_cases(quick: bool):

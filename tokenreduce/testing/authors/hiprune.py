@@ -46,7 +46,6 @@ def hiprune_ours(features: Tensor, qkv_shallow, qkv_deep, keep: int, alpha: floa
     return build("hiprune", keep=keep, alpha=alpha)(ctx)
 
 
-
 def bench_cases(quick: bool):
     N, D, H, Dh = (65, 64, 4, 16) if quick else (577, 1024, 16, 64)
     keep = (N - 1) // 3

@@ -70,7 +70,6 @@ def holov_ours(tokens: Tensor, attention: Tensor, crops: int, budget: int):
     return build("holov", keep=budget, crops=crops)(Context(x=tokens, cls_attn={-2: attention}))
 
 
-
 def bench_cases(quick: bool):
     N, D, keep = (64, 64, 16) if quick else (576, 4096, 64)
 

@@ -59,7 +59,6 @@ def make_stages(B: int, n0: int, D: int, H: int, Dh: int, lam: float = 0.5, S: i
     return stages
 
 
-
 def bench_cases(quick: bool):
     n, D, H, Dh = (64, 128, 4, 32) if quick else (576, 4096, 32, 128)
 

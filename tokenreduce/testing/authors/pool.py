@@ -2,9 +2,8 @@
 patch tokens to ``[B, D, h, w]`` and average-pool with a fixed stride."""
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.functional import avg_pool2d
 
 from tokenreduce.methods import Context, build
 
@@ -16,8 +15,7 @@ def pool_tokens(image_features: Tensor, h: int, w: int, stride: int) -> Tensor:
     """``[B, h*w, D]`` -> ``[B, (h/stride)*(w/stride), D]``."""
     B, n, D = image_features.shape
     img = image_features.transpose(1, 2).reshape(B, D, h, w)
-    return F.avg_pool2d(img, stride, stride).flatten(2).transpose(1, 2)
-
+    return avg_pool2d(img, stride, stride).flatten(2).transpose(1, 2)
 
 
 def bench_cases(quick: bool):

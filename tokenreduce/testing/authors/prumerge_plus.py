@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import List
 
-import numpy as np
+import numpy
 import torch
 from torch import Tensor
 
@@ -18,9 +18,9 @@ from ..synthetic import clip_like
 
 def outlier_ratio(attn: Tensor) -> float:
     a = attn.to(torch.float32).cpu().numpy().flatten()
-    q1, q3 = np.percentile(a, 25), np.percentile(a, 75)
+    q1, q3 = numpy.percentile(a, 25), numpy.percentile(a, 75)
     upper = q3 + 1.5 * (q3 - q1)
-    return len(np.where(a > upper)[0]) / len(a)
+    return len(numpy.where(a > upper)[0]) / len(a)
 
 
 def complement_idx(idx: Tensor, dim: int) -> Tensor:
@@ -62,7 +62,6 @@ def prumerge_plus_one(features: Tensor, keys: Tensor, cls_attn: Tensor, neighbou
 def prumerge_plus(features: Tensor, keys: Tensor, cls_attn: Tensor) -> List[Tensor]:
     """Per sample (the adaptive count differs): a list of ``[K_b, C]``."""
     return [prumerge_plus_one(f, k, a)[0] for f, k, a in zip(features, keys, cls_attn)]
-
 
 
 def bench_cases(quick: bool):

@@ -23,7 +23,6 @@ def todre_stage2(image_states: Tensor, query_attn: Tensor, keep: int) -> Tensor:
     return torch.stack(out)
 
 
-
 def bench_cases(quick: bool):
     n, D = (64, 64) if quick else (576, 4096)
     keep = n // 2

@@ -41,7 +41,6 @@ def turbo_one(x: Tensor, metric: Tensor, cls_attn: Tensor, r: int, alpha: float 
     return torch.stack(rows).to(x.dtype), torch.tensor(sizes)
 
 
-
 def bench_cases(quick: bool):
     n, D, r = (64, 64, 8) if quick else (576, 1024, 16)
 

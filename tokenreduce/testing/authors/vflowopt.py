@@ -64,7 +64,6 @@ def vflowopt_ours(features: Tensor, qkv, keep: int, a: float):
     return build("vflowopt", keep=keep, a=a)(Context(x=features, attn_received={-2: rec}))
 
 
-
 def bench_cases(quick: bool):
     N, D, H, Dh = (64, 64, 4, 16) if quick else (576, 1024, 16, 64)
     a = 4.0 if quick else 17.386981849158786
@@ -82,7 +81,6 @@ def bench_cases(quick: bool):
             authors=lambda t: vflowopt_merge_authors(t[0], vflowopt_importance_authors(eager_vit_probs(*t[1][:2])),
                                                      h, w, a, n_low))
     return [case(B) for B in (1, 16)]
-
 
 
 def patch_entropy_authors(pixel_values: Tensor, patch_size: int = 14) -> Tensor:

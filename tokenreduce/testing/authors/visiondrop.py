@@ -56,7 +56,6 @@ def visiondrop_ours(stage: Dict[str, object], layer: int, method, state: dict):
     return method(ctx)
 
 
-
 def bench_cases(quick: bool):
     n, D, H, Dh = (64, 128, 4, 32) if quick else (576, 4096, 32, 128)
     dominant, contextual = (20, 5) if quick else (160, 32)

@@ -39,7 +39,6 @@ def visionzip(hidden_states: Tensor, cls_heads: Tensor, metric: Tensor, dominant
     return torch.cat([dominant, contextual], dim=1)
 
 
-
 def bench_cases(quick: bool):
     # (dominant, contextual): the authors' LLaVA-1.5 split of 64 tokens; 14 + 2 of 16 (quick)
     n, D, (dom, ctx) = (64, 64, (14, 2)) if quick else (576, 1024, (54, 10))

@@ -33,7 +33,6 @@ def vtc_cls(image_features: Tensor, cls_heads: Dict[int, Tensor], num_layers: in
     return torch.cat(outs, dim=0)
 
 
-
 def bench_cases(quick: bool):
     n, D, keep = (64, 64, 16) if quick else (576, 1024, 64)
 
