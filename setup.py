@@ -98,8 +98,10 @@ class BuildPyWithKernelSources(build_py):
 
 setup(
     # name, version, dependencies (with their supported ranges) and the console script are
-    # declared in pyproject.toml; this file adds what needs code: the extension and build_py
-    packages=find_packages(include=["tokenreduce", "tokenreduce.*"]),
+    # declared in pyproject.toml; this file adds what needs code: the extension and build_py.
+    # tokenreduce.testing (test oracles, synthetic inputs) is for tests/ and bench/ only
+    packages=find_packages(include=["tokenreduce", "tokenreduce.*"],
+                           exclude=["tokenreduce.testing", "tokenreduce.testing.*"]),
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True), "build_py": BuildPyWithKernelSources},
 )

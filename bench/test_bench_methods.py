@@ -1,8 +1,8 @@
 """Benchmarks of each reduction method against the re-implementation of its authors'
-algorithm (`tokenreduce.authors`), at LLaVA-1.5 shapes (577 tokens, D=1024, B=1 and 16)
-or tiny shapes with ``--quick``.
+algorithm (`tokenreduce.testing.authors`, test-only), at LLaVA-1.5 shapes (576 image tokens,
+B=1 and 16) or tiny shapes with ``--quick``.
 
-The cases are discovered: every module of `tokenreduce.authors` with a
+The cases are discovered: every module of `tokenreduce.testing.authors` with a
 ``bench_cases(quick)`` function contributes its own (so adding a method's benchmark is
 adding a file there). Per case: pytest-benchmark timings of ours and the authors' (same
 group, side by side) and a same-run ratio (alternating blocks, medians) recorded in
@@ -14,10 +14,9 @@ import os
 import statistics
 import time
 
-import pytest
 import torch
 
-from tokenreduce import authors
+from tokenreduce.testing import authors
 from tokenreduce import measure
 
 

@@ -8,8 +8,8 @@ parity tests that run only on a GPU.
   kernels the Python side names;
 * the mma.sync fragment layout the kernels assume reproduces A @ B^T (lane-level emulation);
 * the real device code, compiled with g++ and run on the CPU (256 std::threads per CTA,
-  real barriers, emulated shuffles and mma fragments: host_emulation/), matches the
-  reference on every path (in-kernel scores, row path, key chunks, strided rows);
+  real barriers, emulated shuffles and mma fragments: tests/cpp/attention_host_emulation/),
+  matches the reference on every path (in-kernel scores, row path, key chunks, strided rows);
 * a numpy emulation of the kernels' tiling (64-row query blocks, 64-key tiles, key chunks
   resident in shared memory, base-2 online softmax with the final rescale, per-block column
   sums, LSE, key-block-major column pass, deterministic reduction) matches the reference.
@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SRC_DIR = os.path.join(ROOT, "csrc", "attention_with_scores")
 CUH = os.path.join(SRC_DIR, "attention_with_scores_kernels.cuh")
 PLAN_H = os.path.join(SRC_DIR, "attention_with_scores_plan.h")
-EMU_CC = os.path.join(SRC_DIR, "host_emulation", "attention_with_scores_emu.cc")
+EMU_CC = os.path.join(ROOT, "tests", "cpp", "attention_host_emulation", "attention_with_scores_emu.cc")
 H100, A100 = 232448, 166912  # opt-in shared memory per block (bytes)
 LOG2E = 1.4426950408889634
 

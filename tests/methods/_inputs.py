@@ -1,8 +1,8 @@
 """Helpers of the method tests: Contexts from CLIP-L-like tensors (577 tokens incl. [CLS], D=1024)."""
 import torch
 
-from tokenreduce.authors.synthetic import ClipLike
 from tokenreduce.methods import Context
+from tokenreduce.testing.synthetic import ClipLike
 
 
 def ctx_of(d, dtype=torch.float32, **kw):
@@ -21,7 +21,7 @@ def per_sample(d, b):
 # which other test files import as ``conftest``)
 import pytest  # noqa: E402
 
-from tokenreduce.authors.synthetic import clip_like  # noqa: E402
+from tokenreduce.testing.synthetic import clip_like  # noqa: E402
 
 
 @pytest.fixture(scope="session")

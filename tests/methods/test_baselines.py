@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tokenreduce.authors.pool import pool_tokens
+from tokenreduce.testing.authors.pool import pool_tokens
 from tokenreduce.methods import Context, build
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tokenreduce.authors.dart import dart
+from tokenreduce.testing.authors.dart import dart
 from tokenreduce.methods import Context, build
 from tokenreduce.methods.dart import pivot_quota
 

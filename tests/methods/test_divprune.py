@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from tokenreduce.authors.divprune import divprune, min_dist_objective
-from tokenreduce.authors.synthetic import clip_like
+from tokenreduce.testing.authors.divprune import divprune, min_dist_objective
+from tokenreduce.testing.synthetic import clip_like
 from tokenreduce.methods import Context, build
 
 

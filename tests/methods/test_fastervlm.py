@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from _inputs import clip1, clip3, ctx_of, per_sample  # noqa: F401 (fixtures)
-from tokenreduce.authors.fastervlm import fastervlm
+from tokenreduce.testing.authors.fastervlm import fastervlm
 from tokenreduce.methods import build
 
 

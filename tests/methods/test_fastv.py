@@ -3,11 +3,11 @@ import sys
 import pytest
 import torch
 
-import tokenreduce.methods as M
-from tokenreduce.authors._llm_stage import llm_inputs
-from tokenreduce.authors.fastv import fastv_authors, fastv_ours
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # helpers_b, whatever the import mode
-from helpers_b import LOW, check_errors, check_reduction, overlap
+from tokenreduce import methods
+from tokenreduce.testing.authors.fastv import fastv_authors, fastv_ours
+from tokenreduce.testing.synthetic import llm_inputs
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # method_checks, whatever the import mode
+from method_checks import LOW, check_errors, check_reduction, overlap
 
 
 @pytest.mark.parametrize("B", [1, 3])
@@ -40,21 +40,21 @@ def test_low_precision(dtype):
 
 
 def test_options_and_declarations():
-    m = M.build("fastv")                        # paper default: K=2, R=0.5
+    m = methods.build("fastv")                        # paper default: K=2, R=0.5
     assert m.keep_tokens(576) == 288 and m.reduce_layers(32) == [1] and m.attention_layers(32) == [1]
-    assert M.build("fastv", R=0.75, layer=3).keep_tokens(576) == 144
-    assert M.build("fastv", layer=3).reduce_layers(32) == [2]
+    assert methods.build("fastv", R=0.75, layer=3).keep_tokens(576) == 144
+    assert methods.build("fastv", layer=3).reduce_layers(32) == [2]
     with pytest.raises(ValueError, match="fastv"):
-        M.build("fastv", keep=64, R=0.5)
+        methods.build("fastv", keep=64, R=0.5)
     with pytest.raises(ValueError, match="fastv"):
-        M.build("fastv", layer=0)
+        methods.build("fastv", layer=0)
     with pytest.raises(ValueError, match="fastv"):
-        M.build("fastv", layer=40).reduce_layers(32)
+        methods.build("fastv", layer=40).reduce_layers(32)
 
 
 def test_errors():
     x = torch.randn(1, 576, 16)
-    check_errors("fastv", lambda: M.Context(x=x, layer=1))
-    m = M.build("fastv", keep=8)
+    check_errors("fastv", lambda: methods.Context(x=x, layer=1))
+    m = methods.build("fastv", keep=8)
     with pytest.raises(ValueError, match="fastv.*shape"):
-        m(M.Context(x=x, query_attn={1: torch.rand(1, 575)}))
+        m(methods.Context(x=x, query_attn={1: torch.rand(1, 575)}))

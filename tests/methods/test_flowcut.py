@@ -5,17 +5,17 @@ import math
 import pytest
 import torch
 
-import tokenreduce.methods as M
-from tokenreduce.authors.flowcut import (adaptive_prune_ratio, flowcut_authors, flowcut_ours,
-                                         make_layers)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # helpers_b, whatever the import mode
-from helpers_b import LOW, check_errors, overlap
+from tokenreduce import methods
+from tokenreduce.testing.authors.flowcut import adaptive_prune_ratio, flowcut_authors, flowcut_ours
+from tokenreduce.testing.synthetic import vit_layers_qkv
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # method_checks, whatever the import mode
+from method_checks import LOW, check_errors, overlap
 
 
 def run_both(B, keep, L, seed, H=4, Dh=16, D=32, N0=577, **opts):
-    layers = make_layers(B, N0, H, Dh, L - 2, seed=seed)
+    layers = vit_layers_qkv(B, N0, H, Dh, L - 2, seed=seed)
     x = torch.randn(B, N0, D, generator=torch.Generator().manual_seed(seed + 1))
-    m = M.build("flowcut", keep=keep, heads=H, **opts)
+    m = methods.build("flowcut", keep=keep, heads=H, **opts)
     sched = m.schedule(N0 - 1, L)
     prune = [a - b for a, b in zip([N0 - 1] + sched[:-1], sched)]
     ours = flowcut_ours(x, layers, keep, L, **opts)
@@ -41,19 +41,19 @@ def test_clip_l_depth_24_layers():
 def test_static_schedule_is_the_authors_adaptive_count():
     """With rho set to the measured entropy ratio, the static first count equals the authors'."""
     B, N0, H, Dh, L, keep = 1, 577, 4, 16, 8, 64
-    layers = make_layers(B, N0, H, Dh, L - 2, seed=9)
+    layers = vit_layers_qkv(B, N0, H, Dh, L - 2, seed=9)
     q, k, v = (t.float() for t in layers[1])                       # first prune happens in layer 1
     attn = torch.softmax(q @ k.transpose(-1, -2) * Dh ** -0.5, dim=-1)[:, :, 0, 1:].mean(1)
     p = attn / attn.sum(-1, keepdim=True)
     rho = float(-(p * p.log()).sum() / math.log(N0 - 1))
     authors_prune = adaptive_prune_ratio(attn, L - 2 - 1 - 1, keep)
-    m = M.build("flowcut", keep=keep, heads=H, entropy_ratio=rho)
+    m = methods.build("flowcut", keep=keep, heads=H, entropy_ratio=rho)
     assert m.schedule(N0 - 1, L)[0] == N0 - 1 - authors_prune
 
 
 def test_batch_equals_per_sample():
     B, L = 3, 8
-    layers = make_layers(B, 577, 4, 16, L - 2, seed=3)
+    layers = vit_layers_qkv(B, 577, 4, 16, L - 2, seed=3)
     x = torch.randn(B, 577, 32)
     full = flowcut_ours(x, layers, 64, L)
     for b in range(B):
@@ -65,7 +65,7 @@ def test_batch_equals_per_sample():
 @pytest.mark.parametrize("dtype", LOW)
 def test_low_precision(dtype):
     L = 8
-    layers = make_layers(2, 577, 4, 16, L - 2, seed=4)
+    layers = vit_layers_qkv(2, 577, 4, 16, L - 2, seed=4)
     x = torch.randn(2, 577, 32)
     ref = flowcut_ours(x, layers, 192, L)
     got = flowcut_ours(x.to(dtype), [tuple(t.to(dtype) for t in lay) for lay in layers], 192, L)
@@ -73,22 +73,22 @@ def test_low_precision(dtype):
 
 
 def test_declarations():
-    m = M.build("flowcut", keep=64)
+    m = methods.build("flowcut", keep=64)
     assert m.reduce_layers(24) == list(range(1, 22, 2)) and m.attention_layers(24) == list(range(22))
-    assert m.stage == M.Stage.VIT and {M.Need.CLS_ATTN, M.Need.VALUES} <= m.needs
+    assert m.stage == methods.Stage.VIT and {methods.Need.CLS_ATTN, methods.Need.VALUES} <= m.needs
     s = m.schedule(576, 24)
     assert s[-1] == 64 and all(a >= b for a, b in zip(s, s[1:]))
     with pytest.raises(ValueError, match="flowcut"):
-        M.build("flowcut", keep=64, entropy_ratio=2.0)
+        methods.build("flowcut", keep=64, entropy_ratio=2.0)
 
 
 def test_errors():
     x = torch.randn(1, 577, 16)
-    check_errors("flowcut", lambda: M.Context(x=x, has_cls=True, layer=1, num_layers=24, state={}))
-    m = M.build("flowcut", keep=64, heads=4)
+    check_errors("flowcut", lambda: methods.Context(x=x, has_cls=True, layer=1, num_layers=24, state={}))
+    m = methods.build("flowcut", keep=64, heads=4)
     with pytest.raises(ValueError, match="flowcut.*CLS"):
-        m(M.Context(x=x, layer=1, num_layers=24))
+        m(methods.Context(x=x, layer=1, num_layers=24))
     with pytest.raises(ValueError, match="flowcut.*layer"):
-        m(M.Context(x=x, has_cls=True, layer=2, num_layers=24, state={}))
+        m(methods.Context(x=x, has_cls=True, layer=2, num_layers=24, state={}))
     with pytest.raises(ValueError, match=r"flowcut.*cls_attn\[0\]"):
-        m(M.Context(x=x, has_cls=True, layer=1, num_layers=24, state={}))
+        m(methods.Context(x=x, has_cls=True, layer=1, num_layers=24, state={}))

@@ -3,10 +3,12 @@ import sys
 import pytest
 import torch
 
-import tokenreduce.methods as M
-from tokenreduce.authors.hiprune import eager_vit_probs, hiprune_authors, hiprune_ours, vit_layer_qkv
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # helpers_b, whatever the import mode
-from helpers_b import LOW, check_errors, check_reduction, overlap
+from tokenreduce import methods
+from tokenreduce.testing.authors.eager_attention import eager_vit_probs
+from tokenreduce.testing.authors.hiprune import hiprune_authors, hiprune_ours
+from tokenreduce.testing.synthetic import vit_layer_qkv
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # method_checks, whatever the import mode
+from method_checks import LOW, check_errors, check_reduction, overlap
 
 
 def inputs(B, seed, N=577, D=1024, H=16, Dh=64, dtype=torch.float32):
@@ -51,20 +53,20 @@ def test_low_precision(dtype):
 
 
 def test_no_cls_and_declarations():
-    m = M.build("hiprune", keep=64)
-    assert m.attention_layers(24) == [8, -2] and m.stage == M.Stage.PROJECTOR
+    m = methods.build("hiprune", keep=64)
+    assert m.attention_layers(24) == [8, -2] and m.stage == methods.Stage.PROJECTOR
     x = torch.randn(2, 576, 16)
-    red = m(M.Context(x=x, attn_received={8: torch.rand(2, 576), -2: torch.rand(2, 576)}))
+    red = m(methods.Context(x=x, attn_received={8: torch.rand(2, 576), -2: torch.rand(2, 576)}))
     check_reduction(red, 2, 576, 64, 16)
     with pytest.raises(ValueError, match="hiprune.*alpha"):
-        M.build("hiprune", keep=8, alpha=1.0)(M.Context(x=x, attn_received={8: torch.rand(2, 576), -2: torch.rand(2, 576)}))
+        methods.build("hiprune", keep=8, alpha=1.0)(methods.Context(x=x, attn_received={8: torch.rand(2, 576), -2: torch.rand(2, 576)}))
     with pytest.raises(ValueError, match="hiprune"):
-        M.build("hiprune", keep=8, object_layer=0)
+        methods.build("hiprune", keep=8, object_layer=0)
 
 
 def test_errors():
     x = torch.randn(1, 577, 16)
-    check_errors("hiprune", lambda: M.Context(x=x, has_cls=True, attn_received={8: torch.rand(1, 577)}))
+    check_errors("hiprune", lambda: methods.Context(x=x, has_cls=True, attn_received={8: torch.rand(1, 577)}))
     with pytest.raises(ValueError, match="hiprune.*grid"):
-        M.build("hiprune", keep=8)(M.Context(x=x, has_cls=True, grid=(20, 20),
+        methods.build("hiprune", keep=8)(methods.Context(x=x, has_cls=True, grid=(20, 20),
                                             attn_received={8: torch.rand(1, 577), -2: torch.rand(1, 577)}))

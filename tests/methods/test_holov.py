@@ -3,10 +3,10 @@ import sys
 import pytest
 import torch
 
-import tokenreduce.methods as M
-from tokenreduce.authors.holov import holov_authors, holov_ours
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # helpers_b, whatever the import mode
-from helpers_b import LOW, check_errors, check_reduction, overlap
+from tokenreduce import methods
+from tokenreduce.testing.authors.holov import holov_authors, holov_ours
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # method_checks, whatever the import mode
+from method_checks import LOW, check_errors, check_reduction, overlap
 
 
 def inputs(B, N, D, seed, hot=None):
@@ -42,7 +42,7 @@ def test_uneven_crops_with_cls():
     x, a = inputs(2, 100, 32, seed=4)              # 100 = 7 crops of 15 and 14
     xc = torch.cat([torch.randn(2, 1, 32), x], 1)
     ac = torch.cat([torch.rand(2, 1), a], 1)
-    red = M.build("holov", keep=30, crops=7)(M.Context(x=xc, has_cls=True, cls_attn={-2: ac}))
+    red = methods.build("holov", keep=30, crops=7)(methods.Context(x=xc, has_cls=True, cls_attn={-2: ac}))
     toks, pos = holov_authors(x, a, 7, 30)
     check_reduction(red, 2, 101, 31, 32)
     assert torch.equal(red.index[:, 1:], torch.where(pos >= 0, pos + 1, pos))
@@ -66,6 +66,6 @@ def test_low_precision(dtype):
 
 def test_errors():
     x = torch.randn(1, 576, 16)
-    check_errors("holov", lambda: M.Context(x=x))
+    check_errors("holov", lambda: methods.Context(x=x))
     with pytest.raises(ValueError, match="holov"):
-        M.build("holov", keep=8, crops=0)
+        methods.build("holov", keep=8, crops=0)

@@ -3,10 +3,10 @@ import sys
 import pytest
 import torch
 
-import tokenreduce.methods as M
-from tokenreduce.authors.pdrop import make_stages, pdrop_authors, pdrop_ours
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # helpers_b, whatever the import mode
-from helpers_b import LOW, check_errors, check_reduction, overlap
+from tokenreduce import methods
+from tokenreduce.testing.authors.pdrop import make_stages, pdrop_authors, pdrop_ours
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # method_checks, whatever the import mode
+from method_checks import LOW, check_errors, check_reduction, overlap
 
 RATIOS = [1.0, 0.5, 0.25, 0.125]
 
@@ -40,25 +40,25 @@ def test_low_precision(dtype):
 
 
 def test_reduction_and_declarations():
-    m = M.build("pdrop")
+    m = methods.build("pdrop")
     assert m.reduce_layers(32) == [7, 15, 23] and m.attention_layers(32) == [8, 16, 24]
     assert m.stage_counts(576) == [288, 144, 72] and m.keep_tokens(576) == 72
-    assert M.Need.LOOKAHEAD in m.needs
-    assert M.build("pdrop", keep=64).keep_tokens(576) == 64
+    assert methods.Need.LOOKAHEAD in m.needs
+    assert methods.build("pdrop", keep=64).keep_tokens(576) == 64
     x = torch.randn(2, 576, 32)
-    red = m(M.Context(x=x, query_attn={8: torch.rand(2, 576)}, layer=7, state={}))
+    red = m(methods.Context(x=x, query_attn={8: torch.rand(2, 576)}, layer=7, state={}))
     check_reduction(red, 2, 576, 288, 32)
     with pytest.raises(ValueError, match="pdrop"):
-        M.build("pdrop", layers=(16, 8))
+        methods.build("pdrop", layers=(16, 8))
     with pytest.raises(ValueError, match="pdrop"):
         m.reduce_layers(20)
 
 
 def test_errors():
     x = torch.randn(1, 576, 16)
-    check_errors("pdrop", lambda: M.Context(x=x, layer=7, state={}))
-    m = M.build("pdrop")
+    check_errors("pdrop", lambda: methods.Context(x=x, layer=7, state={}))
+    m = methods.build("pdrop")
     with pytest.raises(ValueError, match="pdrop.*layer"):
-        m(M.Context(x=x, query_attn={8: torch.rand(1, 576)}))          # ctx.layer missing
+        m(methods.Context(x=x, query_attn={8: torch.rand(1, 576)}))          # ctx.layer missing
     with pytest.raises(ValueError, match="pdrop"):
-        m(M.Context(x=x[:, :288], query_attn={16: torch.rand(1, 288)}, layer=15, state={}))  # lost state
+        m(methods.Context(x=x[:, :288], query_attn={16: torch.rand(1, 288)}, layer=15, state={}))  # lost state

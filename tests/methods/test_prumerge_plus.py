@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from _inputs import clip1, clip3, ctx_of, per_sample  # noqa: F401 (fixtures)
-from tokenreduce.authors.prumerge_plus import outlier_ratio, prumerge_plus_one
+from tokenreduce.testing.authors.prumerge_plus import outlier_ratio, prumerge_plus_one
 from tokenreduce.methods import Context, build
 from tokenreduce.methods.prumerge_plus import iqr_outliers
 

@@ -3,7 +3,7 @@ import torch
 
 from _inputs import clip1, clip3, ctx_of  # noqa: F401 (fixtures)
 from tokenreduce import ops
-from tokenreduce.authors.divprune import divprune
+from tokenreduce.testing.authors.divprune import divprune
 from tokenreduce.methods import Context, build
 
 
@@ -37,7 +37,7 @@ def test_stage2_relevance():
 
 
 def test_stage2_matches_loop():
-    from tokenreduce.authors.todre import todre_stage2
+    from tokenreduce.testing.authors.todre import todre_stage2
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, 576, 128, generator=g)
     rel = torch.softmax(torch.randn(3, 576, generator=g), dim=1)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from _inputs import clip1, clip3, per_sample  # noqa: F401 (fixtures)
-from tokenreduce.authors.tome import tome_merge
+from tokenreduce.testing.authors.tome import tome_merge
 from tokenreduce.methods import Context, build
 
 

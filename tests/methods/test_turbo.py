@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from _inputs import clip1, clip3, per_sample  # noqa: F401 (fixtures)
-from tokenreduce.authors.turbo import turbo_one
+from tokenreduce.testing.authors.turbo import turbo_one
 from tokenreduce.methods import Context, build
 
 

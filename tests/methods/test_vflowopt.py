@@ -5,14 +5,14 @@ import math
 import pytest
 import torch
 
-import tokenreduce.methods as M
-from tokenreduce import ops
-from tokenreduce.authors.hiprune import eager_vit_probs, vit_layer_qkv
-from tokenreduce.authors.vflowopt import (patch_entropy_authors, vflowopt_importance_authors,
-                                          vflowopt_merge_authors)
+from tokenreduce import methods, ops
+from tokenreduce.testing.authors.eager_attention import eager_vit_probs
+from tokenreduce.testing.authors.vflowopt import (patch_entropy_authors, vflowopt_importance_authors,
+                                                  vflowopt_merge_authors)
+from tokenreduce.testing.synthetic import vit_layer_qkv
 from tokenreduce.methods.vflowopt import patch_entropy
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # helpers_b, whatever the import mode
-from helpers_b import LOW, check_errors, check_reduction, overlap
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # method_checks, whatever the import mode
+from method_checks import LOW, check_errors, check_reduction, overlap
 
 A = 17.386981849158786
 
@@ -22,8 +22,8 @@ def run(B, N, D, keep=None, ratio=None, a=A, seed=0, dtype=torch.float32, H=8, D
     x = torch.randn(B, N, D, generator=g).to(dtype)
     q, k, v = vit_layer_qkv(B, N, H, Dh, seed + 1, dtype=dtype)
     _, rec = ops.attention_with_scores(q, k, v)
-    m = M.build("vflowopt", keep=keep, ratio=ratio, a=a)
-    red = m(M.Context(x=x, attn_received={-2: rec}))
+    m = methods.build("vflowopt", keep=keep, ratio=ratio, a=a)
+    red = m(methods.Context(x=x, attn_received={-2: rec}))
     h = w = int(math.isqrt(N))
     kept, L, C = m.counts(N, h, w)
     imp = vflowopt_importance_authors(eager_vit_probs(q, k))
@@ -65,9 +65,9 @@ def test_clip_width_and_cls():
     x = torch.randn(1, 577, 1024, generator=g)
     q, k, v = vit_layer_qkv(1, 577, 16, 64, 8)
     _, rec = ops.attention_with_scores(q, k, v)
-    red = M.build("vflowopt", keep=128)(M.Context(x=x, has_cls=True, attn_received={-2: rec}))
+    red = methods.build("vflowopt", keep=128)(methods.Context(x=x, has_cls=True, attn_received={-2: rec}))
     imp = vflowopt_importance_authors(eager_vit_probs(q, k))[:, 1:]
-    kept, L, C = M.build("vflowopt", keep=128).counts(576, 24, 24)
+    kept, L, C = methods.build("vflowopt", keep=128).counts(576, 24, 24)
     (toks, pos), = vflowopt_merge_authors(x[:, 1:], imp, 24, 24, A, L)
     assert red.index[0, 0] == 0 and torch.equal(red.tokens[0, 0], x[0, 0])
     valid = red.index[0, 1:] >= 0
@@ -81,23 +81,23 @@ def test_entropy_matches_authors():
     assert torch.allclose(patch_entropy(px, 14), patch_entropy_authors(px, 14), atol=1e-5)
     x = torch.randn(2, 576, 16)
     rec = torch.softmax(torch.randn(2, 576), -1)
-    m = M.build("vflowopt", keep=64, alpha_v=0.5)
-    red = m(M.Context(x=x, attn_received={-2: rec}, pixels=px))
+    m = methods.build("vflowopt", keep=64, alpha_v=0.5)
+    red = m(methods.Context(x=x, attn_received={-2: rec}, pixels=px))
     imp = rec + 0.5 * torch.softmax(patch_entropy_authors(px, 14), -1)
     kept, L, C = m.counts(576, 24, 24)
     compare(red, vflowopt_merge_authors(x, imp, 24, 24, A, L))
     with pytest.raises(ValueError, match="vflowopt.*pixels"):
-        m(M.Context(x=x, attn_received={-2: rec}))
+        m(methods.Context(x=x, attn_received={-2: rec}))
 
 
 def test_batch_equals_per_sample():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(3, 576, 32, generator=g)
     rec = torch.softmax(torch.randn(3, 576, generator=g) * 2, -1)
-    m = M.build("vflowopt", keep=64)
-    full = m(M.Context(x=x, attn_received={-2: rec}))
+    m = methods.build("vflowopt", keep=64)
+    full = m(methods.Context(x=x, attn_received={-2: rec}))
     for b in range(3):
-        one = m(M.Context(x=x[b:b + 1], attn_received={-2: rec[b:b + 1]}))
+        one = m(methods.Context(x=x[b:b + 1], attn_received={-2: rec[b:b + 1]}))
         assert torch.equal(one.index, full.index[b:b + 1])
         torch.testing.assert_close(one.tokens, full.tokens[b:b + 1])
 
@@ -111,6 +111,6 @@ def test_low_precision(dtype):
 
 def test_errors():
     x = torch.randn(1, 576, 16)
-    check_errors("vflowopt", lambda: M.Context(x=x))
+    check_errors("vflowopt", lambda: methods.Context(x=x))
     with pytest.raises(ValueError, match="vflowopt.*cells"):
-        M.build("vflowopt", keep=4).keep_tokens(576)
+        methods.build("vflowopt", keep=4).keep_tokens(576)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from _inputs import clip1, clip3, ctx_of, per_sample  # noqa: F401 (fixtures)
-from tokenreduce.authors.visionzip import visionzip
+from tokenreduce.testing.authors.visionzip import visionzip
 from tokenreduce.methods import Context, build
 from tokenreduce.methods.visionzip import split_budget
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from _inputs import clip1, clip3, ctx_of, per_sample  # noqa: F401 (fixtures)
-from tokenreduce.authors.vtc_cls import vtc_cls
+from tokenreduce.testing.authors.vtc_cls import vtc_cls
 from tokenreduce.methods import Context, build
 
 

@@ -10,7 +10,12 @@ from typing import Dict
 import torch
 from torch import Tensor
 
-from ._llm_stage import eager_probs, llm_inputs
+from tokenreduce import ops
+from tokenreduce.methods import Context, build
+
+from . import MethodBenchCase
+from ..synthetic import llm_inputs
+from .eager_attention import eager_probs
 
 
 def visiondrop_stage_authors(hidden: Tensor, q: Tensor, k: Tensor, start: int, n: int, d: int, c: int):
@@ -43,8 +48,6 @@ def visiondrop_stage_authors(hidden: Tensor, q: Tensor, k: Tensor, start: int, n
 
 
 def visiondrop_ours(stage: Dict[str, object], layer: int, method, state: dict):
-    from .. import ops
-    from ..methods import Context
     st, n = stage["start"], stage["n_img"]
     q, k, v = stage["q"], stage["k"], stage["v"]
     _, sc = ops.attention_with_scores(q, k, v, causal=True, score_rows=torch.arange(st, st + n))
@@ -53,16 +56,18 @@ def visiondrop_ours(stage: Dict[str, object], layer: int, method, state: dict):
     return method(ctx)
 
 
-def bench_case(B: int, quick: bool):
-    from ..methods import build
+def bench_cases(quick: bool):
     n, D, H, Dh = (64, 128, 4, 32) if quick else (576, 4096, 32, 128)
-    d = llm_inputs(B, n, D, H, Dh, seed=0)
-    dd, cc = (20, 5) if quick else (160, 32)
+    dominant, contextual = (20, 5) if quick else (160, 32)
 
-    def ours(stage):
-        m = build("visiondrop", layers=(8,), schedule=((dd, cc),))
-        return visiondrop_ours(stage, 8, m, {})
+    def case(B):
+        def ours(d):
+            m = build("visiondrop", layers=(8,), schedule=((dominant, contextual),))
+            return visiondrop_ours(d, 8, m, {})
 
-    def authors(stage):
-        return visiondrop_stage_authors(stage["hidden"], stage["q"], stage["k"], stage["start"], n, dd, cc)
-    return ours, authors, (d,)
+        return MethodBenchCase(
+            "visiondrop", f"B={B} n={n} D={D} keep={dominant + contextual}",
+            make=lambda: llm_inputs(B, n, D, H, Dh, seed=0), ours=ours,
+            authors=lambda d: visiondrop_stage_authors(d["hidden"], d["q"], d["k"], d["start"], n,
+                                                       dominant, contextual))
+    return [case(B) for B in (1, 16)]

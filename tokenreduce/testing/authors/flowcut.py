@@ -11,6 +11,12 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from tokenreduce import ops
+from tokenreduce.methods import Context, build
+
+from . import MethodBenchCase
+from ..synthetic import vit_layers_qkv
+
 
 def compute_score(cls_attn: Tensor, semantic_attn: Tensor, value: Tensor) -> Tensor:
     rel = cls_attn / cls_attn.sum(dim=-1, keepdim=True)
@@ -69,8 +75,6 @@ def flowcut_authors(layers_qkv: Sequence[Tuple[Tensor, Tensor, Tensor]], target:
 
 def flowcut_ours(x: Tensor, layers_qkv, keep: int, num_layers: int, **opts) -> List[Tensor]:
     """The engine's path: fused [CLS]-row scores per layer, values, progressive method calls."""
-    from .. import ops
-    from ..methods import Context, build
     m = build("flowcut", keep=keep, heads=layers_qkv[0][0].shape[1], **opts)
     red_layers = m.reduce_layers(num_layers)
     B, N0, D = x.shape
@@ -92,24 +96,19 @@ def flowcut_ours(x: Tensor, layers_qkv, keep: int, num_layers: int, **opts) -> L
     return out
 
 
-def make_layers(B: int, N0: int, H: int, Dh: int, L: int, seed: int = 0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return [tuple((torch.randn(B, H, N0, Dh, generator=g) * s).to(dtype) for s in (2.0, 1.0, 1.0)) for _ in range(L)]
-
-
-def bench_case(B: int, quick: bool):
-    from ..methods import build
+def bench_cases(quick: bool):
     N0, D, H, Dh, L = (65, 64, 4, 16, 8) if quick else (577, 1024, 16, 64, 24)
     keep = 16 if quick else 64
-    layers = make_layers(B, N0, H, Dh, L - 2)
-    x = torch.randn(B, N0, D, generator=torch.Generator().manual_seed(9))
-    m = build("flowcut", keep=keep, heads=H)
-    sched = m.schedule(N0 - 1, L)
-    prune = [a - b for a, b in zip([N0 - 1] + sched[:-1], sched)]
+    sched = build("flowcut", keep=keep, heads=H).schedule(N0 - 1, L)
+    prune = [a - b for a, b in zip([N0 - 1] + sched[:-1], sched)]   # the authors' per-point counts
 
-    def ours(x_, lay):
-        return flowcut_ours(x_, lay, keep, L)
+    def case(B):
+        def make():
+            return (torch.randn(B, N0, D, generator=torch.Generator().manual_seed(9)),
+                    vit_layers_qkv(B, N0, H, Dh, L - 2))
 
-    def authors(x_, lay):
-        return flowcut_authors(lay, keep + 1, L - 2, prune)
-    return ours, authors, (x, layers)
+        return MethodBenchCase(
+            "flowcut", f"B={B} N={N0} D={D} L={L} keep={keep}", make,
+            ours=lambda t: flowcut_ours(t[0], t[1], keep, L),
+            authors=lambda t: flowcut_authors(t[1], keep + 1, L - 2, prune))
+    return [case(B) for B in (1, 16)]

@@ -6,8 +6,12 @@ from __future__ import annotations
 from typing import List
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.functional import cosine_similarity
+
+from tokenreduce.methods import Context, build
+
+from . import MethodBenchCase
 
 
 def dart_one(states: Tensor, img_k: Tensor, txt_k: Tensor, image_start: int, image_len: int,
@@ -25,7 +29,7 @@ def dart_one(states: Tensor, img_k: Tensor, txt_k: Tensor, image_start: int, ima
     items = list(indices_set) if order == "set" else sorted(indices_set)
     for item in items:
         vectors = states[valid_list, :]
-        cos_sim = -F.cosine_similarity(states[item, :], vectors, dim=-1)
+        cos_sim = -cosine_similarity(states[item, :], vectors, dim=-1)
         top = cos_sim.topk(token_topk).indices
         real = [valid_list[i] for i in top.tolist()]
         indices_set.update(real)
@@ -47,22 +51,18 @@ def dart(image_states: Tensor, image_keys: Tensor, text_states: Tensor, text_key
 
 
 def bench_cases(quick: bool):
-    from ..methods import Context, build
-    from . import MethodBenchCase
-    shapes = [(1, 64, 64), (2, 64, 64)] if quick else [(1, 576, 4096), (16, 576, 4096)]
-    cases = []
-    for B, n, D in shapes:
-        T, topk = 32, (1 if quick else 15)
-        keep = 4 + 8 * topk
-        m = build("dart", keep=keep)
+    n, D, T, topk = (64, 64, 32, 1) if quick else (576, 4096, 32, 15)
+    keep = 4 + 8 * topk
 
-        def make(B=B, n=n, D=D, T=T):
+    def case(B):
+        def make():
             g = torch.Generator().manual_seed(7)
             return (torch.randn(B, n, D, generator=g), torch.randn(B, n, 128, generator=g),
                     torch.randn(B, T, D, generator=g))
 
-        cases.append(MethodBenchCase(
+        m = build("dart", keep=keep)
+        return MethodBenchCase(
             "dart", f"B={B} n={n} D={D} keep={keep}", make,
-            lambda t, m=m: m(Context(x=t[0], keys=t[1], text=t[2])).tokens,
-            lambda t, topk=topk: dart(t[0], t[1], t[2], t[2], 4, 4, topk, order="sorted")))
-    return cases
+            ours=lambda t: m(Context(x=t[0], keys=t[1], text=t[2])).tokens,
+            authors=lambda t: dart(t[0], t[1], t[2], t[2], 4, 4, topk, order="sorted"))
+    return [case(B) for B in ((1, 2) if quick else (1, 16))]

@@ -9,7 +9,12 @@ from typing import Dict, List, Sequence
 import torch
 from torch import Tensor
 
-from ._llm_stage import drop_image_tokens, eager_probs, llm_inputs
+from tokenreduce import ops
+from tokenreduce.methods import Context, build
+
+from . import MethodBenchCase
+from ..synthetic import drop_image_tokens, llm_inputs
+from .eager_attention import eager_probs
 
 
 def pdrop_stage_authors(q: Tensor, k: Tensor, start: int, n_cur: int, keep_len: int) -> Tensor:
@@ -31,8 +36,6 @@ def pdrop_authors(stages: List[Dict[str, object]], ratios: Sequence[float]) -> L
 
 
 def pdrop_ours(stages: List[Dict[str, object]], layers=(8, 16, 24), **budget) -> List[Tensor]:
-    from .. import ops
-    from ..methods import Context, build
     m = build("pdrop", layers=tuple(layers), **budget)
     state: dict = {}
     out = []
@@ -56,9 +59,13 @@ def make_stages(B: int, n0: int, D: int, H: int, Dh: int, lam: float = 0.5, S: i
     return stages
 
 
-def bench_case(B: int, quick: bool):
+def bench_cases(quick: bool):
     n, D, H, Dh = (64, 128, 4, 32) if quick else (576, 4096, 32, 128)
-    stages = make_stages(B, n, D, H, Dh)
-    ours = lambda st: pdrop_ours(st)
-    authors = lambda st: pdrop_authors(st, [1.0, 0.5, 0.25, 0.125])
-    return ours, authors, (stages,)
+
+    def case(B):
+        return MethodBenchCase(
+            "pdrop", f"B={B} n={n} D={D} 3 stages",
+            make=lambda: make_stages(B, n, D, H, Dh),
+            ours=lambda stages: pdrop_ours(stages),
+            authors=lambda stages: pdrop_authors(stages, [1.0, 0.5, 0.25, 0.125]))
+    return [case(B) for B in (1, 16)]

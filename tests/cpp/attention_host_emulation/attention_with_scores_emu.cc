@@ -1,9 +1,10 @@
 // Test harness, not part of any build: runs the REAL device code of
-// ../attention_with_scores_kernels.cuh on the CPU. Each CTA is 256 std::threads with real
-// barriers (__syncthreads, __syncthreads_or, __syncwarp) and warp shuffles through shared
-// slots; mma.sync takes the kernels' pre-sm_80 fragment emulation (__CUDA_ARCH__ is not
-// defined here). Launch sequence and plan as attention_with_scores_launch.cu.
-// Used by tests/test_attention_cuda_host.py (g++ -std=c++20 -pthread -I<cuda>/include -I..).
+// csrc/attention_with_scores/attention_with_scores_kernels.cuh on the CPU. Each CTA is 256
+// std::threads with real barriers (__syncthreads, __syncthreads_or, __syncwarp) and warp
+// shuffles through shared slots; mma.sync takes the kernels' pre-sm_80 fragment emulation
+// (__CUDA_ARCH__ is not defined here). Launch sequence and plan as attention_with_scores_launch.cu.
+// Used by tests/test_attention_cuda_host.py
+// (g++ -std=c++20 -pthread -I<cuda>/include -Icsrc/attention_with_scores).
 //
 // usage: attn_emu dtype B H Hkv Nq Nk Dh Dv causal has_bias scale R smem_optin pad dir
 //   dtype 0 f32 / 1 f16 / 2 bf16 / 3 f64; R = -1: every row scored; pad: extra elements per

@@ -9,6 +9,13 @@ import math
 import torch
 from torch import Tensor
 
+from tokenreduce import ops
+from tokenreduce.methods import Context, build
+
+from . import MethodBenchCase
+from ..synthetic import vit_layer_qkv
+from .eager_attention import eager_vit_probs
+
 
 def hiprune_authors(features: Tensor, shallow_probs: Tensor, deep_probs: Tensor, keep: int,
                     alpha: float = 0.1) -> Tensor:
@@ -31,38 +38,26 @@ def hiprune_authors(features: Tensor, shallow_probs: Tensor, deep_probs: Tensor,
     return torch.stack(out)
 
 
-def vit_layer_qkv(B: int, N: int, H: int, Dh: int, seed: int, peaked: float = 2.0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, N, Dh, generator=g) * peaked
-    k = torch.randn(B, H, N, Dh, generator=g)
-    v = torch.randn(B, H, N, Dh, generator=g)
-    return q.to(dtype), k.to(dtype), v.to(dtype)
-
-
-def eager_vit_probs(q: Tensor, k: Tensor) -> Tensor:
-    return torch.softmax(q.float() @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
-
-
 def hiprune_ours(features: Tensor, qkv_shallow, qkv_deep, keep: int, alpha: float = 0.1):
     """The engine's path: fused attention-received scores of both layers, then the method."""
-    from .. import ops
-    from ..methods import Context, build
     _, sh = ops.attention_with_scores(*qkv_shallow)
     _, dp = ops.attention_with_scores(*qkv_deep)
     ctx = Context(x=features, has_cls=True, attn_received={8: sh, -2: dp})
     return build("hiprune", keep=keep, alpha=alpha)(ctx)
 
 
-def bench_case(B: int, quick: bool):
+def bench_cases(quick: bool):
     N, D, H, Dh = (65, 64, 4, 16) if quick else (577, 1024, 16, 64)
-    g = torch.Generator().manual_seed(1)
-    feats = torch.randn(B, N, D, generator=g)
-    sh, dp = vit_layer_qkv(B, N, H, Dh, 2), vit_layer_qkv(B, N, H, Dh, 3)
     keep = (N - 1) // 3
 
-    def ours(f, a, b):
-        return hiprune_ours(f, a, b, keep)
+    def case(B):
+        def make():
+            feats = torch.randn(B, N, D, generator=torch.Generator().manual_seed(1))
+            return feats, vit_layer_qkv(B, N, H, Dh, 2), vit_layer_qkv(B, N, H, Dh, 3)
 
-    def authors(f, a, b):
-        return hiprune_authors(f[:, 1:], eager_vit_probs(a[0], a[1]), eager_vit_probs(b[0], b[1]), keep)
-    return ours, authors, (feats, sh, dp)
+        return MethodBenchCase(
+            "hiprune", f"B={B} N={N} D={D} keep={keep}", make,
+            ours=lambda t: hiprune_ours(t[0], t[1], t[2], keep),
+            authors=lambda t: hiprune_authors(t[0][:, 1:], eager_vit_probs(*t[1][:2]), eager_vit_probs(*t[2][:2]),
+                                              keep))
+    return [case(B) for B in (1, 16)]

@@ -6,7 +6,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._llm_stage import eager_probs, llm_inputs
+from tokenreduce import ops
+from tokenreduce.methods import Context, build
+
+from . import MethodBenchCase
+from ..synthetic import llm_inputs
+from .eager_attention import eager_probs
 
 
 def fastv_authors(hidden: Tensor, q: Tensor, k: Tensor, start: int, n_img: int, keep: int):
@@ -23,18 +28,19 @@ def fastv_authors(hidden: Tensor, q: Tensor, k: Tensor, start: int, n_img: int, 
 
 def fastv_ours(hidden: Tensor, q: Tensor, k: Tensor, v: Tensor, start: int, n_img: int, keep: int, K: int = 2):
     """The engine's path: fused attention scores of the last row, then the fastv method."""
-    from .. import ops
-    from ..methods import Context, build
     _, sc = ops.attention_with_scores(q, k, v, causal=True, score_rows=[-1])
     ctx = Context(x=hidden[:, start:start + n_img], query_attn={K - 1: sc[:, start:start + n_img]}, layer=K - 1)
     return build("fastv", keep=keep, layer=K)(ctx)
 
 
-def bench_case(B: int, quick: bool):
+def bench_cases(quick: bool):
     n, D, H, Dh = (64, 128, 4, 32) if quick else (576, 4096, 32, 128)
-    d = llm_inputs(B, n, D, H, Dh, seed=0)
     keep = n // 2
-    args = (d["hidden"], d["q"], d["k"], d["v"], d["start"], n, keep)
-    ours = lambda h, q, k, v, s, n_, kp: fastv_ours(h, q, k, v, s, n_, kp)
-    authors = lambda h, q, k, v, s, n_, kp: fastv_authors(h, q, k, s, n_, kp)
-    return ours, authors, args
+
+    def case(B):
+        return MethodBenchCase(
+            "fastv", f"B={B} n={n} D={D} keep={keep}",
+            make=lambda: llm_inputs(B, n, D, H, Dh, seed=0),
+            ours=lambda d: fastv_ours(d["hidden"], d["q"], d["k"], d["v"], d["start"], n, keep),
+            authors=lambda d: fastv_authors(d["hidden"], d["q"], d["k"], d["start"], n, keep))
+    return [case(B) for B in (1, 16)]

@@ -4,6 +4,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tokenreduce.methods import Context, build
+
+from . import MethodBenchCase
+from ..synthetic import clip_like
+
 
 def fastervlm(image_features: Tensor, image_attentions: Tensor, visual_token_num: int) -> Tensor:
     """image_features ``[B, n, C]`` (no [CLS]), image_attentions ``[B, H, n]`` (the [CLS]
@@ -17,17 +22,13 @@ def fastervlm(image_features: Tensor, image_attentions: Tensor, visual_token_num
 
 
 def bench_cases(quick: bool):
-    from ..methods import Context, build
-    from . import MethodBenchCase
-    from .synthetic import clip_like
-    shapes = [(1, 64, 64), (4, 64, 64)] if quick else [(1, 576, 1024), (16, 576, 1024)]
-    cases = []
-    for B, n, D in shapes:
-        keep = 16 if quick else 64
+    n, D, keep = (64, 64, 16) if quick else (576, 1024, 64)
+
+    def case(B):
         m = build("fastervlm", keep=keep)
-        cases.append(MethodBenchCase(
+        return MethodBenchCase(
             "fastervlm", f"B={B} N={n + 1} D={D} keep={keep}",
-            lambda B=B, n=n, D=D: clip_like(B, n, D, seed=3, layers=(22,)),
-            lambda t, m=m: m(Context(x=t.x, has_cls=True, cls_attn=t.cls_attn, num_layers=24)).tokens,
-            lambda t, keep=keep: fastervlm(t.x[:, 1:], t.cls_heads[22][:, :, 1:], keep)))
-    return cases
+            make=lambda: clip_like(B, n, D, seed=3, layers=(22,)),
+            ours=lambda t: m(Context(x=t.x, has_cls=True, cls_attn=t.cls_attn, num_layers=24)).tokens,
+            authors=lambda t: fastervlm(t.x[:, 1:], t.cls_heads[22][:, :, 1:], keep))
+    return [case(B) for B in ((1, 4) if quick else (1, 16))]

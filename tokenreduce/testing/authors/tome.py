@@ -8,6 +8,11 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
+from tokenreduce.methods import Context, build
+
+from . import MethodBenchCase
+from ..synthetic import clip_like
+
 
 def bipartite_soft_matching(metric: Tensor, r: int, class_token: bool = False) -> Callable:
     """ToMe's matching: A = even, B = odd tokens; the r best A->B edges merge."""
@@ -57,24 +62,17 @@ def tome_merge(x: Tensor, metric: Tensor, r: int, size: Optional[Tensor] = None,
 
 
 def bench_cases(quick: bool):
-    from ..methods import Context, build
-    from .synthetic import clip_like
-    shapes = [(1, 64, 64), (4, 64, 64)] if quick else [(1, 576, 1024), (16, 576, 1024)]
-    cases = []
-    for B, n, D in shapes:
-        r = n // 36 if quick else 16
+    n, D = (64, 64) if quick else (576, 1024)
+    r = n // 36 if quick else 16
 
-        def make(B=B, n=n, D=D):
+    def case(B):
+        def make():
             d = clip_like(B, n, D, seed=1, layers=())
             return d.x, d.keys
 
         m = build("tome", r=r)
-        cases.append(_case("tome", f"B={B} N={n + 1} D={D} r={r}", make,
-                           lambda t, m=m: m(Context(x=t[0], keys=t[1], has_cls=True)).tokens,
-                           lambda t, r=r: tome_merge(t[0], t[1], r)[0]))
-    return cases
-
-
-def _case(*a, **k):
-    from . import MethodBenchCase
-    return MethodBenchCase(*a, **k)
+        return MethodBenchCase(
+            "tome", f"B={B} N={n + 1} D={D} r={r}", make,
+            ours=lambda t: m(Context(x=t[0], keys=t[1], has_cls=True)).tokens,
+            authors=lambda t: tome_merge(t[0], t[1], r)[0])
+    return [case(B) for B in ((1, 4) if quick else (1, 16))]

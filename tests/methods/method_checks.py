@@ -1,9 +1,9 @@
-"""Shared checks of the methods-b tests (HiPrune, FlowCut, VFlowOpt, HoloV, VisionDrop,
-FEATHER, FastV, PyramidDrop)."""
+"""Checks shared by the method tests: kept-set agreement with an oracle, a Reduction's
+shapes and slot mapping, a method's errors on bad budgets, options and inputs."""
 import pytest
 import torch
 
-import tokenreduce.methods as M
+from tokenreduce.methods import Reduction, build
 
 LOW = [torch.float16, torch.bfloat16]
 
@@ -16,7 +16,7 @@ def overlap(a: torch.Tensor, b: torch.Tensor) -> float:
     return sum(fr) / len(fr)
 
 
-def check_reduction(red: M.Reduction, B: int, N: int, K: int, D: int):
+def check_reduction(red: Reduction, B: int, N: int, K: int, D: int):
     assert red.tokens.shape == (B, K, D)
     assert red.index.shape == (B, K) and red.index.dtype == torch.long
     assert red.source.shape == (B, N) and red.source.dtype == torch.long
@@ -30,11 +30,11 @@ def check_reduction(red: M.Reduction, B: int, N: int, K: int, D: int):
 
 def check_errors(name: str, ctx_fn, **good):
     with pytest.raises(ValueError, match=name):
-        M.build(name, keep=0, **good).keep_tokens(576)
+        build(name, keep=0, **good).keep_tokens(576)
     with pytest.raises(ValueError, match=name):
-        M.build(name, ratio=1.5, **good).keep_tokens(576)
+        build(name, ratio=1.5, **good).keep_tokens(576)
     with pytest.raises(TypeError, match=name):
-        M.build(name, keep=8, not_an_option=1)
-    m = M.build(name, keep=8, **good)
+        build(name, keep=8, not_an_option=1)
+    m = build(name, keep=8, **good)
     with pytest.raises(ValueError, match=name):
         m(ctx_fn())

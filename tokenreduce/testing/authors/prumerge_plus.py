@@ -6,16 +6,21 @@ from __future__ import annotations
 
 from typing import List
 
-import numpy as np
+import numpy
 import torch
 from torch import Tensor
+
+from tokenreduce.methods import Context, build
+
+from . import MethodBenchCase
+from ..synthetic import clip_like
 
 
 def outlier_ratio(attn: Tensor) -> float:
     a = attn.to(torch.float32).cpu().numpy().flatten()
-    q1, q3 = np.percentile(a, 25), np.percentile(a, 75)
+    q1, q3 = numpy.percentile(a, 25), numpy.percentile(a, 75)
     upper = q3 + 1.5 * (q3 - q1)
-    return len(np.where(a > upper)[0]) / len(a)
+    return len(numpy.where(a > upper)[0]) / len(a)
 
 
 def complement_idx(idx: Tensor, dim: int) -> Tensor:
@@ -60,19 +65,15 @@ def prumerge_plus(features: Tensor, keys: Tensor, cls_attn: Tensor) -> List[Tens
 
 
 def bench_cases(quick: bool):
-    from ..methods import Context, build
-    from . import MethodBenchCase
-    from .synthetic import clip_like
-    shapes = [(1, 64, 64), (2, 64, 64)] if quick else [(1, 576, 1024), (16, 576, 1024)]
-    cases = []
-    for B, n, D in shapes:
-        keep = 16 if quick else 64
+    n, D, keep = (64, 64, 16) if quick else (576, 1024, 64)
+
+    def case(B):
         m = build("prumerge+", keep=keep)
-        cases.append(MethodBenchCase(
+        return MethodBenchCase(
             "prumerge+", f"B={B} N={n + 1} D={D} keep={keep}",
-            lambda B=B, n=n, D=D: clip_like(B, n, D, seed=6, layers=(23,)),
-            lambda t, m=m: m(Context(x=t.x, keys=t.keys, has_cls=True, cls_attn=t.cls_attn,
+            make=lambda: clip_like(B, n, D, seed=6, layers=(23,)),
+            ours=lambda t: m(Context(x=t.x, keys=t.keys, has_cls=True, cls_attn=t.cls_attn,
                                      num_layers=24)).tokens,
-            lambda t: prumerge_plus(t.x[:, 1:], t.keys[:, 1:], t.cls_attn[23][:, 1:]),
-            extra={"note": "authors' count is adaptive (about 4x the outliers + 1); ours is keep"}))
-    return cases
+            authors=lambda t: prumerge_plus(t.x[:, 1:], t.keys[:, 1:], t.cls_attn[23][:, 1:]),
+            extra={"note": "authors' count is adaptive (about 4x the outliers + 1); ours is keep"})
+    return [case(B) for B in ((1, 2) if quick else (1, 16))]

@@ -8,11 +8,15 @@ from __future__ import annotations
 import math
 from typing import Dict
 
-import numpy as np
+import numpy
 import torch
 from torch import Tensor
 
-from ._llm_stage import llm_inputs
+from tokenreduce import ops
+from tokenreduce.methods import Context, build
+
+from . import MethodBenchCase
+from ..synthetic import llm_inputs
 
 
 def feather_attention(q: Tensor, k: Tensor, image_idx: Tensor) -> Tensor:
@@ -30,7 +34,7 @@ def feather_stage1_authors(q: Tensor, k: Tensor, start: int, n: int, r: float = 
         score = feather_attention(q[i], k[i], idx)
         top = score.topk(int(n * r)).indices
         g = int(math.sqrt(n))
-        strided = torch.from_numpy(np.arange(n).reshape(g, g)[::stride, ::stride].flatten())
+        strided = torch.from_numpy(numpy.arange(n).reshape(g, g)[::stride, ::stride].flatten())
         out.append(torch.unique(torch.cat([top, strided]), sorted=True))
     return out                                                      # list: counts may differ per sample
 
@@ -44,8 +48,6 @@ def feather_stage2_authors(q: Tensor, k: Tensor, start: int, n1: int, r: float =
 
 
 def feather_ours(stage: Dict[str, object], layer: int, method, state: dict):
-    from .. import ops
-    from ..methods import Context
     st, n = stage["start"], stage["n_img"]
     q, k, v = stage["q"], stage["k"], stage["v"]
     _, sc = ops.attention_with_scores(q[:, :, -1:], k[:, :, st:st + n], v[:, :, st:st + n])
@@ -53,14 +55,13 @@ def feather_ours(stage: Dict[str, object], layer: int, method, state: dict):
     return method(ctx)
 
 
-def bench_case(B: int, quick: bool):
-    from ..methods import build
+def bench_cases(quick: bool):
     n, D, H, Dh = (81, 128, 4, 32) if quick else (576, 4096, 32, 128)
-    d = llm_inputs(B, n, D, H, Dh, seed=0)
 
-    def ours(stage):
-        return feather_ours(stage, 8, build("feather"), {})
-
-    def authors(stage):
-        return feather_stage1_authors(stage["q"], stage["k"], stage["start"], n)
-    return ours, authors, (d,)
+    def case(B):
+        return MethodBenchCase(
+            "feather", f"B={B} n={n} D={D} stage 1",
+            make=lambda: llm_inputs(B, n, D, H, Dh, seed=0),
+            ours=lambda d: feather_ours(d, 8, build("feather"), {}),
+            authors=lambda d: feather_stage1_authors(d["q"], d["k"], d["start"], n))
+    return [case(B) for B in (1, 16)]

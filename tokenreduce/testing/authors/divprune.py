@@ -6,6 +6,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tokenreduce.methods import Context, build
+
+from . import MethodBenchCase
+from ..synthetic import clip_like
+
 
 def pairwise_cosine_similarity(x: Tensor) -> Tensor:
     xn = x / x.norm(dim=-1, keepdim=True)
@@ -42,17 +47,13 @@ def min_dist_objective(image_features: Tensor, picks: Tensor) -> Tensor:
 
 
 def bench_cases(quick: bool):
-    from ..methods import Context, build
-    from . import MethodBenchCase
-    from .synthetic import clip_like
-    shapes = [(1, 64, 64), (2, 64, 64)] if quick else [(1, 576, 1024), (16, 576, 1024)]
-    cases = []
-    for B, n, D in shapes:
-        keep = 16 if quick else 64
+    n, D, keep = (64, 64, 16) if quick else (576, 1024, 64)
+
+    def case(B):
         m = build("divprune", keep=keep)
-        cases.append(MethodBenchCase(
+        return MethodBenchCase(
             "divprune", f"B={B} N={n} D={D} keep={keep}",
-            lambda B=B, n=n, D=D: clip_like(B, n, D, seed=5, layers=()).x[:, 1:].contiguous(),
-            lambda x, m=m: m(Context(x=x)).tokens,
-            lambda x, keep=keep: divprune(x, keep)))
-    return cases
+            make=lambda: clip_like(B, n, D, seed=5, layers=()).x[:, 1:].contiguous(),
+            ours=lambda x: m(Context(x=x)).tokens,
+            authors=lambda x: divprune(x, keep))
+    return [case(B) for B in ((1, 2) if quick else (1, 16))]

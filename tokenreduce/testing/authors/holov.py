@@ -7,6 +7,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tokenreduce.methods import Context, build
+
+from . import MethodBenchCase
+
 
 def holov_authors(tokens: Tensor, attention: Tensor, crops: int, budget: int, eps: float = 1e-6,
                   alpha: float = 1.0, beta: float = 0.09, power: float = 1.0):
@@ -63,14 +67,20 @@ def holov_authors(tokens: Tensor, attention: Tensor, crops: int, budget: int, ep
 
 
 def holov_ours(tokens: Tensor, attention: Tensor, crops: int, budget: int):
-    from ..methods import Context, build
     return build("holov", keep=budget, crops=crops)(Context(x=tokens, cls_attn={-2: attention}))
 
 
-def bench_case(B: int, quick: bool):
-    N, D = (64, 64) if quick else (576, 4096)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(B, N, D, generator=g)
-    a = torch.softmax(torch.randn(B, N, generator=g) * 2, dim=-1)
-    k = 16 if quick else 64
-    return (lambda t, at: holov_ours(t, at, 16, k)), (lambda t, at: holov_authors(t, at, 16, k)), (x, a)
+def bench_cases(quick: bool):
+    N, D, keep = (64, 64, 16) if quick else (576, 4096, 64)
+
+    def case(B):
+        def make():
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(B, N, D, generator=g)
+            return x, torch.softmax(torch.randn(B, N, generator=g) * 2, dim=-1)
+
+        return MethodBenchCase(
+            "holov", f"B={B} N={N} D={D} keep={keep}", make,
+            ours=lambda t: holov_ours(t[0], t[1], 16, keep),
+            authors=lambda t: holov_authors(t[0], t[1], 16, keep))
+    return [case(B) for B in (1, 16)]

@@ -5,6 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tokenreduce.methods import Context, build
+
+from . import MethodBenchCase
+from ..synthetic import clip_like
+
 
 def visionzip(hidden_states: Tensor, cls_heads: Tensor, metric: Tensor, dominant_num: int,
               contextual_num: int) -> Tensor:
@@ -35,22 +40,15 @@ def visionzip(hidden_states: Tensor, cls_heads: Tensor, metric: Tensor, dominant
 
 
 def bench_cases(quick: bool):
-    from ..methods import Context, build
-    from . import MethodBenchCase
-    from .synthetic import clip_like
-    shapes = [(1, 64, 64), (4, 64, 64)] if quick else [(1, 576, 1024), (16, 576, 1024)]
-    cases = []
-    for B, n, D in shapes:
-        keep = 16 if quick else 64
-        m = build("visionzip", keep=keep)
-        d_, c_ = m._split(n)
+    # (dominant, contextual): the authors' LLaVA-1.5 split of 64 tokens; 14 + 2 of 16 (quick)
+    n, D, (dom, ctx) = (64, 64, (14, 2)) if quick else (576, 1024, (54, 10))
 
-        def make(B=B, n=n, D=D):
-            return clip_like(B, n, D, seed=2, layers=(22,))
-
-        cases.append(MethodBenchCase(
-            "visionzip", f"B={B} N={n + 1} D={D} keep={keep}", make,
-            lambda t, m=m: m(Context(x=t.x, keys=t.keys, has_cls=True, cls_attn=t.cls_attn,
+    def case(B):
+        m = build("visionzip", dominant=dom, contextual=ctx)
+        return MethodBenchCase(
+            "visionzip", f"B={B} N={n + 1} D={D} keep={dom + ctx}",
+            make=lambda: clip_like(B, n, D, seed=2, layers=(22,)),
+            ours=lambda t: m(Context(x=t.x, keys=t.keys, has_cls=True, cls_attn=t.cls_attn,
                                      num_layers=24)).tokens,
-            lambda t, d_=d_, c_=c_: visionzip(t.x, t.cls_heads[22], t.keys, d_, c_)))
-    return cases
+            authors=lambda t: visionzip(t.x, t.cls_heads[22], t.keys, dom, ctx))
+    return [case(B) for B in ((1, 4) if quick else (1, 16))]

@@ -7,6 +7,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tokenreduce.methods import Context, build
+
+from . import MethodBenchCase
 from .divprune import divprune as todre_stage1  # noqa: F401  (greedy k-center, isolated start)
 
 
@@ -21,20 +24,17 @@ def todre_stage2(image_states: Tensor, query_attn: Tensor, keep: int) -> Tensor:
 
 
 def bench_cases(quick: bool):
-    from ..methods import Context, build
-    from . import MethodBenchCase
-    shapes = [(1, 64, 64), (2, 64, 64)] if quick else [(1, 576, 4096), (16, 576, 4096)]
-    cases = []
-    for B, n, D in shapes:
-        keep = n // 2
-        m = build("todre-llm", keep=keep, layer=2)
+    n, D = (64, 64) if quick else (576, 4096)
+    keep = n // 2
 
-        def make(B=B, n=n, D=D):
+    def case(B):
+        def make():
             g = torch.Generator().manual_seed(10)
             return torch.randn(B, n, D, generator=g), torch.softmax(torch.randn(B, n, generator=g), 1)
 
-        cases.append(MethodBenchCase(
+        m = build("todre-llm", keep=keep, layer=2)
+        return MethodBenchCase(
             "todre-llm", f"B={B} n={n} D={D} keep={keep}", make,
-            lambda t, m=m: m(Context(x=t[0], query_attn={1: t[1]})).tokens,
-            lambda t, keep=keep: todre_stage2(t[0], t[1], keep)))
-    return cases
+            ours=lambda t: m(Context(x=t[0], query_attn={1: t[1]})).tokens,
+            authors=lambda t: todre_stage2(t[0], t[1], keep))
+    return [case(B) for B in ((1, 2) if quick else (1, 16))]

@@ -12,6 +12,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from tokenreduce import ops
+from tokenreduce.methods import Context, build
+
+from . import MethodBenchCase
+from ..synthetic import vit_layer_qkv
+from .eager_attention import eager_vit_probs
+
 
 def vflowopt_importance_authors(probs: Tensor, t: float = 0.0, entropy: Optional[Tensor] = None,
                                 alpha_v: float = 0.0) -> Tensor:
@@ -53,31 +60,27 @@ def vflowopt_merge_authors(features: Tensor, attn_map: Tensor, h: int, w: int, a
 
 
 def vflowopt_ours(features: Tensor, qkv, keep: int, a: float):
-    from .. import ops
-    from ..methods import Context, build
     _, rec = ops.attention_with_scores(*qkv)
     return build("vflowopt", keep=keep, a=a)(Context(x=features, attn_received={-2: rec}))
 
 
-def bench_case(B: int, quick: bool):
-    from .hiprune import eager_vit_probs, vit_layer_qkv
-    from ..methods import build
+def bench_cases(quick: bool):
     N, D, H, Dh = (64, 64, 4, 16) if quick else (576, 1024, 16, 64)
     a = 4.0 if quick else 17.386981849158786
     keep = 24 if quick else 64
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(B, N, D, generator=g)
-    qkv = vit_layer_qkv(B, N, H, Dh, 5)
     h = w = int(math.isqrt(N))
-    kept, L, C = build("vflowopt", keep=keep, a=a).counts(N, h, w)
+    _, n_low, _ = build("vflowopt", keep=keep, a=a).counts(N, h, w)   # recycled tokens (the authors' n_low)
 
-    def ours(x_, qkv_):
-        return vflowopt_ours(x_, qkv_, keep, a)
+    def case(B):
+        def make():
+            return torch.randn(B, N, D, generator=torch.Generator().manual_seed(0)), vit_layer_qkv(B, N, H, Dh, 5)
 
-    def authors(x_, qkv_):
-        imp = vflowopt_importance_authors(eager_vit_probs(qkv_[0], qkv_[1]))
-        return vflowopt_merge_authors(x_, imp, h, w, a, L)
-    return ours, authors, (x, qkv)
+        return MethodBenchCase(
+            "vflowopt", f"B={B} N={N} D={D} keep={keep}", make,
+            ours=lambda t: vflowopt_ours(t[0], t[1], keep, a),
+            authors=lambda t: vflowopt_merge_authors(t[0], vflowopt_importance_authors(eager_vit_probs(*t[1][:2])),
+                                                     h, w, a, n_low))
+    return [case(B) for B in (1, 16)]
 
 
 def patch_entropy_authors(pixel_values: Tensor, patch_size: int = 14) -> Tensor:

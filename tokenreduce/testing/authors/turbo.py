@@ -9,6 +9,11 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from tokenreduce.methods import Context, build
+
+from . import MethodBenchCase
+from ..synthetic import clip_like
+
 
 def turbo_one(x: Tensor, metric: Tensor, cls_attn: Tensor, r: int, alpha: float = 1.0,
               size: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
@@ -37,18 +42,14 @@ def turbo_one(x: Tensor, metric: Tensor, cls_attn: Tensor, r: int, alpha: float 
 
 
 def bench_cases(quick: bool):
-    from ..methods import Context, build
-    from . import MethodBenchCase
-    from .synthetic import clip_like
-    shapes = [(1, 64, 64)] if quick else [(1, 576, 1024), (16, 576, 1024)]
-    cases = []
-    for B, n, D in shapes:
-        r = 8 if quick else 16
+    n, D, r = (64, 64, 8) if quick else (576, 1024, 16)
+
+    def case(B):
         m = build("turbo", r=r)
-        cases.append(MethodBenchCase(
+        return MethodBenchCase(
             "turbo", f"B={B} N={n + 1} D={D} r={r}",
-            lambda B=B, n=n, D=D: clip_like(B, n, D, seed=8, layers=(0,)),
-            lambda t, m=m: m(Context(x=t.x, keys=t.keys, has_cls=True, cls_attn=t.cls_attn,
+            make=lambda: clip_like(B, n, D, seed=8, layers=(0,)),
+            ours=lambda t: m(Context(x=t.x, keys=t.keys, has_cls=True, cls_attn=t.cls_attn,
                                      layer=0, num_layers=24)).tokens,
-            lambda t, r=r: [turbo_one(x, k, a, r)[0] for x, k, a in zip(t.x, t.keys, t.cls_attn[0])]))
-    return cases
+            authors=lambda t: [turbo_one(x, k, a, r)[0] for x, k, a in zip(t.x, t.keys, t.cls_attn[0])])
+    return [case(B) for B in ((1,) if quick else (1, 16))]

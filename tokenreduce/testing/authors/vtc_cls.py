@@ -8,6 +8,11 @@ from typing import Dict
 import torch
 from torch import Tensor
 
+from tokenreduce.methods import Context, build
+
+from . import MethodBenchCase
+from ..synthetic import clip_like
+
 
 def vtc_cls(image_features: Tensor, cls_heads: Dict[int, Tensor], num_layers: int,
             start_layer: int, token_num: int) -> Tensor:
@@ -29,17 +34,13 @@ def vtc_cls(image_features: Tensor, cls_heads: Dict[int, Tensor], num_layers: in
 
 
 def bench_cases(quick: bool):
-    from ..methods import Context, build
-    from . import MethodBenchCase
-    from .synthetic import clip_like
-    shapes = [(1, 64, 64), (4, 64, 64)] if quick else [(1, 576, 1024), (16, 576, 1024)]
-    cases = []
-    for B, n, D in shapes:
-        keep = 16 if quick else 64
+    n, D, keep = (64, 64, 16) if quick else (576, 1024, 64)
+
+    def case(B):
         m = build("vtc-cls", keep=keep, start_layer=12)
-        cases.append(MethodBenchCase(
+        return MethodBenchCase(
             "vtc-cls", f"B={B} N={n + 1} D={D} keep={keep}",
-            lambda B=B, n=n, D=D: clip_like(B, n, D, seed=4, layers=range(12, 23)),
-            lambda t, m=m: m(Context(x=t.x, has_cls=True, cls_attn=t.cls_attn, num_layers=24)).tokens,
-            lambda t, keep=keep: vtc_cls(t.x, t.cls_heads, 24, 12, keep)))
-    return cases
+            make=lambda: clip_like(B, n, D, seed=4, layers=range(12, 23)),
+            ours=lambda t: m(Context(x=t.x, has_cls=True, cls_attn=t.cls_attn, num_layers=24)).tokens,
+            authors=lambda t: vtc_cls(t.x, t.cls_heads, 24, 12, keep))
+    return [case(B) for B in ((1, 4) if quick else (1, 16))]
