@@ -125,7 +125,7 @@ class PadProjector(Method):
         return 6
 
     def reduce(self, ctx):
-        from tokenreduce.methods.base import padded_selection
+        from tokenreduce.methods.helpers import padded_selection
         B = ctx.x.shape[0]
         idx = torch.arange(6).expand(B, 6)
         return padded_selection(ctx, idx, idx < 4)

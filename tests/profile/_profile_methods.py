@@ -4,7 +4,7 @@ import torch
 
 from models._methods import TopClsVit, TopNormProjector  # tests/ is on sys.path (its conftest)
 from tokenreduce import methods as M
-from tokenreduce.methods.base import Method, Need, Stage, keep_indices
+from tokenreduce.methods import Method, Need, Stage, keep_indices
 
 
 class FirstLLM(Method):
