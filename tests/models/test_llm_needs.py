@@ -4,7 +4,7 @@ slots of a PROJECTOR reduction are masked; Context.heads / proportional_attentio
 import pytest
 import torch
 
-from tokenreduce.methods.base import Method, Need, Reduction, Stage, keep_indices
+from tokenreduce.methods import Method, Need, Reduction, Stage, keep_indices
 from tokenreduce.models import presets as P
 from tokenreduce.models import vit as V
 from tokenreduce.models import vlm as VL

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tokenreduce import cli
+from tokenreduce.methods import Budget
 from tokenreduce.profile import flops as FL
 from tokenreduce.profile import report as RP
 from tokenreduce.profile import sweep as SW
@@ -114,7 +115,7 @@ def test_options_errors_and_rendering(tmp_path, capsys):
     # a method that cannot run on the model is reported, the sweep goes on; a global option
     # only reaches methods that declare it
     rep = SW.run(SW.Spec(model="tiny-dinov2", random_weights=True, methods=["test-first-llm", "test-topcls-vit"],
-                         keeps=[4], batch=1, warmup=0, repeat=1, threads=1, memory=False, opts={"*": {"at": 0}}))
+                         budgets=[Budget(keep=4)], batch=1, warmup=0, repeat=1, threads=1, memory=False, opts={"*": {"at": 0}}))
     assert "stage llm" in rep["rows"][1]["error"] and rep["rows"][2]["error"] is None
     assert rep["rows"][2]["peak_mem_bytes"] is None
     assert rep["rows"][2]["flops_total"] == FL.layer_flops(17, 64, 256) + 3 * FL.layer_flops(5, 64, 256)
@@ -136,7 +137,8 @@ def test_default_invocation_path(capsys):
     args = cli.build_parser().parse_args(["profile"])
     assert args.model == "dinov2-s-real" and args.batch == 4 and args.repeat == 5 and args.warmup == 1
     assert args.method is None and args.keep is None and args.ratio is None
-    assert SW.budgets_of(SW.Spec()) == [{"ratio": 0.5}, {"ratio": 0.25}, {"ratio": 0.11}]
+    assert SW.budgets_of(SW.Spec()) == [Budget(ratio=0.5), Budget(ratio=0.25), Budget(ratio=0.11)]
+    assert [b.label() for b in SW.budgets_of(SW.Spec())] == ["ratio=0.5", "ratio=0.25", "ratio=0.11"]
     names = SW.default_methods("vision")
     assert 0 < len(names) <= SW.MAX_DEFAULT and not any(n.startswith(("test-", "ptest-")) for n in names)
     from tokenreduce.models import dinov2_onnx as D
@@ -172,3 +174,32 @@ def test_quality_table_script(tmp_path):
     rep = json.loads((tmp_path / "q.json").read_text())
     assert rep["command"].startswith("python bench/quality_table.py") and len(rep["rows"]) == 4
     assert all(-1 <= r["saliency_corr"] <= 1 for r in rep["rows"])
+
+
+def test_cli_budget_reaches_the_method(tmp_path, capsys, monkeypatch):
+    """`--keep 4 --ratio 0.5` -> one Budget each (validated when parsed) -> Spec -> the very same
+    Budget object in every Method the sweep builds; labels and kept counts follow it."""
+    from tokenreduce import methods
+
+    args = cli.build_parser().parse_args(["profile", "--keep", "4", "--ratio", "0.5"])
+    assert cli.budgets_of_args(args) == [Budget(keep=4), Budget(ratio=0.5)]
+    built = []
+    real_build = methods.build
+
+    def spy(name, *a, **kw):
+        m = real_build(name, *a, **kw)
+        built.append((kw.get("budget"), m))
+        return m
+    monkeypatch.setattr(methods, "build", spy)
+    rep, rows, _ = _run(tmp_path, capsys, "--model", "tiny-dinov2", "--method", "test-topnorm-proj",
+                        "--keep", "4", "--ratio", "0.5", "--no-memory")
+    assert [(b.keep, b.ratio) for b, _ in built] == [(4, None), (None, 0.5)]
+    assert all(m.budget is b for b, m in built)                          # passed on, not re-made
+    assert [(r["budget"], r["keep"], r["ratio"], r["tokens_kept"]) for r in rep["rows"]] == \
+        [("-", None, None, 16), ("keep=4", 4, None, 4), ("ratio=0.5", None, 0.5, 8)]
+    assert [r["budget"] for r in rows] == ["-", "keep=4", "ratio=0.5"]
+    # a bad budget fails once, when the command line is read (before any model is loaded)
+    assert cli.main(["profile", "--model", "tiny-dinov2", "--keep", "0", *FAST]) == 2
+    assert "tokenreduce.profile: keep must be a positive int, got 0" in capsys.readouterr().out
+    assert cli.main(["profile", "--model", "tiny-dinov2", "--ratio", "1.5", *FAST]) == 2
+    assert "tokenreduce.profile: ratio must be in (0, 1], got 1.5" in capsys.readouterr().out
