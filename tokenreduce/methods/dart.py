@@ -8,7 +8,7 @@ import torch
 from . import register
 from ..errors import fail
 from .base import Context, Method, Need, Reduction, Stage
-from .helpers import check_x, gather_tokens, image_part, is_int_at_least, keep_indices, need
+from .helpers import check_x, gather_tokens, image_part, int_option, keep_indices, need
 
 
 def pivot_quota(keep: int, image_pivots: int, text_pivots: int) -> Tuple[int, List[int]]:
@@ -53,14 +53,8 @@ class DART(Method):
                   "concatenated - pass those as ctx.keys to match); similarities use ctx.x / ctx.text as given (the authors apply the "
                   "LLM's final norm first: pass normed states to match)")
 
-    def _layer(self) -> int:
-        k = self.opts.get("layer", 2)
-        if not is_int_at_least(k, 1):
-            fail(self.where, f"layer must be an int >= 1, got {k!r}")
-        return k
-
     def reduce_layers(self, num_layers: int) -> List[int]:
-        return [self._layer() - 1]
+        return [int_option(self, "layer", 2) - 1]
 
     def reduce(self, ctx: Context) -> Reduction:
         check_x(ctx, self.where)

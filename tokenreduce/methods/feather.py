@@ -17,7 +17,7 @@ import torch
 from . import register
 from ..errors import fail
 from .base import Context, Need, Reduction
-from .helpers import is_int_at_least, keep_indices, need, patch_grid, topk_indices
+from .helpers import int_option, keep_indices, need, patch_grid, topk_indices
 from .llm_stages import LLMStages
 
 
@@ -50,9 +50,7 @@ class Feather(LLMStages):
 
     def configure(self) -> None:
         super().configure()
-        self.stride = self.opts.get("stride", 3)
-        if not is_int_at_least(self.stride, 1):
-            fail(self.where, f"stride must be a positive int, got {self.stride!r}")
+        self.stride = int_option(self, "stride", 3, rule="a positive int")
 
     def _r(self, n: int) -> float:
         if not self.budget.given:

@@ -21,7 +21,7 @@ from . import register
 from .. import ops
 from ..errors import fail
 from .base import Context, Method, Need, Reduction, Stage
-from .helpers import check_x, is_int_at_least, keep_indices, need, topk_indices
+from .helpers import check_x, int_option, keep_indices, need, topk_indices
 
 
 def flowcut_layer_score(cls_attn: Tensor, values: Tensor, heads: int) -> Tensor:
@@ -61,9 +61,7 @@ class FlowCut(Method):
                   "ties go to the smaller index")
 
     def configure(self) -> None:
-        self.heads = self.opts.get("heads", 16)
-        if not is_int_at_least(self.heads, 1):
-            fail(self.where, f"heads must be a positive int, got {self.heads!r}")
+        self.heads = int_option(self, "heads", 16, rule="a positive int")
         self.rho = float(self.opts.get("entropy_ratio", 0.9))
         if not (0.0 <= self.rho <= 1.0):
             fail(self.where, f"entropy_ratio must be in [0, 1], got {self.rho!r}")

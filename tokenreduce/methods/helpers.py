@@ -2,7 +2,8 @@
 
 * checks of what a method reads: `check_x` (the tokens, and a [CLS] first when asked) and
   `need` (any other `Context` tensor: present, for a per-layer statistic found by its layer,
-  aligned with ``ctx.x``), `patch_grid`, `num_layers`, `is_int_at_least`;
+  aligned with ``ctx.x``), `patch_grid`, `num_layers`; of the options: `int_option`,
+  `is_int_at_least`;
 * selections: `topk_indices`, `complement`, `gather_tokens`;
 * the `Reduction` of a selection or a merge: `keep_indices`, `padded_selection`, `assemble`,
   `source_from_index`, and `recycle_slots` (`ops.recycle` with each source's slot).
@@ -19,9 +20,9 @@ import torch
 from torch import Tensor
 
 from ..errors import fail
-from .base import Context, Reduction
+from .base import Context, Method, Reduction
 
-__all__ = ["check_x", "need", "patch_grid", "num_layers", "abs_layer", "is_int_at_least",
+__all__ = ["check_x", "need", "patch_grid", "num_layers", "abs_layer", "int_option", "is_int_at_least",
            "topk_indices", "complement", "gather_tokens", "image_part", "keep_indices",
            "padded_selection", "assemble", "source_from_index", "recycle_slots"]
 
@@ -104,6 +105,15 @@ def abs_layer(layer: int, num_layers: int) -> int:
 def is_int_at_least(value: Any, minimum: int) -> bool:
     """``value`` is an int (not a bool) ``>= minimum``: the check of count / layer options."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def int_option(method: Method, name: str, default: int, *, minimum: int = 1, rule: str = "an int >= 1") -> int:
+    """The method's option ``name`` (``default`` when not given), an int ``>= minimum``; else the
+    error ``<name> must be <rule>, got <value>``."""
+    value = method.opts.get(name, default)
+    if not is_int_at_least(value, minimum):
+        fail(method.where, f"{name} must be {rule}, got {value!r}")
+    return value
 
 
 # -- selections ---------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch
 from . import register
 from ..errors import fail
 from .base import Context, Method, Need, Reduction, Stage
-from .helpers import image_part, is_int_at_least, keep_indices, need, patch_grid, topk_indices
+from .helpers import image_part, int_option, keep_indices, need, patch_grid, topk_indices
 
 
 @register
@@ -45,9 +45,7 @@ class HiPrune(Method):
         self.alpha = float(self.opts.get("alpha", 0.1))
         if not (0.0 <= self.alpha <= 1.0):
             fail(self.where, f"alpha must be in [0, 1], got {self.alpha!r}")
-        self.object_layer = self.opts.get("object_layer", 9)
-        if not is_int_at_least(self.object_layer, 1):
-            fail(self.where, f"object_layer must be an int >= 1 (1-based), got {self.object_layer!r}")
+        self.object_layer = int_option(self, "object_layer", 9, rule="an int >= 1 (1-based)")
         self.deep_layer = self.opts.get("deep_layer", -2)
 
     def attention_layers(self, num_layers: int) -> List[int]:

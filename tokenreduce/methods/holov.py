@@ -18,7 +18,7 @@ import torch
 from . import register
 from ..errors import fail
 from .base import Context, Method, Need, Reduction, Stage
-from .helpers import image_part, is_int_at_least, need, padded_selection
+from .helpers import image_part, int_option, need, padded_selection
 
 
 def chunk_layout(n: int, crops: int):
@@ -61,9 +61,7 @@ class HoloV(Method):
                   "ties go to the smaller index")
 
     def configure(self) -> None:
-        self.crops = self.opts.get("crops", 16)
-        if not is_int_at_least(self.crops, 1):
-            fail(self.where, f"crops must be a positive int, got {self.crops!r}")
+        self.crops = int_option(self, "crops", 16, rule="a positive int")
         self.alpha = float(self.opts.get("alpha", 1.0))
         self.beta = float(self.opts.get("beta", 0.09))
         self.layer = self.opts.get("layer", -2)

@@ -12,7 +12,7 @@ from typing import List, Optional
 
 from ..errors import fail
 from .base import Context, Method, Stage
-from .helpers import is_int_at_least
+from .helpers import int_option, is_int_at_least
 
 
 class MergeSchedule(Method):
@@ -27,9 +27,7 @@ class MergeSchedule(Method):
                 fail(self.where, "give r= (tokens merged per block) or keep=/ratio=, not both")
             if not is_int_at_least(r, 0):
                 fail(self.where, f"r must be an int >= 0, got {r!r}")
-        L = self.opts.get("num_layers", 24)
-        if not is_int_at_least(L, 1):
-            fail(self.where, f"num_layers must be a positive int, got {L!r}")
+        int_option(self, "num_layers", 24, rule="a positive int")
 
     def default_budget_ok(self) -> bool:
         return self.opts.get("r") is not None

@@ -7,7 +7,7 @@ from . import register
 from .. import ops
 from ..errors import fail
 from .base import Context, Method, Need, Reduction, Stage
-from .helpers import check_x, image_part, is_int_at_least, keep_indices, need, topk_indices
+from .helpers import check_x, image_part, int_option, keep_indices, need, topk_indices
 
 _PAPER = ("ToDRE: Visual Token Pruning via Diversity and Task Awareness for Efficient "
           "Large Vision-Language Models, 2025 (title as in the project seeds)")
@@ -76,10 +76,7 @@ class ToDRELLM(Method):
                   "layer is left to the model integration")
 
     def _layer(self) -> int:
-        k = self.opts.get("layer", 2)
-        if not is_int_at_least(k, 1):
-            fail(self.where, f"layer must be an int >= 1, got {k!r}")
-        return k
+        return int_option(self, "layer", 2)
 
     def reduce_layers(self, num_layers: int) -> List[int]:
         return [self._layer() - 1]
