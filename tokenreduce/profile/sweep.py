@@ -101,10 +101,10 @@ def _env(device) -> Dict[str, Any]:
 
 def load_workload(spec: Spec, device, dtype):
     """(workload, info) for the spec's model: a preset (random weights need ``random_weights``)."""
-    from ..models import presets as P
-    preset = P.PRESETS.get(spec.model)
+    from ..models import presets
+    preset = presets.PRESETS.get(spec.model)
     if preset is None:
-        raise ValueError(f"tokenreduce.profile: unknown model {spec.model!r}; presets: {', '.join(P.names())}")
+        raise ValueError(f"tokenreduce.profile: unknown model {spec.model!r}; presets: {', '.join(presets.names())}")
     if not preset.real and not spec.random_weights:
         raise ValueError(f"tokenreduce.profile: {spec.model} has no real weights here; pass --random-weights "
                          "(latency, FLOPs and memory are faithful, quality numbers are not)")
@@ -113,14 +113,14 @@ def load_workload(spec: Spec, device, dtype):
     info = {"model": spec.model, "published": preset.published, "real_weights": preset.real,
             "images": [n for n, _ in ims], "image_size": size}
     if preset.kind == "vision":
-        model = P.build(spec.model, layers=spec.layers, dtype=dtype).to(device)
+        model = presets.build(spec.model, layers=spec.layers, dtype=dtype).to(device)
         decoder = None
         if preset.real and preset.family == "dinov2":
             from ..models.dinov2_onnx import load_dinov2_small
             decoder = load_dinov2_small()[1].to(device)
         inp = inputs.vision_inputs(preset.family, size, ims).to(device, dtype)
         return runner.VisionWorkload(model, inp, decoder), info
-    model = P.build(spec.model, layers=spec.layers, dtype=dtype)
+    model = presets.build(spec.model, layers=spec.layers, dtype=dtype)
     inp = inputs.vlm_inputs(model, preset.kind, size, ims, spec.prompt)
     model = model.to(device)
     return runner.VLMWorkload(model, inp.to(device, dtype), spec.new_tokens), info
