@@ -5,12 +5,12 @@
     m = methods.build("visionzip", keep=64)  # a Method (or budget=methods.Budget(keep=64))
     red = m(methods.Context(x=feats, has_cls=True, cls_attn={-2: attn}))   # -> Reduction
 
-Each method lives in its own module of this package and registers itself with
-`register`; every public module here is imported on first use, so adding a method is adding
-a file. The modules that are not methods (`base`: the framework types, `helpers`: the shared
-batched helpers, `merge_schedule` / `llm_stages`: base classes of method families) register
-nothing, so importing them too is all the rule needs; a module whose name starts with ``_``
-is skipped.
+Each method lives in its own module of this package and registers its class with
+``@register``, the one rule: every public module here is imported on first use, so adding a
+method is adding a file, and there is no list of modules to skip. The modules that are not
+methods (`base`: the framework types, `helpers`: the shared batched helpers,
+`merge_schedule` / `llm_stages`: base classes of method families) are imported by the methods
+anyway and register nothing.
 """
 from __future__ import annotations
 
