@@ -99,8 +99,8 @@ def main(argv=None) -> int:
     command = "python bench/quality_table.py" + ("" if not argv else " " + " ".join(argv))
     names = args.methods or vision_methods()
     batch = args.batch or len(_images.shipped_images())
-    spec = SW.Spec(model="dinov2-s-real", methods=names, ratios=list(RATIOS), batch=batch, warmup=1,
-                   repeat=args.repeat, threads=args.threads, memory=False)
+    spec = SW.Spec(model="dinov2-s-real", methods=names, budgets=[_M.Budget(ratio=r) for r in RATIOS], batch=batch,
+                   warmup=1, repeat=args.repeat, threads=args.threads, memory=False)
 
     def progress(i, n, label):
         print(f"[{i}/{n}] {label}", file=sys.stderr, flush=True)

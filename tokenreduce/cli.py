@@ -174,6 +174,15 @@ def parse_opts(items: Optional[Sequence[str]]) -> Dict[str, Dict[str, Any]]:
     return out
 
 
+def budgets_of_args(args: argparse.Namespace) -> list:
+    """``--keep K ...`` and ``--ratio R ...`` -> one validated `tokenreduce.methods.Budget` each,
+    in that order (a bad value fails here, before any model is loaded)."""
+    from .methods import Budget
+
+    return ([Budget(keep=k, where="profile") for k in args.keep or []]
+            + [Budget(ratio=r, where="profile") for r in args.ratio or []])
+
+
 def cmd_profile(args: argparse.Namespace, console: Console) -> int:
     """Baseline and each method x budget on the same inputs: stage times, memory, FLOPs, fidelity."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -182,7 +191,7 @@ def cmd_profile(args: argparse.Namespace, console: Console) -> int:
     from .profile import sweep
 
     try:
-        spec = sweep.Spec(model=args.model, methods=args.method, keeps=args.keep or [], ratios=args.ratio or [],
+        spec = sweep.Spec(model=args.model, methods=args.method, budgets=budgets_of_args(args),
                        opts=parse_opts(args.opt), batch=args.batch, device=args.device, dtype=args.dtype,
                        warmup=args.warmup, repeat=args.repeat, new_tokens=args.new_tokens, prompt=args.prompt,
                        layers=args.layers, random_weights=args.random_weights, images=args.images,

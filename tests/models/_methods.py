@@ -2,7 +2,7 @@
 same interface)."""
 import torch
 
-from tokenreduce.methods.base import Method, Need, Reduction, Stage, keep_indices, topk_indices
+from tokenreduce.methods import Method, Need, Reduction, Stage, keep_indices, topk_indices
 
 
 class AtLayer(Method):

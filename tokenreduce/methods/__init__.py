@@ -1,13 +1,16 @@
 """The published reduction methods, written on the core ops.
 
-    import tokenreduce.methods as M
-    M.available()                      # registered names
-    m = M.build("visionzip", keep=64)  # a Method
-    red = m(M.Context(x=feats, has_cls=True, cls_attn={-2: attn}))   # -> Reduction
+    from tokenreduce import methods
+    methods.available()                      # registered names
+    m = methods.build("visionzip", keep=64)  # a Method (or budget=methods.Budget(keep=64))
+    red = m(methods.Context(x=feats, has_cls=True, cls_attn={-2: attn}))   # -> Reduction
 
-Each method lives in its own module of this package and registers itself with
-`register`; every module here is imported on first use, so adding a method is adding a
-file.
+Each method lives in its own module of this package and registers its class with
+``@register``, the one rule: every public module here is imported on first use, so adding a
+method is adding a file, and there is no list of modules to skip. The modules that are not
+methods (`base`: the framework types, `helpers`: the shared batched helpers,
+`merge_schedule` / `llm_stages`: base classes of method families) are imported by the methods
+anyway and register nothing.
 """
 from __future__ import annotations
 
@@ -15,12 +18,12 @@ import importlib
 import pkgutil
 from typing import Any, Dict, List, Optional, Type
 
-from .base import (Budget, Context, Method, Need, Reduction, Stage, gather_tokens,  # noqa: F401
-                   keep_indices, resolve_keep, source_from_index, topk_indices)
+from ..errors import fail
+from .base import Budget, Context, Method, Need, Reduction, Stage  # noqa: F401
+from .helpers import gather_tokens, keep_indices, source_from_index, topk_indices  # noqa: F401
 
 _REGISTRY: Dict[str, Type[Method]] = {}
 _LOADED = False
-_NOT_METHODS = {"base", "registry"}
 
 
 def register(cls: Type[Method]) -> Type[Method]:
@@ -39,7 +42,7 @@ def _load_all() -> None:
         return
     _LOADED = True
     for mod in pkgutil.iter_modules(__path__):
-        if mod.name not in _NOT_METHODS and not mod.name.startswith("_"):
+        if not mod.name.startswith("_"):
             importlib.import_module(f"{__name__}.{mod.name}")
 
 
@@ -53,13 +56,15 @@ def get(name: str) -> Type[Method]:
     _load_all()
     key = name.lower().replace("_", "-")
     if key not in _REGISTRY:
-        raise KeyError(f"tokenreduce.methods: unknown method {name!r}; available: {', '.join(available())}")
+        fail("methods", f"unknown method {name!r}; available: {', '.join(available())}", KeyError)
     return _REGISTRY[key]
 
 
-def build(name: str, **budget_and_options: Any) -> Method:
-    """``build("divprune", keep=64)``, ``build("tome", r=16)``, ``build("fastv", ratio=0.5, layer=2)``."""
-    return get(name)(**budget_and_options)
+def build(name: str, keep: Optional[int] = None, ratio: Optional[float] = None, *,
+          budget: Optional[Budget] = None, **options: Any) -> Method:
+    """``build("divprune", keep=64)``, ``build("tome", r=16)``, ``build("fastv", ratio=0.5, layer=2)``,
+    ``build("visionzip", budget=Budget(keep=64))``."""
+    return get(name)(keep, ratio, budget=budget, **options)
 
 
 def describe_all() -> List[Dict[str, Any]]:

@@ -16,22 +16,23 @@ feeds it without special cases:
 `reduce(ctx)` receives a `Context` and returns a `Reduction`. Both are batched: no
 per-sample Python loop, no host sync (no ``.item()``, no data-dependent shapes), so
 methods run on the CPU and CUDA, in fp32/fp16/bf16, under ``torch.compile``.
+
+This module holds the framework types only (`Stage`, `Need`, `Context`, `Reduction`,
+`Budget`, `Method`); the batched helpers the methods share are in `methods.helpers`.
 """
 from __future__ import annotations
 
-import dataclasses
 import enum
-import math
+import numbers
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, FrozenSet, List, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Dict, FrozenSet, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = [
-    "Stage", "Need", "Context", "Reduction", "Method", "Budget",
-    "resolve_keep", "gather_tokens", "keep_indices", "source_from_index",
-]
+from ..errors import fail
+
+__all__ = ["Stage", "Need", "Context", "Reduction", "Budget", "Method"]
 
 
 class Stage(str, enum.Enum):
@@ -132,35 +133,55 @@ class Reduction:
 
 @dataclass(frozen=True)
 class Budget:
-    """A budget as users state it: keep ``keep`` tokens, or a ``ratio`` of the image tokens."""
+    """How many image tokens a method keeps, as users state it: ``keep`` tokens or a
+    ``ratio`` of the image tokens (one of them; neither: the method's own default, where it
+    has one). Validated once, on creation; `resolve` turns it into a count for ``n`` tokens.
+
+    ``where`` names who stated it in error messages (``tokenreduce.<where>: ...``): the
+    method (``methods.divprune``) or the command (``profile``); it is not part of the value.
+    """
     keep: Optional[int] = None
     ratio: Optional[float] = None
+    where: str = field(default="methods", compare=False, repr=False)
 
-    def tokens(self, n: int) -> int:
-        return resolve_keep(n, self.keep, self.ratio)
+    def __post_init__(self) -> None:
+        keep, ratio = self.keep, self.ratio
+        if keep is not None and ratio is not None:
+            fail(self.where, "give keep or ratio, not both")
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+            fail(self.where, f"keep must be a positive int, got {keep!r}")
+        if ratio is not None:
+            if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0.0 < float(ratio) <= 1.0:
+                fail(self.where, f"ratio must be in (0, 1], got {ratio!r}")
+            object.__setattr__(self, "ratio", float(ratio))
 
+    @property
+    def given(self) -> bool:
+        """True when ``keep`` or ``ratio`` is stated (False: the method's default)."""
+        return self.keep is not None or self.ratio is not None
 
-def resolve_keep(n: int, keep: Optional[int] = None, ratio: Optional[float] = None,
-                 method: str = "method") -> int:
-    """Number of image tokens to keep out of ``n`` (a Python int, static)."""
-    if keep is not None and ratio is not None:
-        raise ValueError(f"tokenreduce.methods.{method}: give keep or ratio, not both")
-    if keep is None and ratio is None:
-        raise ValueError(f"tokenreduce.methods.{method}: a budget is needed (keep=K or ratio=r)")
-    if keep is not None:
-        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-            raise ValueError(f"tokenreduce.methods.{method}: keep must be a positive int, got {keep!r}")
-        return min(keep, n)
-    if not (0.0 < float(ratio) <= 1.0):
-        raise ValueError(f"tokenreduce.methods.{method}: ratio must be in (0, 1], got {ratio!r}")
-    return max(1, min(n, int(round(n * float(ratio)))))
+    def resolve(self, n: int) -> int:
+        """Image tokens to keep out of ``n`` (a Python int, static): ``min(keep, n)``, or
+        ``round(n * ratio)`` clamped to ``[1, n]``."""
+        if self.keep is not None:
+            return min(self.keep, n)
+        if self.ratio is not None:
+            return max(1, min(n, int(round(n * self.ratio))))
+        fail(self.where, "a budget is needed (keep=K or ratio=r)")
+
+    def label(self) -> str:
+        """``keep=64`` / ``ratio=0.25`` (the profiler's budget column), ``-`` for the default."""
+        if self.keep is not None:
+            return f"keep={self.keep}"
+        return f"ratio={self.ratio:g}" if self.ratio is not None else "-"
 
 
 class Method:
     """Base class of the reduction methods (see the module docstring).
 
-    Subclasses set the class attributes and implement `reduce`. The constructor takes
-    the budget (``keep`` or ``ratio``) and the method's own options.
+    Subclasses set the class attributes, check their options in `configure` and implement
+    `reduce`. The constructor takes the budget (``keep=`` or ``ratio=``, or a ready
+    ``budget=Budget(...)``) and the method's own options.
     """
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""          # "Author et al., Title, venue year"
@@ -178,17 +199,29 @@ class Method:
     # authors do not use it sets False. Padding slots (size 0) are masked (-inf) either way.
     proportional_attention: ClassVar[bool] = True
 
-    def __init__(self, keep: Optional[int] = None, ratio: Optional[float] = None, **opts: Any):
+    def __init__(self, keep: Optional[int] = None, ratio: Optional[float] = None, *,
+                 budget: Optional[Budget] = None, **opts: Any):
         unknown = set(opts) - set(self.options)
         if unknown:
-            raise TypeError(f"tokenreduce.methods.{self.name}: unknown option(s) {sorted(unknown)}; "
-                            f"known: {sorted(self.options)}")
-        self.budget = Budget(keep, ratio)
+            fail(self.where, f"unknown option(s) {sorted(unknown)}; known: {sorted(self.options)}", TypeError)
+        if budget is None:
+            budget = Budget(keep, ratio, where=self.where)
+        elif keep is not None or ratio is not None:
+            fail(self.where, "give budget= or keep=/ratio=, not both")
+        self.budget = budget
         self.opts = opts
-        if keep is None and ratio is None and not self.default_budget_ok():
-            resolve_keep(1, None, None, self.name)   # raises the "a budget is needed" error
-        if keep is not None or ratio is not None:    # a bad budget fails now, naming the method
-            resolve_keep(1 << 30, keep, ratio, self.name)
+        self.configure()
+        if not self.budget.given and not self.default_budget_ok():
+            fail(self.where, "a budget is needed (keep=K or ratio=r)")
+
+    @property
+    def where(self) -> str:
+        """``methods.<name>``: where this method's errors say they come from."""
+        return f"methods.{self.name}"
+
+    def configure(self) -> None:
+        """Check the options (``self.opts``) and set what follows from them; runs once, in the
+        constructor, after the budget; may replace ``self.budget`` (FastV's ``R``)."""
 
     def default_budget_ok(self) -> bool:
         """True when the method can run without keep/ratio (e.g. an adaptive count)."""
@@ -207,11 +240,7 @@ class Method:
 
     def keep_tokens(self, n: int) -> int:
         """Image tokens kept at the end, out of ``n``."""
-        return self.budget_tokens(n)
-
-    def budget_tokens(self, n: int) -> int:
-        """The user's budget (keep / ratio) resolved against ``n``; errors name the method."""
-        return resolve_keep(n, self.budget.keep, self.budget.ratio, self.name)
+        return self.budget.resolve(n)
 
     # -- the work ----------------------------------------------------------------
     def reduce(self, ctx: Context) -> Reduction:
@@ -231,105 +260,3 @@ class Method:
         b = self.budget
         bud = f"keep={b.keep}" if b.keep is not None else f"ratio={b.ratio}"
         return f"{type(self).__name__}({bud}{''.join(f', {k}={v!r}' for k, v in self.opts.items())})"
-
-
-# ---------------------------------------------------------------------------------------
-# Batched helpers shared by the methods (no loops over the batch, no host syncs)
-# ---------------------------------------------------------------------------------------
-
-def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
-    """``x[b, index[b, j]]``: ``[B, N, D]`` x int64 ``[B, K]`` -> ``[B, K, D]``."""
-    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
-def source_from_index(index: Tensor, n: int) -> Tensor:
-    """Source map of a pure selection: ``[B, K]`` kept positions -> ``[B, N]`` slots (-1 dropped)."""
-    B, K = index.shape
-    src = torch.full((B, n), -1, dtype=torch.long, device=index.device)
-    slots = torch.arange(K, device=index.device).expand(B, K)
-    return src.scatter(1, index, slots)
-
-
-def keep_indices(ctx: Context, index: Tensor, *, sort: bool = True) -> Reduction:
-    """The `Reduction` that keeps image tokens ``index`` (int64 ``[B, K]``, positions
-    among the image tokens, i.e. not counting [CLS]); [CLS] is prepended when
-    ``ctx.has_cls``. ``sort=True`` restores the original (spatial) order."""
-    x = ctx.x
-    B, N, _ = x.shape
-    c = int(ctx.has_cls)
-    if sort:
-        index = index.sort(dim=1).values
-    index = index + c
-    if c:
-        index = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=x.device), index], dim=1)
-    tokens = gather_tokens(x, index)
-    if ctx.size is not None:
-        size = torch.gather(ctx.size.float(), 1, index)
-    else:
-        size = torch.ones(index.shape, dtype=torch.float32, device=x.device)
-    return Reduction(tokens, index, source_from_index(index, N), size)
-
-
-def topk_indices(scores: Tensor, k: int) -> Tensor:
-    """Indices of the k largest scores per row ``[B, N] -> [B, k]``; ties to the smallest
-    index (a stable descending sort, deterministic on every device)."""
-    return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
-
-
-def image_part(ctx: Context, t: Tensor) -> Tensor:
-    """Drop the [CLS] position of a per-token tensor ``[B, N, ...]`` when ``ctx.has_cls``."""
-    return t[:, 1:] if ctx.has_cls else t
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def square_grid(n: int) -> Tuple[int, int]:
-    s = int(math.isqrt(n))
-    if s * s != n:
-        raise ValueError(f"tokenreduce.methods: {n} image tokens do not form a square grid; pass grid=(h, w)")
-    return s, s
-
-
-def require(ctx: Context, method: str, field_name: str, layer: Optional[int] = None,
-            shape: Optional[Tuple[int, ...]] = None) -> Any:
-    """``ctx.<field_name>`` (or ``ctx.<field_name>[layer]``), with a clear error naming the
-    method, the need and the layer when the model did not provide it or its shape is off."""
-    val = getattr(ctx, field_name, None)
-    where = f"ctx.{field_name}"
-    if layer is not None:
-        where = f"ctx.{field_name}[{layer}]"
-        val = val.get(layer) if isinstance(val, dict) else None
-    if val is None:
-        raise ValueError(f"tokenreduce.methods.{method}: needs {where}, which the model did not provide "
-                         f"(declare/collect it via needs and attention_layers())")
-    if shape is not None and isinstance(val, Tensor) and tuple(val.shape[:len(shape)]) != tuple(shape):
-        raise ValueError(f"tokenreduce.methods.{method}: {where} must have shape {list(shape)}, "
-                         f"got {list(val.shape)} (not aligned with ctx.x?)")
-    return val
-
-
-def padded_selection(ctx: Context, index: Tensor, valid: Optional[Tensor] = None) -> Reduction:
-    """A `Reduction` that keeps image tokens ``index`` ``[B, K]`` in the given order (positions
-    among the image tokens) where ``valid`` ``[B, K]`` (default all) is True; invalid slots are
-    padding: zero token, index -1, size 0 (consumers mask slots of size 0). [CLS] is prepended
-    when ``ctx.has_cls``. Used by methods whose authors pad to a static count (HoloV, VFlowOpt)."""
-    x = ctx.x
-    B, N, _ = x.shape
-    c = int(ctx.has_cls)
-    if valid is None:
-        valid = torch.ones(index.shape, dtype=torch.bool, device=x.device)
-    pos = index.clamp_min(0) + c
-    if c:
-        pos = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=x.device), pos], dim=1)
-        valid = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=x.device), valid], dim=1)
-    tokens = gather_tokens(x, pos) * valid.unsqueeze(-1).to(x.dtype)
-    size = (torch.gather(ctx.size.float(), 1, pos) if ctx.size is not None
-            else torch.ones(pos.shape, dtype=torch.float32, device=x.device)) * valid
-    out_index = torch.where(valid, pos, torch.full_like(pos, -1))
-    K = pos.shape[1]
-    src = torch.full((B, N + 1), -1, dtype=torch.long, device=x.device)
-    slots = torch.arange(K, device=x.device).expand(B, K)
-    src = src.scatter(1, torch.where(valid, pos, torch.full_like(pos, N)), slots)[:, :N]
-    return Reduction(tokens, out_index, src, size)

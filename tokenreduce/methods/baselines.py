@@ -2,26 +2,14 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
-import torch.nn.functional as F
 
 from . import register
-from ._common import assemble, check_x, fail
-from .base import Context, Method, Need, Reduction, Stage, image_part, keep_indices, square_grid
-
-
-def _grid(ctx: Context, method: str) -> Tuple[int, int]:
-    if ctx.grid is not None:
-        h, w = ctx.grid
-        if h * w != ctx.n_image:
-            fail(method, f"ctx.grid={ctx.grid} does not match the {ctx.n_image} image tokens")
-        return int(h), int(w)
-    try:
-        return square_grid(ctx.n_image)
-    except ValueError:
-        fail(method, f"{ctx.n_image} image tokens are not a square grid; pass ctx.grid=(h, w)")
+from ..errors import fail
+from .base import Context, Method, Need, Reduction
+from .helpers import assemble, check_x, image_part, keep_indices, patch_grid
 
 
 @register
@@ -41,7 +29,7 @@ class RandomKeep(Method):
     faithful_to = "a uniform random subset without replacement, independent per batch row"
 
     def reduce(self, ctx: Context) -> Reduction:
-        check_x(ctx, self.name)
+        check_x(ctx, self.where)
         g = torch.Generator(device=ctx.x.device).manual_seed(int(self.opts.get("seed", 0)))
         u = torch.rand(ctx.x.shape[0], ctx.n_image, generator=g, device=ctx.x.device)
         return keep_indices(ctx, u.topk(self.keep_tokens(ctx.n_image), dim=1).indices)
@@ -64,8 +52,8 @@ class UniformKeep(Method):
     faithful_to = "a regular grid of cell centres"
 
     def reduce(self, ctx: Context) -> Reduction:
-        check_x(ctx, self.name)
-        h, w = _grid(ctx, self.name)
+        check_x(ctx, self.where)
+        h, w = patch_grid(self.where, ctx.n_image, ctx.grid)
         k = self.keep_tokens(ctx.n_image)
         dev = ctx.x.device
         s = math.isqrt(k)
@@ -108,11 +96,11 @@ class Pool(Method):
         else:
             # keep=K: the most square factorisation gh x gw = K (gh <= gw), e.g. 64 -> 8x8,
             # 128 -> 8x16, 192 -> 12x16, 28 -> 4x7; out_grid chooses another
-            k = self.budget.tokens(n)
+            k = self.budget.resolve(n)
             gh = max(d for d in range(1, math.isqrt(k) + 1) if k % d == 0)
             gw = k // gh
         if gh < 1 or gw < 1:
-            fail(self.name, f"out_grid must be positive, got {(gh, gw)}")
+            fail(self.where, f"out_grid must be positive, got {(gh, gw)}")
         return gh, gw
 
     def keep_tokens(self, n: int) -> int:
@@ -120,15 +108,15 @@ class Pool(Method):
         return gh * gw
 
     def reduce(self, ctx: Context) -> Reduction:
-        check_x(ctx, self.name)
-        h, w = _grid(ctx, self.name)
+        check_x(ctx, self.where)
+        h, w = patch_grid(self.where, ctx.n_image, ctx.grid)
         gh, gw = self._out_grid(ctx.n_image)
         if gh > h or gw > w:
-            fail(self.name, f"out_grid {(gh, gw)} is larger than the token grid {(h, w)}")
+            fail(self.where, f"out_grid {(gh, gw)} is larger than the token grid {(h, w)}")
         x = image_part(ctx, ctx.x)
         B, n, D = x.shape
         img = x.transpose(1, 2).reshape(B, D, h, w)
-        pooled = F.adaptive_avg_pool2d(img.float(), (gh, gw)).to(x.dtype)
+        pooled = torch.nn.functional.adaptive_avg_pool2d(img.float(), (gh, gw)).to(x.dtype)
         tokens = pooled.reshape(B, D, gh * gw).transpose(1, 2)
         dev = x.device
         rows = (torch.arange(h, device=dev) * gh) // h

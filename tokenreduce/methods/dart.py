@@ -4,11 +4,11 @@ from __future__ import annotations
 from typing import List, Tuple
 
 import torch
-from torch import Tensor
 
 from . import register
-from ._common import check_x, fail, per_token
-from .base import Context, Method, Need, Reduction, Stage, gather_tokens, image_part, keep_indices
+from ..errors import fail
+from .base import Context, Method, Need, Reduction, Stage
+from .helpers import check_x, gather_tokens, image_part, int_option, keep_indices, need
 
 
 def pivot_quota(keep: int, image_pivots: int, text_pivots: int) -> Tuple[int, List[int]]:
@@ -53,24 +53,18 @@ class DART(Method):
                   "concatenated - pass those as ctx.keys to match); similarities use ctx.x / ctx.text as given (the authors apply the "
                   "LLM's final norm first: pass normed states to match)")
 
-    def _layer(self) -> int:
-        k = self.opts.get("layer", 2)
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            fail(self.name, f"layer must be an int >= 1, got {k!r}")
-        return k
-
     def reduce_layers(self, num_layers: int) -> List[int]:
-        return [self._layer() - 1]
+        return [int_option(self, "layer", 2) - 1]
 
     def reduce(self, ctx: Context) -> Reduction:
-        check_x(ctx, self.name)
+        check_x(ctx, self.where)
         x = image_part(ctx, ctx.x)
-        keys = image_part(ctx, per_token(ctx, self.name, "keys", ctx.keys, dims=3))
+        keys = image_part(ctx, need(ctx, self.where, "keys", dims=3))
         B, n, _ = x.shape
         dev = x.device
         ip, tp = int(self.opts.get("image_pivots", 4)), int(self.opts.get("text_pivots", 4))
         if ip < 1 or tp < 0:
-            fail(self.name, f"image_pivots must be >= 1 and text_pivots >= 0, got {ip}, {tp}")
+            fail(self.where, f"image_pivots must be >= 1 and text_pivots >= 0, got {ip}, {tp}")
         keep = self.keep_tokens(n)
         p_img, quota = pivot_quota(keep, ip, tp)
         piv_img = keys.float().abs().sum(-1).topk(p_img, dim=1).indices.sort(dim=1).values
@@ -79,11 +73,11 @@ class DART(Method):
         if tp:
             text = ctx.text
             if text is None or text.dim() != 3 or text.shape[0] != B or text.shape[2] != x.shape[2]:
-                fail(self.name, f"needs ctx.text [B, T, D] with B={B}, D={x.shape[2]} for its "
+                fail(self.where, f"needs ctx.text [B, T, D] with B={B}, D={x.shape[2]} for its "
                                 f"text pivots (or text_pivots=0), got "
                                 f"{None if text is None else tuple(text.shape)}")
             if text.shape[1] < tp:
-                fail(self.name, f"text_pivots={tp} exceeds the {text.shape[1]} text tokens")
+                fail(self.where, f"text_pivots={tp} exceeds the {text.shape[1]} text tokens")
             piv_txt = text.float().abs().sum(-1).topk(tp, dim=1).indices.sort(dim=1).values
             pivots.append(gather_tokens(torch.nn.functional.normalize(text.float(), dim=-1), piv_txt))
         piv = torch.cat(pivots, dim=1)                                   # [B, P, D]

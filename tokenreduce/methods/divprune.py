@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from . import register
 from .. import ops
-from ._common import check_x
-from .base import Context, Method, Need, Reduction, Stage, image_part, keep_indices
+from .base import Context, Method, Need, Reduction, Stage
+from .helpers import check_x, image_part, keep_indices
 
 
 @register
@@ -30,7 +30,7 @@ class DivPrune(Method):
                   "ties to the lower position; distances accumulated in float32 for fp16/bf16")
 
     def reduce(self, ctx: Context) -> Reduction:
-        check_x(ctx, self.name)
+        check_x(ctx, self.where)
         x = image_part(ctx, ctx.x)
         idx, _ = ops.kcenter(x, self.keep_tokens(ctx.n_image), metric="cosine", first="isolated")
         return keep_indices(ctx, idx)

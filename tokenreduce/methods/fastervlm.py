@@ -4,8 +4,8 @@ from __future__ import annotations
 from typing import List
 
 from . import register
-from ._common import check_x, layer_stat, need_cls
-from .base import Context, Method, Need, Reduction, Stage, image_part, keep_indices, topk_indices
+from .base import Context, Method, Need, Reduction, Stage
+from .helpers import check_x, image_part, keep_indices, need, topk_indices
 
 
 @register
@@ -34,7 +34,6 @@ class FasterVLM(Method):
         return [self.opts.get("layer", -2)]
 
     def reduce(self, ctx: Context) -> Reduction:
-        check_x(ctx, self.name)
-        need_cls(ctx, self.name)
-        scores = image_part(ctx, layer_stat(ctx, self.name, "cls_attn", self.opts.get("layer", -2)))
+        check_x(ctx, self.where, cls=True)
+        scores = image_part(ctx, need(ctx, self.where, "cls_attn", self.opts.get("layer", -2)))
         return keep_indices(ctx, topk_indices(scores.float(), self.keep_tokens(ctx.n_image)))

@@ -7,10 +7,12 @@ Inside the LLM: after decoder layer K-1 the last token's attention to each image
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import List
 
 from . import register
-from .base import Context, Method, Need, Reduction, Stage, keep_indices, require, topk_indices
+from ..errors import fail
+from .base import Budget, Context, Method, Need, Reduction, Stage
+from .helpers import is_int_at_least, keep_indices, need, topk_indices
 
 
 @register
@@ -33,29 +35,28 @@ class FastV(Method):
     deviations = ("batched (the authors index sample 0); kept count round(N*(1-R)) as the paper's R "
                   "(the kv-cache script uses int(576*ratio)); ties go to the smaller index")
 
-    def __init__(self, keep: Optional[int] = None, ratio: Optional[float] = None, **opts: Any):
-        if "R" in opts:
-            if keep is not None or ratio is not None:
-                raise ValueError("tokenreduce.methods.fastv: give keep/ratio or R, not both")
-            R = opts["R"]
+    def configure(self) -> None:
+        if "R" in self.opts:
+            if self.budget.given:
+                fail(self.where, "give keep/ratio or R, not both")
+            R = self.opts["R"]
             if not (0.0 <= float(R) < 1.0):
-                raise ValueError(f"tokenreduce.methods.fastv: R must be in [0, 1), got {R!r}")
-            ratio = 1.0 - float(R)
-        K = opts.get("layer", 2)
-        if isinstance(K, bool) or not isinstance(K, int) or K < 1:
-            raise ValueError(f"tokenreduce.methods.fastv: layer (K) must be an int >= 1, got {K!r}")
-        super().__init__(keep, ratio if (keep is not None or ratio is not None) else 0.5, **opts)
-        self.K = K
+                fail(self.where, f"R must be in [0, 1), got {R!r}")
+            self.budget = Budget(ratio=1.0 - float(R), where=self.where)
+        elif not self.budget.given:
+            self.budget = Budget(ratio=0.5, where=self.where)     # the paper's default R = 0.5
+        self.K = self.opts.get("layer", 2)
+        if not is_int_at_least(self.K, 1):
+            fail(self.where, f"layer (K) must be an int >= 1, got {self.K!r}")
 
     def reduce_layers(self, num_layers: int) -> List[int]:
         if self.K > num_layers:
-            raise ValueError(f"tokenreduce.methods.fastv: layer K={self.K} exceeds the {num_layers} LLM layers")
+            fail(self.where, f"layer K={self.K} exceeds the {num_layers} LLM layers")
         return [self.K - 1]
 
     def attention_layers(self, num_layers: int) -> List[int]:
         return self.reduce_layers(num_layers)
 
     def reduce(self, ctx: Context) -> Reduction:
-        B, N, _ = ctx.x.shape
-        attn = require(ctx, self.name, "query_attn", self.K - 1, (B, N))
-        return keep_indices(ctx, topk_indices(attn, self.keep_tokens(N)))
+        attn = need(ctx, self.where, "query_attn", self.K - 1)
+        return keep_indices(ctx, topk_indices(attn, self.keep_tokens(ctx.x.shape[1])))

@@ -10,22 +10,24 @@ top ``int(N r)`` other tokens; stage 2 keeps the top ``int(n1 r^2)`` of those by
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import List
 
 import torch
 
 from . import register
-from .base import Context, Method, Need, Reduction, Stage, keep_indices, require, square_grid, topk_indices
+from ..errors import fail
+from .base import Context, Need, Reduction
+from .helpers import int_option, keep_indices, need, patch_grid, topk_indices
+from .llm_stages import LLMStages
 
 
 @register
-class Feather(Method):
+class Feather(LLMStages):
     """FEATHER: no-RoPE last-token attention + uniform grid, pruned at LLM layers 8 and 16."""
     name = "feather"
     paper = ("Endo et al., Feather the Throttle: Revisiting Visual Token Pruning for Vision-Language "
              "Model Acceleration, ICCV 2025")
     code = "markendo/FEATHER"
-    stage = Stage.LLM
     needs = frozenset({Need.FEATURES, Need.QUERY_ATTN_NOROPE, Need.LOOKAHEAD, Need.GRID})
     options = {
         "layers": "the two LLM layers before which FEATHER prunes (default (8, 16))",
@@ -42,36 +44,28 @@ class Feather(Method):
                   "their n1 shrinks by the overlap (equal sets when the top tokens avoid the grid); stage 2 "
                   "keeps int(n1 r^2) of the static n1; ties go to the smaller index")
 
-    def __init__(self, keep: Optional[int] = None, ratio: Optional[float] = None, **opts: Any):
-        super().__init__(keep, ratio, **opts)
-        layers = tuple(opts.get("layers", (8, 16)))
-        if len(layers) != 2 or any(isinstance(l, bool) or not isinstance(l, int) or l < 1 for l in layers) \
-                or layers[0] >= layers[1]:
-            raise ValueError(f"tokenreduce.methods.feather: layers must be two increasing ints >= 1, got {layers!r}")
-        self.layers = layers
-        self.stride = opts.get("stride", 3)
-        if isinstance(self.stride, bool) or not isinstance(self.stride, int) or self.stride < 1:
-            raise ValueError(f"tokenreduce.methods.feather: stride must be a positive int, got {self.stride!r}")
+    default_layers = (8, 16)
+    layer_count = 2
+    layers_rule = "two increasing ints >= 1"
 
-    def default_budget_ok(self) -> bool:
-        return True
+    def configure(self) -> None:
+        super().configure()
+        self.stride = int_option(self, "stride", 3, rule="a positive int")
 
     def _r(self, n: int) -> float:
-        if self.budget.keep is None and self.budget.ratio is None:
+        if not self.budget.given:
             return 0.3
-        return self.budget_tokens(n) / n
+        return self.budget.resolve(n) / n
 
     def grid_mask(self, n: int, grid, device=None) -> torch.Tensor:
-        h, w = grid if grid is not None else square_grid(n)
-        if h * w != n:
-            raise ValueError(f"tokenreduce.methods.feather: grid {h}x{w} does not match {n} image tokens")
+        h, w = patch_grid(self.where, n, grid)
         r = torch.arange(h, device=device)[:, None] % self.stride == 0
         c = torch.arange(w, device=device)[None, :] % self.stride == 0
         return (r & c).reshape(-1)
 
     def stage_counts(self, n: int, grid=None) -> List[int]:
         r = self._r(n)
-        h, w = grid if grid is not None else square_grid(n)
+        h, w = patch_grid(self.where, n, grid)
         n_grid = len(range(0, h, self.stride)) * len(range(0, w, self.stride))
         n1 = min(n, int(n * r + 1e-9) + n_grid)
         return [n1, max(1, int(n1 * r * r + 1e-9))]
@@ -79,27 +73,16 @@ class Feather(Method):
     def keep_tokens(self, n: int) -> int:
         return self.stage_counts(n)[-1]
 
-    def reduce_layers(self, num_layers: int) -> List[int]:
-        if self.layers[1] > num_layers - 1:
-            raise ValueError(f"tokenreduce.methods.feather: layer {self.layers[1]} beyond the {num_layers} LLM layers")
-        return [l - 1 for l in self.layers]
-
-    def attention_layers(self, num_layers: int) -> List[int]:
-        self.reduce_layers(num_layers)
-        return list(self.layers)
-
     def reduce(self, ctx: Context) -> Reduction:
-        B, n, _ = ctx.x.shape
-        if ctx.layer is None or ctx.layer + 1 not in self.layers:
-            raise ValueError(f"tokenreduce.methods.feather: called after layer {ctx.layer}; expected one of "
-                             f"{[l - 1 for l in self.layers]} (ctx.layer must be set)")
-        attn = require(ctx, self.name, "query_attn_norope", ctx.layer + 1, (B, n)).float()
-        if ctx.layer + 1 == self.layers[0]:
+        n = ctx.x.shape[1]
+        stage = self.stage_of(ctx)
+        attn = need(ctx, self.where, "query_attn_norope", ctx.layer + 1).float()
+        if stage == 0:
             ctx.state["feather_n0"], ctx.state["feather_grid"] = n, ctx.grid
             n1 = self.stage_counts(n, ctx.grid)[0]
             g = self.grid_mask(n, ctx.grid, ctx.x.device)
             return keep_indices(ctx, topk_indices(attn + 2.0 * g.to(attn.dtype), n1))
         if "feather_n0" not in ctx.state:
-            raise ValueError("tokenreduce.methods.feather: ctx.state lost the stage-1 state (reuse one ctx.state per forward)")
+            fail(self.where, "ctx.state lost the stage-1 state (reuse one ctx.state per forward)")
         k = self.stage_counts(ctx.state["feather_n0"], ctx.state["feather_grid"])[1]
         return keep_indices(ctx, topk_indices(attn, min(k, n)))

@@ -12,14 +12,16 @@ image tokens by ``cum`` survive ([CLS] kept first) and ``cum`` is re-indexed wit
 from __future__ import annotations
 
 import math
-from typing import Any, List, Optional
+from typing import List
 
 import torch
 from torch import Tensor
 
 from . import register
-from .base import Context, Method, Need, Reduction, Stage, keep_indices, require, topk_indices
 from .. import ops
+from ..errors import fail
+from .base import Context, Method, Need, Reduction, Stage
+from .helpers import check_x, int_option, keep_indices, need, topk_indices
 
 
 def flowcut_layer_score(cls_attn: Tensor, values: Tensor, heads: int) -> Tensor:
@@ -58,21 +60,18 @@ class FlowCut(Method):
                   "data-dependent shapes); the last point still reaches the budget exactly; "
                   "ties go to the smaller index")
 
-    def __init__(self, keep: Optional[int] = None, ratio: Optional[float] = None, **opts: Any):
-        super().__init__(keep, ratio, **opts)
-        self.heads = opts.get("heads", 16)
-        if isinstance(self.heads, bool) or not isinstance(self.heads, int) or self.heads < 1:
-            raise ValueError(f"tokenreduce.methods.flowcut: heads must be a positive int, got {self.heads!r}")
-        self.rho = float(opts.get("entropy_ratio", 0.9))
+    def configure(self) -> None:
+        self.heads = int_option(self, "heads", 16, rule="a positive int")
+        self.rho = float(self.opts.get("entropy_ratio", 0.9))
         if not (0.0 <= self.rho <= 1.0):
-            raise ValueError(f"tokenreduce.methods.flowcut: entropy_ratio must be in [0, 1], got {self.rho!r}")
-        self.select_layer = opts.get("select_layer", -2)
+            fail(self.where, f"entropy_ratio must be in [0, 1], got {self.rho!r}")
+        self.select_layer = self.opts.get("select_layer", -2)
 
     # layers: the authors prune inside layer idx when rpl = select - idx - 1 is even and >= 0
     def _select(self, num_layers: int) -> int:
         sel = self.select_layer % num_layers if self.select_layer < 0 else self.select_layer
         if not (1 <= sel <= num_layers):
-            raise ValueError(f"tokenreduce.methods.flowcut: select_layer={self.select_layer} invalid for {num_layers} layers")
+            fail(self.where, f"select_layer={self.select_layer} invalid for {num_layers} layers")
         return sel
 
     def reduce_layers(self, num_layers: int) -> List[int]:
@@ -95,25 +94,23 @@ class FlowCut(Method):
         return out
 
     def reduce(self, ctx: Context) -> Reduction:
-        if not ctx.has_cls:
-            raise ValueError("tokenreduce.methods.flowcut: needs a [CLS] token (ctx.has_cls=True)")
+        check_x(ctx, self.where, cls=True)
         if ctx.layer is None or ctx.num_layers is None:
-            raise ValueError("tokenreduce.methods.flowcut: ctx.layer and ctx.num_layers must be set")
+            fail(self.where, "ctx.layer and ctx.num_layers must be set")
         layers = self.reduce_layers(ctx.num_layers)
         if ctx.layer not in layers:
-            raise ValueError(f"tokenreduce.methods.flowcut: called after layer {ctx.layer}; expected one of {layers}")
-        B, N, _ = ctx.x.shape
+            fail(self.where, f"called after layer {ctx.layer}; expected one of {layers}")
         st = ctx.state
         if ctx.layer == layers[0]:
-            st["flowcut_n0"], st["flowcut_last"], st["flowcut_cum"] = N - 1, -1, None
+            st["flowcut_n0"], st["flowcut_last"], st["flowcut_cum"] = ctx.n_image, -1, None
         if "flowcut_n0" not in st:
-            raise ValueError("tokenreduce.methods.flowcut: ctx.state lost the progressive state (reuse one ctx.state per forward)")
+            fail(self.where, "ctx.state lost the progressive state (reuse one ctx.state per forward)")
         cum = st["flowcut_cum"]
         # the model's head count when the model gives it and the user did not set heads
         heads = self.heads if ("heads" in self.opts or ctx.heads is None) else ctx.heads
         for l in range(st["flowcut_last"] + 1, ctx.layer + 1):   # layers since the previous call
-            a = require(ctx, self.name, "cls_attn", l, (B, N))
-            v = require(ctx, self.name, "values", l, (B, N))
+            a = need(ctx, self.where, "cls_attn", l)
+            v = need(ctx, self.where, "values", l, dims=3)
             s = flowcut_layer_score(a, v, heads)
             cum = s if cum is None else 0.5 * cum + 0.5 * s
         k = self.schedule(st["flowcut_n0"], ctx.num_layers)[layers.index(ctx.layer)]

@@ -9,13 +9,14 @@ attention received in the last used layer (-2). Selection via one top-k of
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import List
 
 import torch
 
 from . import register
-from .base import (Context, Method, Need, Reduction, Stage, image_part, keep_indices, require,
-                   square_grid, topk_indices)
+from ..errors import fail
+from .base import Context, Method, Need, Reduction, Stage
+from .helpers import image_part, int_option, keep_indices, need, patch_grid, topk_indices
 
 
 @register
@@ -40,44 +41,29 @@ class HiPrune(Method):
                   "neighbours +-1 wrap across grid rows as the authors' flat indexing does; "
                   "ties go to the smaller index")
 
-    def __init__(self, keep: Optional[int] = None, ratio: Optional[float] = None, **opts: Any):
-        super().__init__(keep, ratio, **opts)
-        self.alpha = float(opts.get("alpha", 0.1))
+    def configure(self) -> None:
+        self.alpha = float(self.opts.get("alpha", 0.1))
         if not (0.0 <= self.alpha <= 1.0):
-            raise ValueError(f"tokenreduce.methods.hiprune: alpha must be in [0, 1], got {self.alpha!r}")
-        self.object_layer = opts.get("object_layer", 9)
-        if isinstance(self.object_layer, bool) or not isinstance(self.object_layer, int) or self.object_layer < 1:
-            raise ValueError(f"tokenreduce.methods.hiprune: object_layer must be an int >= 1 (1-based), "
-                             f"got {self.object_layer!r}")
-        self.deep_layer = opts.get("deep_layer", -2)
+            fail(self.where, f"alpha must be in [0, 1], got {self.alpha!r}")
+        self.object_layer = int_option(self, "object_layer", 9, rule="an int >= 1 (1-based)")
+        self.deep_layer = self.opts.get("deep_layer", -2)
 
     def attention_layers(self, num_layers: int) -> List[int]:
         if self.object_layer > num_layers:
-            raise ValueError(f"tokenreduce.methods.hiprune: object_layer={self.object_layer} beyond {num_layers} layers")
+            fail(self.where, f"object_layer={self.object_layer} beyond {num_layers} layers")
         return [self.object_layer - 1, self.deep_layer]
-
-    def _layer_key(self, ctx: Context, layer: int) -> int:
-        d = ctx.attn_received
-        if layer in d or ctx.num_layers is None:
-            return layer
-        return layer % ctx.num_layers if layer < 0 else layer - ctx.num_layers
 
     def reduce(self, ctx: Context) -> Reduction:
         x = ctx.x
-        B, Nt, _ = x.shape
+        B = x.shape[0]
         n = ctx.n_image
-        h, w = ctx.grid if ctx.grid is not None else square_grid(n)
-        if h * w != n:
-            raise ValueError(f"tokenreduce.methods.hiprune: grid {h}x{w} does not match {n} image tokens")
+        h, w = patch_grid(self.where, n, ctx.grid)
         k = self.keep_tokens(n)
         anchors = round(k * self.alpha / 5)
         if 5 * anchors > k:
-            raise ValueError(f"tokenreduce.methods.hiprune: 5 * round(keep * alpha / 5) = {5 * anchors} exceeds "
-                             f"keep={k}; lower alpha")
-        shallow = image_part(ctx, require(ctx, self.name, "attn_received",
-                                          self._layer_key(ctx, self.object_layer - 1), (B, Nt)))
-        deep = image_part(ctx, require(ctx, self.name, "attn_received",
-                                       self._layer_key(ctx, self.deep_layer), (B, Nt)))
+            fail(self.where, f"5 * round(keep * alpha / 5) = {5 * anchors} exceeds keep={k}; lower alpha")
+        shallow = image_part(ctx, need(ctx, self.where, "attn_received", self.object_layer - 1))
+        deep = image_part(ctx, need(ctx, self.where, "attn_received", self.deep_layer))
         score = deep.float()
         if anchors > 0:
             a = topk_indices(shallow.float(), anchors)                              # [B, A]

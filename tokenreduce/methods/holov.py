@@ -11,12 +11,14 @@ Output: chunk order, top-k order inside a chunk; slots the authors pad are paddi
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import List
 
 import torch
 
 from . import register
-from .base import Context, Method, Need, Reduction, Stage, image_part, padded_selection, require
+from ..errors import fail
+from .base import Context, Method, Need, Reduction, Stage
+from .helpers import image_part, int_option, need, padded_selection
 
 
 def chunk_layout(n: int, crops: int):
@@ -58,32 +60,23 @@ class HoloV(Method):
                   "output); the 'context refetch' of the paper is not in the released code and not here; "
                   "ties go to the smaller index")
 
-    def __init__(self, keep: Optional[int] = None, ratio: Optional[float] = None, **opts: Any):
-        super().__init__(keep, ratio, **opts)
-        self.crops = opts.get("crops", 16)
-        if isinstance(self.crops, bool) or not isinstance(self.crops, int) or self.crops < 1:
-            raise ValueError(f"tokenreduce.methods.holov: crops must be a positive int, got {self.crops!r}")
-        self.alpha = float(opts.get("alpha", 1.0))
-        self.beta = float(opts.get("beta", 0.09))
-        self.layer = opts.get("layer", -2)
+    def configure(self) -> None:
+        self.crops = int_option(self, "crops", 16, rule="a positive int")
+        self.alpha = float(self.opts.get("alpha", 1.0))
+        self.beta = float(self.opts.get("beta", 0.09))
+        self.layer = self.opts.get("layer", -2)
 
     def attention_layers(self, num_layers: int) -> List[int]:
         return [self.layer]
-
-    def _attn(self, ctx: Context):
-        key = self.layer
-        if key not in ctx.cls_attn and ctx.num_layers is not None:
-            key = key % ctx.num_layers if key < 0 else key - ctx.num_layers
-        return require(ctx, self.name, "cls_attn", key, (ctx.x.shape[0], ctx.x.shape[1]))
 
     def reduce(self, ctx: Context) -> Reduction:
         eps = 1e-6
         x = image_part(ctx, ctx.x)
         B, n, D = x.shape
-        attn = image_part(ctx, self._attn(ctx)).float()
+        attn = image_part(ctx, need(ctx, self.where, "cls_attn", self.layer)).float()
         k = self.keep_tokens(n)
         if self.crops > n:
-            raise ValueError(f"tokenreduce.methods.holov: crops={self.crops} exceeds the {n} image tokens")
+            fail(self.where, f"crops={self.crops} exceeds the {n} image tokens")
         pos, valid, sizes = chunk_layout(n, self.crops)
         pos, valid = pos.to(x.device), valid.to(x.device)
         P, S = pos.shape

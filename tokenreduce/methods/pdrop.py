@@ -9,20 +9,22 @@ current hidden states (Need.LOOKAHEAD), head mean, ranks the image tokens; the t
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import List
 
 from . import register
-from .base import Context, Method, Need, Reduction, Stage, keep_indices, require, topk_indices
+from ..errors import fail
+from .base import Context, Need, Reduction
+from .helpers import keep_indices, need, topk_indices
+from .llm_stages import LLMStages
 
 
 @register
-class PyramidDrop(Method):
+class PyramidDrop(LLMStages):
     """PyramidDrop: staged last-instruction-token top-k at LLM layers 8/16/24 (x0.5 each)."""
     name = "pdrop"
     paper = ("Xing et al., PyramidDrop: Accelerating Your Large Vision-Language Models via Pyramid "
              "Visual Redundancy Reduction, CVPR 2025")
     code = "Cooperx521/PyramidDrop"
-    stage = Stage.LLM
     needs = frozenset({Need.FEATURES, Need.QUERY_ATTN, Need.LOOKAHEAD})
     options = {
         "layers": "LLM layers l before which a stage drops tokens, scored with layer l's q/k (default (8, 16, 24))",
@@ -37,26 +39,20 @@ class PyramidDrop(Method):
                   "ratio is derived geometrically instead of the authors' per-budget hand-tuned schedules; "
                   "ties go to the smaller index")
 
-    def __init__(self, keep: Optional[int] = None, ratio: Optional[float] = None, **opts: Any):
-        super().__init__(keep, ratio, **opts)
-        layers = tuple(opts.get("layers", (8, 16, 24)))
-        if not layers or any(isinstance(l, bool) or not isinstance(l, int) or l < 1 for l in layers) \
-                or list(layers) != sorted(set(layers)):
-            raise ValueError(f"tokenreduce.methods.pdrop: layers must be increasing ints >= 1, got {layers!r}")
-        self.layers = layers
-        self.lam = opts.get("lam")
-        if self.lam is not None and not (0.0 < float(self.lam) <= 1.0):
-            raise ValueError(f"tokenreduce.methods.pdrop: lam must be in (0, 1], got {self.lam!r}")
+    default_layers = (8, 16, 24)
 
-    def default_budget_ok(self) -> bool:
-        return True
+    def configure(self) -> None:
+        super().configure()
+        self.lam = self.opts.get("lam")
+        if self.lam is not None and not (0.0 < float(self.lam) <= 1.0):
+            fail(self.where, f"lam must be in (0, 1], got {self.lam!r}")
 
     def _lam(self, n0: int) -> float:
         if self.lam is not None:
             return float(self.lam)
-        if self.budget.keep is None and self.budget.ratio is None:
+        if not self.budget.given:
             return 0.5
-        return (self.budget_tokens(n0) / n0) ** (1.0 / len(self.layers))
+        return (self.budget.resolve(n0) / n0) ** (1.0 / len(self.layers))
 
     def stage_counts(self, n0: int) -> List[int]:
         """Image tokens after each stage (authors: int(N0 * ratio_list[s + 1]))."""
@@ -66,28 +62,16 @@ class PyramidDrop(Method):
     def keep_tokens(self, n: int) -> int:
         return self.stage_counts(n)[-1]
 
-    def reduce_layers(self, num_layers: int) -> List[int]:
-        if self.layers[-1] > num_layers - 1:
-            raise ValueError(f"tokenreduce.methods.pdrop: layer {self.layers[-1]} beyond the {num_layers} LLM layers")
-        return [l - 1 for l in self.layers]
-
-    def attention_layers(self, num_layers: int) -> List[int]:
-        self.reduce_layers(num_layers)
-        return list(self.layers)
-
     def reduce(self, ctx: Context) -> Reduction:
-        B, N, _ = ctx.x.shape
-        if ctx.layer is None or ctx.layer + 1 not in self.layers:
-            raise ValueError(f"tokenreduce.methods.pdrop: called after layer {ctx.layer}; expected one of "
-                             f"{[l - 1 for l in self.layers]} (ctx.layer must be set)")
-        s = self.layers.index(ctx.layer + 1)
+        N = ctx.x.shape[1]
+        s = self.stage_of(ctx)
         if s == 0:
             ctx.state["pdrop_n0"] = N
         n0 = ctx.state.get("pdrop_n0")
         if n0 is None:
-            raise ValueError("tokenreduce.methods.pdrop: ctx.state lost the stage-0 token count (reuse one ctx.state per forward)")
-        attn = require(ctx, self.name, "query_attn", ctx.layer + 1, (B, N))
+            fail(self.where, "ctx.state lost the stage-0 token count (reuse one ctx.state per forward)")
+        attn = need(ctx, self.where, "query_attn", ctx.layer + 1)
         k = self.stage_counts(n0)[s]
         if k > N:
-            raise ValueError(f"tokenreduce.methods.pdrop: stage {s} keeps {k} tokens but only {N} are left")
+            fail(self.where, f"stage {s} keeps {k} tokens but only {N} are left")
         return keep_indices(ctx, topk_indices(attn, k))

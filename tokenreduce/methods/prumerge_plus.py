@@ -7,8 +7,9 @@ import torch
 from torch import Tensor
 
 from . import register
-from ._common import assemble, check_x, fail, layer_stat, need_cls, per_token
-from .base import Context, Method, Need, Reduction, Stage, gather_tokens, image_part
+from ..errors import fail
+from .base import Context, Method, Need, Reduction, Stage
+from .helpers import assemble, check_x, gather_tokens, image_part, need
 
 
 def iqr_outliers(attn: Tensor) -> Tensor:
@@ -90,15 +91,14 @@ class PruMergePlus(Method):
         return [self.opts.get("layer", -1)]
 
     def reduce(self, ctx: Context) -> Reduction:
-        check_x(ctx, self.name)
-        need_cls(ctx, self.name)
+        check_x(ctx, self.where, cls=True)
         n = ctx.n_image
         K = self.keep_tokens(n)
         if K < 2:
-            fail(self.name, f"keep must be >= 2 (kept tokens + the extra token), got {K}")
+            fail(self.where, f"keep must be >= 2 (kept tokens + the extra token), got {K}")
         x = image_part(ctx, ctx.x)
-        keys = image_part(ctx, per_token(ctx, self.name, "keys", ctx.keys, dims=3))
-        attn = image_part(ctx, layer_stat(ctx, self.name, "cls_attn", self.opts.get("layer", -1))).float()
+        keys = image_part(ctx, need(ctx, self.where, "keys", dims=3))
+        attn = image_part(ctx, need(ctx, self.where, "cls_attn", self.opts.get("layer", -1))).float()
         B, dev = x.shape[0], x.device
         kept = plus_selection(attn, K - 1)
         merged = absorb(x, keys, attn, kept, int(self.opts.get("neighbours", 32)))

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 from typing import List
 
-import torch
-
 from . import register
 from .. import ops
-from ._common import check_x, fail, layer_stat, need_cls
-from .base import Context, Method, Need, Reduction, Stage, image_part, keep_indices, topk_indices
+from ..errors import fail
+from .base import Context, Method, Need, Reduction, Stage
+from .helpers import check_x, image_part, int_option, keep_indices, need, topk_indices
 
 _PAPER = ("ToDRE: Visual Token Pruning via Diversity and Task Awareness for Efficient "
           "Large Vision-Language Models, 2025 (title as in the project seeds)")
@@ -40,16 +39,15 @@ class ToDRE(Method):
         return [self.opts.get("layer", -2)] if self.opts.get("first", "isolated") == "cls" else []
 
     def reduce(self, ctx: Context) -> Reduction:
-        check_x(ctx, self.name)
         first = self.opts.get("first", "isolated")
+        check_x(ctx, self.where, cls=first == "cls")
         if first == "isolated":
             start = "isolated"
         elif first == "cls":
-            need_cls(ctx, self.name)
-            s = image_part(ctx, layer_stat(ctx, self.name, "cls_attn", self.opts.get("layer", -2)))
+            s = image_part(ctx, need(ctx, self.where, "cls_attn", self.opts.get("layer", -2)))
             start = topk_indices(s.float(), 1)[:, 0]
         else:
-            fail(self.name, f'first must be "isolated" or "cls", got {first!r}')
+            fail(self.where, f'first must be "isolated" or "cls", got {first!r}')
         idx, _ = ops.kcenter(image_part(ctx, ctx.x), self.keep_tokens(ctx.n_image),
                              metric="cosine", first=start)
         return keep_indices(ctx, idx)
@@ -78,10 +76,7 @@ class ToDRELLM(Method):
                   "layer is left to the model integration")
 
     def _layer(self) -> int:
-        k = self.opts.get("layer", 2)
-        if not isinstance(k, int) or k < 1:
-            fail(self.name, f"layer must be an int >= 1, got {k!r}")
-        return k
+        return int_option(self, "layer", 2)
 
     def reduce_layers(self, num_layers: int) -> List[int]:
         return [self._layer() - 1]
@@ -90,6 +85,6 @@ class ToDRELLM(Method):
         return [self._layer() - 1]
 
     def reduce(self, ctx: Context) -> Reduction:
-        check_x(ctx, self.name)
-        rel = layer_stat(ctx, self.name, "query_attn", self._layer() - 1).float()
+        check_x(ctx, self.where)
+        rel = need(ctx, self.where, "query_attn", self._layer() - 1).float()
         return keep_indices(ctx, topk_indices(image_part(ctx, rel), self.keep_tokens(ctx.n_image)))

@@ -6,9 +6,10 @@ from typing import List
 import torch
 
 from . import register
-from ._common import check_x, fail, layer_stat, need_cls, per_token, recycle_slots
-from .base import Context, Method, Need, Reduction
-from .tome import MergeSchedule
+from ..errors import fail
+from .base import Context, Need, Reduction
+from .helpers import check_x, need, recycle_slots
+from .merge_schedule import MergeSchedule
 
 
 @register
@@ -40,21 +41,18 @@ class Turbo(MergeSchedule):
         return self.reduce_layers(num_layers)
 
     def reduce(self, ctx: Context) -> Reduction:
-        check_x(ctx, self.name)
-        need_cls(ctx, self.name)
+        check_x(ctx, self.where, cls=True)
         x = ctx.x
         B, N, _ = x.shape
         dev = x.device
-        keys = per_token(ctx, self.name, "keys", ctx.keys, dims=3)
-        if ctx.layer is None:
-            cls = next(iter(ctx.cls_attn.values()), None) if len(ctx.cls_attn) == 1 else None
-            if cls is None:
-                fail(self.name, "needs ctx.layer (or exactly one ctx.cls_attn entry) to find its [CLS] attention")
-            cls = per_token(ctx, self.name, "cls_attn", cls)
-        else:
-            cls = layer_stat(ctx, self.name, "cls_attn", ctx.layer)
-        size = (torch.ones(B, N, device=dev) if ctx.size is None
-                else per_token(ctx, self.name, "size", ctx.size).float())
+        keys = need(ctx, self.where, "keys", dims=3)
+        layer = ctx.layer
+        if layer is None:
+            if len(ctx.cls_attn) != 1:
+                fail(self.where, "needs ctx.layer (or exactly one ctx.cls_attn entry) to find its [CLS] attention")
+            layer = next(iter(ctx.cls_attn))
+        cls = need(ctx, self.where, "cls_attn", layer)
+        size = torch.ones(B, N, device=dev) if ctx.size is None else need(ctx, self.where, "size").float()
         r = self.r_at(ctx)
         a_pos = torch.arange(0, N, 2, device=dev)
         b_pos = torch.arange(1, N, 2, device=dev)

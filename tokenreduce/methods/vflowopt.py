@@ -12,14 +12,16 @@ an empty cell's slot is padding (index -1, size 0, zero token) so the count stay
 from __future__ import annotations
 
 import math
-from typing import Any, List, Optional
+from typing import List
 
 import torch
 from torch import Tensor
 
 from . import register
-from .base import Context, Method, Need, Reduction, Stage, image_part, require, square_grid
 from .. import ops
+from ..errors import fail
+from .base import Context, Method, Need, Reduction, Stage
+from .helpers import image_part, need, patch_grid
 
 
 def patch_entropy(pixels: Tensor, patch: int) -> Tensor:
@@ -63,14 +65,13 @@ class VFlowOpt(Method):
                   "negative pixels wrap when cast to 8 bits as torch's CPU cast does; only the ViT-side "
                   "stage (the LLM-side stage of iLLaVA/VFlowOpt is not here); ties to the smaller index")
 
-    def __init__(self, keep: Optional[int] = None, ratio: Optional[float] = None, **opts: Any):
-        super().__init__(keep, ratio, **opts)
-        self.a = float(opts.get("a", 17.386981849158786))
+    def configure(self) -> None:
+        self.a = float(self.opts.get("a", 17.386981849158786))
         if not (self.a >= 1.0):
-            raise ValueError(f"tokenreduce.methods.vflowopt: a must be >= 1, got {self.a!r}")
-        self.alpha_v = float(opts.get("alpha_v", 0.0))
-        self.patch = int(opts.get("patch", 14))
-        self.layer = opts.get("layer", -2)
+            fail(self.where, f"a must be >= 1, got {self.a!r}")
+        self.alpha_v = float(self.opts.get("alpha_v", 0.0))
+        self.patch = int(self.opts.get("patch", 14))
+        self.layer = self.opts.get("layer", -2)
 
     def attention_layers(self, num_layers: int) -> List[int]:
         return [self.layer]
@@ -83,38 +84,30 @@ class VFlowOpt(Method):
         """(kept top tokens, recycled L, cells C)."""
         ch, cw = self.cells(h, w)
         C = ch * cw
-        self.budget_tokens(n)                                   # validates keep / ratio
         if self.budget.ratio is not None:
             L = int(round(n * (1 - self.budget.ratio))) + int(n / (self.a * self.a))
         else:
-            L = n - (self.budget_tokens(n) - C)
+            L = n - (self.budget.resolve(n) - C)
         L = min(max(L, 0), n)
-        if n - L < 0 or (self.budget.keep is not None and self.budget_tokens(n) <= C):
-            raise ValueError(f"tokenreduce.methods.vflowopt: keep must exceed the {C} recycling cells")
+        if n - L < 0 or (self.budget.keep is not None and self.budget.resolve(n) <= C):
+            fail(self.where, f"keep must exceed the {C} recycling cells")
         return n - L, L, C
 
     def keep_tokens(self, n: int) -> int:
-        h, w = square_grid(n)
+        h, w = patch_grid(self.where, n)
         kept, L, C = self.counts(n, h, w)
         return kept + C
 
     def reduce(self, ctx: Context) -> Reduction:
         x = ctx.x
-        B, Nt, D = x.shape
+        B, _, D = x.shape
         n = ctx.n_image
-        h, w = ctx.grid if ctx.grid is not None else square_grid(n)
-        if h * w != n:
-            raise ValueError(f"tokenreduce.methods.vflowopt: grid {h}x{w} does not match {n} image tokens")
-        key = self.layer
-        if key not in ctx.attn_received and ctx.num_layers is not None:
-            key = key % ctx.num_layers if key < 0 else key - ctx.num_layers
-        imp = image_part(ctx, require(ctx, self.name, "attn_received", key, (B, Nt))).float()
+        h, w = patch_grid(self.where, n, ctx.grid)
+        imp = image_part(ctx, need(ctx, self.where, "attn_received", self.layer)).float()
         if self.alpha_v != 0.0:
-            px = require(ctx, self.name, "pixels")
-            ent = patch_entropy(px, self.patch)
+            ent = patch_entropy(need(ctx, self.where, "pixels", dims=None), self.patch)
             if ent.shape != (B, n):
-                raise ValueError(f"tokenreduce.methods.vflowopt: ctx.pixels give {ent.shape[1]} patches of "
-                                 f"{self.patch} px, expected {n}")
+                fail(self.where, f"ctx.pixels give {ent.shape[1]} patches of {self.patch} px, expected {n}")
             imp = imp + self.alpha_v * torch.softmax(ent, dim=-1)
         xi = image_part(ctx, x)
         kept, L, C = self.counts(n, h, w)

@@ -12,22 +12,24 @@ token joins its most cosine-similar target (head-mean keys); a contextual token 
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 
 from . import register
-from .base import Context, Method, Need, Reduction, Stage, gather_tokens, require, topk_indices
+from ..errors import fail
+from .base import Context, Need, Reduction
+from .helpers import gather_tokens, need, topk_indices
+from .llm_stages import LLMStages
 from .. import ops  # noqa: F401  (loads the native ops; recycle is called raw for its slot output)
 
 
 @register
-class VisionDrop(Method):
+class VisionDrop(LLMStages):
     """VisionDrop (LLM stage): visual-only attention top-k + light contextual merge, staged."""
     name = "visiondrop"
     paper = "Xu et al., VisionDrop: Training-Free Vision Token Pruning via Visual-Only Attention, 2025"
     code = "Ruixxxx/VisionDrop"
-    stage = Stage.LLM
     needs = frozenset({Need.FEATURES, Need.VISUAL_ATTN, Need.KEYS, Need.LOOKAHEAD})
     options = {
         "layers": "LLM layers before which a stage reduces (default (8, 16, 24))",
@@ -42,32 +44,27 @@ class VisionDrop(Method):
                    "rows; topk dominant; strided contextual targets on head-mean keys; target + mean)")
     deviations = ("batched; ties go to the smaller index; the ViT stage is left to the visionzip method")
 
-    def __init__(self, keep: Optional[int] = None, ratio: Optional[float] = None, **opts: Any):
-        super().__init__(keep, ratio, **opts)
-        self.layers = tuple(opts.get("layers", (8, 16, 24)))
-        if not self.layers or any(isinstance(l, bool) or not isinstance(l, int) or l < 1 for l in self.layers) \
-                or list(self.layers) != sorted(set(self.layers)):
-            raise ValueError(f"tokenreduce.methods.visiondrop: layers must be increasing ints >= 1, got {self.layers!r}")
-        sched = opts.get("schedule")
+    default_layers = (8, 16, 24)
+
+    def configure(self) -> None:
+        super().configure()
+        sched = self.opts.get("schedule")
         if sched is not None:
             sched = tuple((int(d), int(c)) for d, c in sched)
             if len(sched) != len(self.layers) or any(d < 1 or c < 1 for d, c in sched):
-                raise ValueError(f"tokenreduce.methods.visiondrop: schedule needs one (dominant>=1, contextual>=1) "
+                fail(self.where, f"schedule needs one (dominant>=1, contextual>=1) "
                                  f"per layer {self.layers}, got {sched!r}")
         self.sched = sched
-        self.cfrac = float(opts.get("contextual_frac", 0.15))
-
-    def default_budget_ok(self) -> bool:
-        return True
+        self.cfrac = float(self.opts.get("contextual_frac", 0.15))
 
     def schedule(self, n0: int) -> List[Tuple[int, int]]:
         if self.sched is not None:
             return list(self.sched)
-        if self.budget.keep is None and self.budget.ratio is None:
+        if not self.budget.given:
             if len(self.layers) != 3:
-                raise ValueError("tokenreduce.methods.visiondrop: give schedule= or a budget for non-default layers")
+                fail(self.where, "give schedule= or a budget for non-default layers")
             return [(30, 5), (22, 4), (16, 3)]
-        k, S = self.budget_tokens(n0), len(self.layers)
+        k, S = self.budget.resolve(n0), len(self.layers)
         out = []
         for s in range(1, S + 1):
             tot = max(2, int(round(n0 * (k / n0) ** (s / S))))
@@ -78,31 +75,19 @@ class VisionDrop(Method):
     def keep_tokens(self, n: int) -> int:
         return sum(self.schedule(n)[-1])
 
-    def reduce_layers(self, num_layers: int) -> List[int]:
-        if self.layers[-1] > num_layers - 1:
-            raise ValueError(f"tokenreduce.methods.visiondrop: layer {self.layers[-1]} beyond the {num_layers} LLM layers")
-        return [l - 1 for l in self.layers]
-
-    def attention_layers(self, num_layers: int) -> List[int]:
-        self.reduce_layers(num_layers)
-        return list(self.layers)
-
     def reduce(self, ctx: Context) -> Reduction:
         x = ctx.x
         B, n, _ = x.shape
-        if ctx.layer is None or ctx.layer + 1 not in self.layers:
-            raise ValueError(f"tokenreduce.methods.visiondrop: called after layer {ctx.layer}; expected one of "
-                             f"{[l - 1 for l in self.layers]} (ctx.layer must be set)")
-        s = self.layers.index(ctx.layer + 1)
+        s = self.stage_of(ctx)
         if s == 0:
             ctx.state["visiondrop_n0"] = n
         if "visiondrop_n0" not in ctx.state:
-            raise ValueError("tokenreduce.methods.visiondrop: ctx.state lost the stage-0 count (reuse one ctx.state per forward)")
+            fail(self.where, "ctx.state lost the stage-0 count (reuse one ctx.state per forward)")
         d, c = self.schedule(ctx.state["visiondrop_n0"])[s]
         if d + c > n:
-            raise ValueError(f"tokenreduce.methods.visiondrop: stage {s} keeps {d}+{c} tokens but only {n} are left")
-        attn = require(ctx, self.name, "visual_attn", ctx.layer + 1, (B, n)).float()
-        keys = require(ctx, self.name, "keys", None, (B, n))
+            fail(self.where, f"stage {s} keeps {d}+{c} tokens but only {n} are left")
+        attn = need(ctx, self.where, "visual_attn", ctx.layer + 1).float()
+        keys = need(ctx, self.where, "keys", dims=3)
         dom = topk_indices(attn, d).sort(dim=1).values                            # [B, d], spatial order
         is_dom = torch.zeros(B, n, dtype=torch.long, device=x.device).scatter(1, dom, 1)
         rest = torch.sort(is_dom, dim=1, stable=True).indices[:, : n - d]         # [B, n-d], ascending

@@ -6,8 +6,10 @@ from typing import List, Tuple
 import torch
 
 from . import register
-from ._common import assemble, check_x, complement, fail, layer_stat, need_cls, per_token, recycle_slots
-from .base import Context, Method, Need, Reduction, Stage, gather_tokens, image_part, topk_indices
+from ..errors import fail
+from .base import Context, Method, Need, Reduction, Stage
+from .helpers import (assemble, check_x, complement, gather_tokens, image_part, is_int_at_least, need,
+                      recycle_slots, topk_indices)
 
 _PRESETS = {64: (54, 10), 128: (108, 20), 192: (162, 30)}
 
@@ -49,28 +51,24 @@ class VisionZip(Method):
     deviations = ("ties go to the lower position (torch.topk unspecified); fp16/bf16 similarities "
                   "accumulate in float32")
 
-    def __init__(self, keep=None, ratio=None, **opts):
-        d, c = opts.get("dominant"), opts.get("contextual")
-        if (d is None) != (c is None) or (d is not None and (keep is not None or ratio is not None)):
-            fail(self.name, "give dominant= and contextual= together, or keep=/ratio= alone")
-        super().__init__(keep, ratio, **opts)
+    def configure(self) -> None:
+        d, c = self.opts.get("dominant"), self.opts.get("contextual")
+        if (d is None) != (c is None) or (d is not None and self.budget.given):
+            fail(self.where, "give dominant= and contextual= together, or keep=/ratio= alone")
+        if d is not None and not (is_int_at_least(d, 0) and is_int_at_least(c, 0) and 1 <= d + c):
+            fail(self.where, f"dominant and contextual must be ints >= 0 with a positive sum, got {d}, {c}")
 
     def default_budget_ok(self) -> bool:
-        return self.opts.get("dominant") is not None and self.opts.get("contextual") is not None
+        return self.opts.get("dominant") is not None
 
     def _split(self, n: int) -> Tuple[int, int]:
         d, c = self.opts.get("dominant"), self.opts.get("contextual")
-        if d is not None or c is not None:
-            if d is None or c is None or self.budget.keep is not None or self.budget.ratio is not None:
-                fail(self.name, "give dominant= and contextual= together, or keep=/ratio= alone")
-            if not (isinstance(d, int) and isinstance(c, int) and d >= 0 and c >= 0 and 1 <= d + c):
-                fail(self.name, f"dominant and contextual must be ints >= 0 with a positive sum, got {d}, {c}")
-        else:
-            d, c = split_budget(self.budget.tokens(n))
+        if d is None:
+            d, c = split_budget(self.budget.resolve(n))
         if d + c > n:
-            fail(self.name, f"dominant + contextual = {d + c} exceeds the {n} image tokens")
+            fail(self.where, f"dominant + contextual = {d + c} exceeds the {n} image tokens")
         if c > n - d:
-            fail(self.name, f"contextual={c} exceeds the {n - d} non-dominant tokens")
+            fail(self.where, f"contextual={c} exceeds the {n - d} non-dominant tokens")
         return d, c
 
     def keep_tokens(self, n: int) -> int:
@@ -80,13 +78,12 @@ class VisionZip(Method):
         return [self.opts.get("layer", -2)]
 
     def reduce(self, ctx: Context) -> Reduction:
-        check_x(ctx, self.name)
-        need_cls(ctx, self.name)
+        check_x(ctx, self.where, cls=True)
         n = ctx.n_image
         d, c = self._split(n)
         x = image_part(ctx, ctx.x)
-        keys = image_part(ctx, per_token(ctx, self.name, "keys", ctx.keys, dims=3))
-        score = image_part(ctx, layer_stat(ctx, self.name, "cls_attn", self.opts.get("layer", -2)))
+        keys = image_part(ctx, need(ctx, self.where, "keys", dims=3))
+        score = image_part(ctx, need(ctx, self.where, "cls_attn", self.opts.get("layer", -2)))
         B, dev = x.shape[0], x.device
         dom = topk_indices(score.float(), d).sort(dim=1).values          # [B, d]
         rest = complement(dom, n)                                          # [B, R] ascending

@@ -6,8 +6,9 @@ from typing import List
 import torch
 
 from . import register
-from ._common import abs_layer, check_x, fail, layer_stat, need_cls, num_layers
-from .base import Context, Method, Need, Reduction, Stage, image_part, keep_indices, topk_indices
+from ..errors import fail
+from .base import Context, Method, Need, Reduction, Stage
+from .helpers import abs_layer, check_x, image_part, keep_indices, need, num_layers, topk_indices
 
 
 @register
@@ -36,7 +37,7 @@ class VTCCLS(Method):
     def _layers(self, L: int) -> List[int]:
         start = abs_layer(self.opts.get("start_layer", 12), L)
         if not 0 <= start <= L - 2:
-            fail(self.name, f"start_layer={self.opts.get('start_layer', 12)} must lie in [0, L-2] "
+            fail(self.where, f"start_layer={self.opts.get('start_layer', 12)} must lie in [0, L-2] "
                             f"for L={L} layers (the ensemble ends at layer L-2)")
         return list(range(start, L - 1))
 
@@ -44,9 +45,8 @@ class VTCCLS(Method):
         return self._layers(num_layers)
 
     def reduce(self, ctx: Context) -> Reduction:
-        check_x(ctx, self.name)
-        need_cls(ctx, self.name)
-        layers = self._layers(num_layers(ctx, self.name))
-        score = torch.stack([layer_stat(ctx, self.name, "cls_attn", l).float()
+        check_x(ctx, self.where, cls=True)
+        layers = self._layers(num_layers(ctx, self.where))
+        score = torch.stack([need(ctx, self.where, "cls_attn", l).float()
                              for l in layers]).sum(0)
         return keep_indices(ctx, topk_indices(image_part(ctx, score), self.keep_tokens(ctx.n_image)))

@@ -28,7 +28,6 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .. import methods as _M
 from ..methods.base import Method, Stage
 from ..models import attention, fidelity, vit, vlm
 from ..models.adapters import model_parts
@@ -359,6 +358,3 @@ def measure(workload, method: Optional[Method], device: torch.device, warmup: in
     peak = _peak_bytes(lambda: workload.call(method, Timeline(device)), device) if memory else None
     return Measurement(times, spread, last.tokens_kept, workload.flops(last), peak, first, repeat, raw)
 
-
-def build_method(name: str, budget: Dict[str, Any], opts: Dict[str, Any]) -> Method:
-    return _M.build(name, **budget, **opts)

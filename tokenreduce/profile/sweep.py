@@ -1,6 +1,7 @@
 """A profile sweep: the unreduced baseline and every requested method x budget on the same inputs.
 
     spec = Spec()                                  # the embedded default: real DINOv2-S, shipped images
+    spec = Spec(methods=["tome"], budgets=[Budget(keep=64), Budget(ratio=0.25)])
     report = run(spec, progress=lambda i, n, label: ...)
     report["rows"]                                 # one dict per configuration (report.FIELDS)
 
@@ -17,9 +18,9 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from .. import methods as _M
+from .. import methods
 from ..measure import configure_allocator, cpu_model
-from ..methods.base import Stage
+from ..methods.base import Budget, Stage
 from . import inputs, runner
 
 __all__ = ["Spec", "run", "default_methods", "budgets_of", "DEFAULT_RATIOS", "FIDELITY_KEYS"]
@@ -27,7 +28,7 @@ __all__ = ["Spec", "run", "default_methods", "budgets_of", "DEFAULT_RATIOS", "FI
 DEFAULT_RATIOS = (0.5, 0.25, 0.11)
 # preferred default methods, in order (the registry decides which exist); at most MAX_DEFAULT
 PREFERRED_VISION = ("tome", "visionzip", "divprune", "hiprune", "vflowopt", "holov", "flowcut")
-PREFERRED_VLM = ("fastv", "visionzip", "divprune", "pdrop", "tome", "hiprune", "sparsevlm")
+PREFERRED_VLM = ("fastv", "visionzip", "divprune", "pdrop", "tome", "hiprune")
 MAX_DEFAULT = 5
 FIDELITY_KEYS = {"vision": ("pooled_cos", "patch_cos", "patch_cos_kept", "kept_fraction", "saliency_corr"),
                  "vlm": ("kl", "first_token_agree", "tokens_agree")}
@@ -39,8 +40,7 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
 class Spec:
     model: str = "dinov2-s-real"
     methods: Optional[List[str]] = None          # None: default_methods()
-    keeps: List[int] = field(default_factory=list)
-    ratios: List[float] = field(default_factory=list)
+    budgets: List[Budget] = field(default_factory=list)   # empty: DEFAULT_RATIOS
     opts: Dict[str, Dict[str, Any]] = field(default_factory=dict)   # method (or "*") -> options
     batch: int = 4
     device: Optional[str] = None                 # None: cuda when available
@@ -59,24 +59,20 @@ class Spec:
     max_default_methods: int = MAX_DEFAULT
 
 
-def budgets_of(spec: Spec) -> List[Dict[str, Any]]:
-    b = [{"keep": int(k)} for k in spec.keeps] + [{"ratio": float(r)} for r in spec.ratios]
-    return b or [{"ratio": r} for r in DEFAULT_RATIOS]
+def budgets_of(spec: Spec) -> List[Budget]:
+    """The spec's budgets, or the default ratios."""
+    return list(spec.budgets) or [Budget(ratio=r) for r in DEFAULT_RATIOS]
 
 
 def default_methods(kind: str, limit: int = MAX_DEFAULT) -> List[str]:
     """Registered methods for the default sweep: the preferred ones that exist, then any other
     method of a fitting stage, at most ``limit``."""
     ok = {"vision": (Stage.VIT, Stage.PROJECTOR), "vlm": (Stage.VIT, Stage.PROJECTOR, Stage.LLM)}[kind]
-    avail = [n for n in _M.available() if _M.get(n).stage in ok
-             and _M.get(n).__module__.startswith("tokenreduce.methods.")]   # not test doubles
+    avail = [n for n in methods.available() if methods.get(n).stage in ok
+             and methods.get(n).__module__.startswith("tokenreduce.methods.")]   # not test doubles
     pref = PREFERRED_VISION if kind == "vision" else PREFERRED_VLM
     names = [n for n in pref if n in avail] + [n for n in avail if n not in pref]
     return names[:limit]
-
-
-def _label(budget: Dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in budget.items()) or "-"
 
 
 def _resolve_device(spec: Spec):
@@ -126,10 +122,10 @@ def load_workload(spec: Spec, device, dtype):
     return runner.VLMWorkload(model, inp.to(device, dtype), spec.new_tokens), info
 
 
-def _row(name: str, stage: str, budget, meas: runner.Measurement, base: Optional[runner.Measurement],
+def _row(name: str, stage: str, budget: Budget, meas: runner.Measurement, base: Optional[runner.Measurement],
          fid: Dict[str, float], workload) -> Dict[str, Any]:
-    row: Dict[str, Any] = {"method": name, "stage": stage, "budget": _label(budget) if budget else "-",
-                           "keep": (budget or {}).get("keep"), "ratio": (budget or {}).get("ratio"),
+    row: Dict[str, Any] = {"method": name, "stage": stage, "budget": budget.label(),
+                           "keep": budget.keep, "ratio": budget.ratio,
                            "image_tokens": workload.image_tokens, "tokens_kept": meas.tokens_kept}
     for k in runner.STAGES:
         row[f"{k}_ms"] = meas.times[k]
@@ -175,9 +171,9 @@ def _run(spec: Spec, progress) -> Dict[str, Any]:
     workload, info = load_workload(spec, device, dtype)
     names = spec.methods if spec.methods else default_methods(workload.kind, spec.max_default_methods)
     for n in names:
-        _M.get(n)   # unknown names fail early with the registry's list
+        methods.get(n)   # unknown names fail early with the registry's list
     budgets = budgets_of(spec)
-    configs = [(None, None)] + [(n, b) for n in names for b in budgets]
+    configs = [(None, Budget())] + [(n, b) for n in names for b in budgets]
     rows: List[Dict[str, Any]] = []
     timed: List[Any] = []   # (row index, name, stage, budget, measurement, fidelity) of each method run
     base = None
@@ -186,30 +182,30 @@ def _run(spec: Spec, progress) -> Dict[str, Any]:
     for _ in range(max(2, spec.warmup + 1)):
         workload.call(None, runner.Timeline(device))
     for i, (name, budget) in enumerate(configs):
-        label = "baseline (unreduced)" if name is None else f"{name} {_label(budget)}"
+        label = "baseline (unreduced)" if name is None else f"{name} {budget.label()}"
         if progress:
             progress(i, len(configs), label)
         torch.manual_seed(spec.seed)
         if name is None:
             base = runner.measure(workload, None, device, spec.warmup, spec.repeat, spec.memory)
             rows_fid0 = workload.fidelity(base.first, base.first)
-            rows.append(_row("baseline", "-", None, base, None, rows_fid0, workload))
+            rows.append(_row("baseline", "-", budget, base, None, rows_fid0, workload))
             continue
-        cls = _M.get(name)
+        cls = methods.get(name)
         opts = {**spec.opts.get("*", {}), **spec.opts.get(name, {})}
         opts = {k: v for k, v in opts.items() if k in cls.options or name in spec.opts and k in spec.opts[name]}
         try:
             if cls.stage not in workload.stages:
                 raise ValueError(f"{name} runs at stage {cls.stage.value}; {spec.model} takes "
                                  f"{', '.join(s.value for s in workload.stages)}")
-            meth = runner.build_method(name, budget, opts)
+            meth = methods.build(name, budget=budget, **opts)
             meas = runner.measure(workload, meth, device, spec.warmup, spec.repeat, spec.memory)
             fid = workload.fidelity(base.first, meas.first)
             rows.append(_row(name, cls.stage.value, budget, meas, base, fid, workload))
             timed.append((len(rows) - 1, name, cls.stage.value, budget, meas, fid))
         except Exception as e:   # a method that cannot run here: say why, go on
-            rows.append({"method": name, "stage": cls.stage.value, "budget": _label(budget),
-                         "keep": budget.get("keep"), "ratio": budget.get("ratio"),
+            rows.append({"method": name, "stage": cls.stage.value, "budget": budget.label(),
+                         "keep": budget.keep, "ratio": budget.ratio,
                          "image_tokens": workload.image_tokens, "error": f"{type(e).__name__}: {e}"})
     # the baseline once more at the end: machine state drifts over a sweep (the first timed
     # configuration of a process runs slow for a while), so the faster of the two baseline
@@ -222,7 +218,7 @@ def _run(spec: Spec, progress) -> Dict[str, Any]:
         if base_end.times["total"] < base.times["total"]:
             faster = runner.Measurement(base_end.times, base_end.spread, base.tokens_kept, base.flops,
                                         base.peak_mem_bytes, base.first, base_end.repeats, base_end.raw)
-            rows[0] = _row("baseline", "-", None, faster, None, rows_fid0, workload)
+            rows[0] = _row("baseline", "-", Budget(), faster, None, rows_fid0, workload)
             for i, name, stage, budget, meas, fid in timed:
                 rows[i] = _row(name, stage, budget, meas, faster, fid, workload)
     if progress:
@@ -233,7 +229,7 @@ def _run(spec: Spec, progress) -> Dict[str, Any]:
         "device": str(device), "dtype": str(dtype).replace("torch.", ""), "batch": spec.batch,
         "warmup": spec.warmup, "repeat": spec.repeat, "new_tokens": spec.new_tokens if workload.kind == "vlm" else None,
         "layers": spec.layers, "image_tokens": workload.image_tokens, "methods": names,
-        "budgets": [_label(b) for b in budgets], "timer": "cuda events" if device.type == "cuda" else
+        "budgets": [b.label() for b in budgets], "timer": "cuda events" if device.type == "cuda" else
         "time.perf_counter (CPU ops are synchronous)", "env": _env(device), "allocator": allocator,
         "baseline_totals_ms": {"start": base.times["total"] if base else None,
                                "end": base_end.times["total"] if base_end else None},
