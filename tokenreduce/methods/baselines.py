@@ -24,15 +24,34 @@ class RandomKeep(Method):
     paper = "baseline (random token dropping)"
     code = "tokenreduce"
     needs = frozenset({Need.FEATURES})
-    options = {"seed": "generator seed (default 0)"}
+    options = {"seed": "seed of the counter-based hash (default 0)"}
     budgets = "keep=K or ratio=r; LLaVA-1.5 presets keep=192/128/64 of 576"
     faithful_to = "a uniform random subset without replacement, independent per batch row"
 
     def reduce(self, ctx: Context) -> Reduction:
         check_x(ctx, self.where)
-        g = torch.Generator(device=ctx.x.device).manual_seed(int(self.opts.get("seed", 0)))
-        u = torch.rand(ctx.x.shape[0], ctx.n_image, generator=g, device=ctx.x.device)
+        u = hash_keys(ctx.x.shape[0], ctx.n_image, int(self.opts.get("seed", 0)), ctx.x.device)
         return keep_indices(ctx, u.topk(self.keep_tokens(ctx.n_image), dim=1).indices)
+
+
+def _signed(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bits."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def hash_keys(B: int, n: int, seed: int, device) -> torch.Tensor:
+    """``[B, n]`` int64 pseudo-random keys: SplitMix64 of the counter ``b * n + j`` and the seed.
+    The same bits on every device (no generator state, nothing copied from the host), so a
+    CPU and a CUDA run keep the same tokens and CUDA graphs replay it unchanged."""
+    z = torch.arange(B * n, device=device, dtype=torch.int64).view(B, n)
+    z = z + _signed(((seed + 1) * 0x9E3779B97F4A7C15) % (1 << 64))
+    z = (z ^ _shr(z, 30)) * _signed(0xBF58476D1CE4E5B9)
+    z = (z ^ _shr(z, 27)) * _signed(0x94D049BB133111EB)
+    return z ^ _shr(z, 31)
 
 
 @register

@@ -21,19 +21,17 @@ from .base import Context, Method, Need, Reduction, Stage
 from .helpers import image_part, int_option, need, padded_selection
 
 
-def chunk_layout(n: int, crops: int):
-    """The authors' uneven chunking: sizes n // P (+1 for the first n % P), as static tensors.
-    Returns (pos [P, S] int64 padded with 0, valid [P, S] bool, sizes list)."""
+def chunk_layout(n: int, crops: int, device=None):
+    """The authors' uneven chunking: sizes n // P (+1 for the first n % P), built on ``device``
+    by arithmetic (no host data copied in). Returns pos [P, S] int64 padded with 0,
+    valid [P, S] bool and sizes [P] int64."""
     base, rem = divmod(n, crops)
-    sizes = [base + (1 if p < rem else 0) for p in range(crops)]
-    S = max(sizes)
-    pos = torch.zeros(crops, S, dtype=torch.long)
-    valid = torch.zeros(crops, S, dtype=torch.bool)
-    start = 0
-    for p, sz in enumerate(sizes):
-        pos[p, :sz] = torch.arange(start, start + sz)
-        valid[p, :sz] = True
-        start += sz
+    p = torch.arange(crops, device=device)
+    sizes = base + (p < rem).long()
+    start = p * base + p.clamp(max=rem)
+    s = torch.arange(base + (rem > 0), device=device)
+    valid = s[None, :] < sizes[:, None]
+    pos = torch.where(valid, start[:, None] + s[None, :], torch.zeros_like(s)[None, :])
     return pos, valid, sizes
 
 
@@ -77,10 +75,8 @@ class HoloV(Method):
         k = self.keep_tokens(n)
         if self.crops > n:
             fail(self.where, f"crops={self.crops} exceeds the {n} image tokens")
-        pos, valid, sizes = chunk_layout(n, self.crops)
-        pos, valid = pos.to(x.device), valid.to(x.device)
+        pos, valid, size_t = chunk_layout(n, self.crops, x.device)
         P, S = pos.shape
-        size_t = torch.tensor(sizes, device=x.device)
         vf = valid.float()                                                    # [P, S]
         xc = x.float()[:, pos.reshape(-1)].reshape(B, P, S, D)
         ac = attn[:, pos.reshape(-1)].reshape(B, P, S) * vf                   # [B, P, S]

@@ -92,11 +92,9 @@ class VisionZip(Method):
         src_d = src_d.scatter(1, dom, torch.arange(d, device=dev).expand(B, d))
         if c == 0:
             return assemble(ctx, gather_tokens(x, dom), dom, src_d)
-        step = max(1, R // c)
-        t_list = list(range(0, R, step))[:c]
-        taken = set(t_list)
-        t_pos = torch.tensor(t_list, dtype=torch.long, device=dev)
-        o_pos = torch.tensor([i for i in range(R) if i not in taken], dtype=torch.long, device=dev)
+        step = max(1, R // c)              # the authors' strided targets among the rest: 0, step, ...
+        t_pos = torch.arange(0, R, step, device=dev)[:c]                   # [c], built on the device
+        o_pos = complement(t_pos[None], R)[0]                              # [R - c] ascending
         target, source = rest[:, t_pos], rest[:, o_pos]
         mean, _, slot = recycle_slots(x, target, source, features=keys, include_target=False)
         ctx_tokens = gather_tokens(x, target) + mean
