@@ -3,6 +3,8 @@ Reduction invariants, fp32 / bf16, no host sync (FakeTensorMode, torch.compile f
 and the registry / describe / markdown output."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import sys
 
@@ -165,3 +167,23 @@ def test_registry_and_describe():
         assert f"| `{n}` |" in table
     with pytest.raises(KeyError, match="unknown method 'nope'"):
         M.build("nope", keep=4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_inputs_are_refused_with_the_method_named(name):
+    """A 2-D or integer ctx.x, a string ratio and keep > N raise errors naming the method."""
+    m = M.build(name, keep=KEEP)
+    L = model_layers(m)
+    has_cls = m.stage != Stage.LLM
+    layer = (m.reduce_layers(L) or [None])[0]
+    ctx = make_ctx(m, N_IMG + has_cls, has_cls=has_cls, dtype=torch.float32, layer=layer, L=L)
+    for bad, exc in ((ctx.x[0], ValueError), ((ctx.x * 10).long(), TypeError)):
+        c = Context(**{f: getattr(ctx, f) for f in ctx.__dataclass_fields__})
+        c.x = bad
+        with pytest.raises(exc, match=re.escape(f"tokenreduce.methods.{name}: ctx.x must be")):
+            m(c)
+    with pytest.raises(ValueError, match=re.escape(f"tokenreduce.methods.{name}: ratio must be")):
+        M.build(name, ratio="0.5")
+    big = M.build(name, keep=N_IMG + 1)
+    with pytest.raises(ValueError, match=f"keep={N_IMG + 1} exceeds the {N_IMG} image tokens"):
+        big(make_ctx(big, N_IMG + has_cls, has_cls=has_cls, dtype=torch.float32, layer=layer, L=L))

@@ -56,3 +56,17 @@ def test_pool_rect_grid_and_errors():
         build("pool", keep=64)(Context(x=x[:, 2:]))
     low = build("pool", keep=64)(Context(x=x.bfloat16(), has_cls=True))
     assert low.tokens.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("budget,grid,out", [(dict(ratio=0.9), (4, 4), (3, 4)), (dict(keep=192), (24, 24), (12, 16)),
+                                             (dict(keep=8), (4, 4), (2, 4)), (dict(keep=28), (24, 24), (4, 7))])
+def test_pool_takes_the_most_square_grid_that_fits(budget, grid, out):
+    m = build("pool", **budget)
+    n = grid[0] * grid[1]
+    red = m(Context(x=torch.randn(2, n + 1, 8), has_cls=True, grid=grid))
+    assert m._out_grid(n, grid) == out and red.tokens.shape[1] == 1 + out[0] * out[1]
+
+
+def test_pool_keep_without_a_fitting_grid_is_refused():
+    with pytest.raises(ValueError, match="keep=14 has no factorisation"):
+        build("pool", keep=14)(Context(x=torch.randn(1, 17, 8), has_cls=True, grid=(4, 4)))

@@ -9,7 +9,9 @@ from tokenreduce.methods import Budget, Context
 
 def test_resolve():
     assert Budget(keep=64).resolve(576) == 64
-    assert Budget(keep=1000).resolve(576) == 576                 # never more than there are
+    assert Budget(keep=576).resolve(576) == 576
+    with pytest.raises(ValueError, match="keep=1000 exceeds the 576 image tokens"):
+        Budget(keep=1000).resolve(576)                           # never clamped silently
     assert Budget(ratio=0.25).resolve(576) == 144
     assert Budget(ratio=0.11).resolve(576) == round(576 * 0.11)
     assert Budget(ratio=0.001).resolve(576) == 1                 # at least one token

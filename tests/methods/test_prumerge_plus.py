@@ -52,3 +52,11 @@ def test_errors(clip1):
         build("prumerge+", keep=1)(ctx_of(clip1))
     with pytest.raises(ValueError, match=r"prumerge\+.*keys"):
         build("prumerge+", keep=8)(Context(x=clip1.x, has_cls=True, cls_attn=clip1.cls_attn, num_layers=24))
+
+
+def test_keep_1_is_refused_when_built():
+    import pytest
+    from tokenreduce.methods import build
+
+    with pytest.raises(ValueError, match="keep must be >= 2"):
+        build("prumerge+", keep=1)

@@ -161,10 +161,14 @@ class Budget:
         return self.keep is not None or self.ratio is not None
 
     def resolve(self, n: int) -> int:
-        """Image tokens to keep out of ``n`` (a Python int, static): ``min(keep, n)``, or
-        ``round(n * ratio)`` clamped to ``[1, n]``."""
+        """Image tokens to keep out of ``n`` (a Python int, static): ``keep`` (a ValueError when
+        it exceeds ``n``: a budget is never clamped silently), or ``round(n * ratio)`` clamped
+        to ``[1, n]``."""
         if self.keep is not None:
-            return min(self.keep, n)
+            if self.keep > n:
+                fail(self.where, f"keep={self.keep} exceeds the {n} image tokens; give keep <= {n} "
+                                 "or a ratio")
+            return self.keep
         if self.ratio is not None:
             return max(1, min(n, int(round(n * self.ratio))))
         fail(self.where, "a budget is needed (keep=K or ratio=r)")
@@ -247,6 +251,9 @@ class Method:
         raise NotImplementedError
 
     def __call__(self, ctx: Context) -> Reduction:
+        from .helpers import check_x   # helpers build on this module's types
+
+        check_x(ctx, self.where)       # every method: a floating [B, N, D] ctx.x, clear errors
         return self.reduce(ctx)
 
     @classmethod

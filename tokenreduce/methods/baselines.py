@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -103,24 +103,33 @@ class Pool(Method):
                "36, 16, 9, 1 are squares; 192 -> 12x16, 128 -> 8x16), or out_grid=(gh, gw)")
     faithful_to = "average pooling of the patch grid (LLaVolta's stage pooling, Matryoshka's nested sizes)"
     deviations = ("non-divisible sizes use adaptive pooling windows (overlapping), source = the cell of "
-                  "floor(i*g/h); a non-square keep takes the most square factorisation (a prime K gives 1 x K)")
+                  "floor(i*g/h); a non-square keep takes the most square factorisation that fits the grid "
+                  "(an error when none fits); a ratio takes the fitting grid nearest round(n * ratio)")
 
     def default_budget_ok(self) -> bool:
         return self.opts.get("out_grid") is not None
 
-    def _out_grid(self, n: int) -> Tuple[int, int]:
+    def _out_grid(self, n: int, grid: Optional[Tuple[int, int]] = None) -> Tuple[int, int]:
+        """The pooled grid for ``n`` tokens on ``grid`` (default: the square grid of ``n``)."""
         g = self.opts.get("out_grid")
         if g is not None:
             gh, gw = int(g[0]), int(g[1])
-        else:
-            # keep=K: the most square factorisation gh x gw = K (gh <= gw), e.g. 64 -> 8x8,
-            # 128 -> 8x16, 192 -> 12x16, 28 -> 4x7; out_grid chooses another
-            k = self.budget.resolve(n)
-            gh = max(d for d in range(1, math.isqrt(k) + 1) if k % d == 0)
-            gw = k // gh
-        if gh < 1 or gw < 1:
-            fail(self.where, f"out_grid must be positive, got {(gh, gw)}")
-        return gh, gw
+            if gh < 1 or gw < 1:
+                fail(self.where, f"out_grid must be positive, got {(gh, gw)}")
+            return gh, gw
+        h, w = grid if grid is not None else ((math.isqrt(n),) * 2 if math.isqrt(n) ** 2 == n else (n, n))
+        k = self.budget.resolve(n)
+        # keep=K: the most square factorisation gh x gw = K (gh <= gw first) that fits the grid,
+        # e.g. 64 -> 8x8, 128 -> 8x16, 192 -> 12x16 on 24x24
+        fits = [(a, k // a) for a in range(1, k + 1) if k % a == 0 and a <= h and k // a <= w]
+        if fits:
+            return min(fits, key=lambda ab: (abs(ab[0] - ab[1]), ab[0] > ab[1]))
+        if self.budget.ratio is None:
+            fail(self.where, f"keep={k} has no factorisation gh x gw that fits the {h}x{w} token grid; "
+                             "give another keep, a ratio, or out_grid=(gh, gw)")
+        # ratio=r: the grid that fits whose size is nearest round(n * r) (then the most square)
+        return min(((a, b) for a in range(1, h + 1) for b in range(1, w + 1)),
+                   key=lambda ab: (abs(ab[0] * ab[1] - k), ab[0] * ab[1] > k, abs(ab[0] - ab[1]), ab[0] > ab[1]))
 
     def keep_tokens(self, n: int) -> int:
         gh, gw = self._out_grid(n)
@@ -129,9 +138,12 @@ class Pool(Method):
     def reduce(self, ctx: Context) -> Reduction:
         check_x(ctx, self.where)
         h, w = patch_grid(self.where, ctx.n_image, ctx.grid)
-        gh, gw = self._out_grid(ctx.n_image)
+        gh, gw = self._out_grid(ctx.n_image, (h, w))
         if gh > h or gw > w:
             fail(self.where, f"out_grid {(gh, gw)} is larger than the token grid {(h, w)}")
+        if gh * gw != self.keep_tokens(ctx.n_image):
+            fail(self.where, f"the {h}x{w} grid pools to {gh}x{gw}, not the {self.keep_tokens(ctx.n_image)} "
+                             "tokens planned for a square grid: give out_grid=(gh, gw)")
         x = image_part(ctx, ctx.x)
         B, n, D = x.shape
         img = x.transpose(1, 2).reshape(B, D, h, w)

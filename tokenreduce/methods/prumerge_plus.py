@@ -87,6 +87,10 @@ class PruMergePlus(Method):
                   "attention and keys = head-mean keys (the authors: one full-width q.k softmax "
                   "and full-width keys of layer 23); a [CLS] token is kept first")
 
+    def configure(self) -> None:
+        if self.budget.keep is not None and self.budget.keep < 2:   # refused when built, not at reduce
+            fail(self.where, f"keep must be >= 2 (kept tokens + the extra token), got {self.budget.keep}")
+
     def attention_layers(self, num_layers: int) -> List[int]:
         return [self.opts.get("layer", -1)]
 
