@@ -51,7 +51,7 @@ __all__ = [
     "time_pair",
 ]
 
-OP_NAMES = ("kcenter", "bipartite_merge", "recycle", "attention_with_scores")
+from .ops.registry import OPS as OP_NAMES  # noqa: E402  (the one op list)
 
 # float tolerance of the correctness check (both sides accumulate in float32)
 _TOL = {

@@ -108,10 +108,9 @@ def recycle_slots(x: Tensor, target: Tensor, source: Tensor, *, weight=None, ass
                   features=None, include_target: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
     """`tokenreduce.ops.recycle` that also returns the slot of each source (``[B, S]``,
     -1 dropped): the raw op computes it anyway and a method needs it for its source map."""
-    from .. import ops  # noqa: F401  (registers the op and its fake kernel)
-    out, count, slot, _ = torch.ops.tokenreduce.recycle(x, target, source, weight, assign, features,
-                                                        "cosine", bool(include_target))
-    return out, count, slot
+    from .. import ops
+    return ops.recycle(x, target, source, weight=weight, assign=assign, features=features,
+                       include_target=include_target, return_slot=True)
 
 
 __all__ = ["fail", "check_x", "need_cls", "per_token", "layer_stat", "abs_layer", "num_layers",

@@ -18,7 +18,7 @@ import torch
 
 from . import register
 from .base import Context, Method, Need, Reduction, Stage, gather_tokens, require, topk_indices
-from .. import ops  # noqa: F401  (loads the native ops; recycle is called raw for its slot output)
+from .. import ops
 
 
 @register
@@ -114,7 +114,7 @@ class VisionDrop(Method):
         source = rest[:, sloc]
         # each source joins its most cosine-similar target (keys), mean of members (target excluded)
         if sloc:
-            agg, _, slot, _ = torch.ops.tokenreduce.recycle(x, target, source, None, None, keys, "cosine", False)
+            agg, _, slot = ops.recycle(x, target, source, features=keys, include_target=False, return_slot=True)
         else:
             agg, slot = torch.zeros_like(gather_tokens(x, target)), source
         ctx_tok = gather_tokens(x, target) + agg
