@@ -36,7 +36,7 @@ import hashlib
 import os
 import re
 import threading
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 from ..errors import fail
 from ..ops.registry import OPS, has_kernel
