@@ -1,11 +1,12 @@
 // Op schemas of the tokenreduce library (no Python here: the CMake build links
 // this file and the kernels into a plain C++ library).
 //
-// Each op's kernels live in their own folder (csrc/<op>/<op>_cpu.cpp, later
-// <op>_cuda.cu) and register themselves for their dispatch key with
-// TORCH_LIBRARY_IMPL, so a new backend is added beside the CPU one without
-// touching callers. Fake (meta) kernels and autograd are registered in Python
-// (tokenreduce/ops.py).
+// Each op's kernels live in their own folder (csrc/<op>/<op>_cpu.cpp, and for CUDA
+// <op>_cuda.cpp with the torch-free <op>_launch.cu) and register themselves for their
+// dispatch key with TORCH_LIBRARY_IMPL, so a new backend is added beside the CPU one
+// without touching callers. Fake (meta) kernels and autograd are registered in Python
+// (tokenreduce/ops/<op>.py); tokenreduce/ops/registry.py lists the same ops (OPS, checked
+// against this library by tests/test_registration.py).
 #include <torch/library.h>
 
 TORCH_LIBRARY(tokenreduce, m) {

@@ -1,9 +1,10 @@
 """Host-side tests of the attention_with_scores CUDA kernels (no GPU needed), plus NVRTC
 parity tests that run only on a GPU.
 
-* the Python launch plan (tokenreduce/nvrtc/attention_with_scores.py) agrees with the C++
-  planner (attention_with_scores_plan.h, compiled here with g++) and with the constants of
-  the .cuh, and picks the intended path per shape;
+* the launch plan the NVRTC fallback uses (tokenreduce/nvrtc/attention_with_scores.py, which
+  reads it from the compiled library, tokenreduce._C.plans) is what the C++ planner
+  (attention_with_scores_plan.h, compiled here with g++) computes, its constants are the
+  .cuh's, and it picks the intended path per shape;
 * the device source is NVRTC-clean (only cuda_fp16.h / cuda_bf16.h, no std) and defines the
   kernels the Python side names;
 * the mma.sync fragment layout the kernels assume reproduces A @ B^T (lane-level emulation);
@@ -24,7 +25,7 @@ import pytest
 import torch
 
 from tokenreduce import reference
-from tokenreduce.nvrtc import attention_with_scores as nv
+from tokenreduce.nvrtc import attention_with_scores as nvrtc_attention
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SRC_DIR = os.path.join(ROOT, "csrc", "attention_with_scores")
@@ -46,12 +47,12 @@ def test_cuh_is_nvrtc_clean_and_defines_the_named_kernels():
     includes = re.findall(r'#include\s*[<"]([^>"]+)[>"]', src)
     assert set(includes) == {"cuda_fp16.h", "cuda_bf16.h"}
     assert "std::" not in src and "printf" not in src
-    for ctype in nv._CTYPE.values():
-        for expr in nv.attention_names(ctype).values():
+    for ctype in nvrtc_attention._CTYPE.values():
+        for expr in nvrtc_attention.attention_names(ctype).values():
             name = expr.split("::")[-1].split("<")[0]
             assert re.search(rf"__global__ void __launch_bounds__\(kThreads(, [^)]+)?\) {name}\(", src), name
-    assert nv.SOURCE == "attention_with_scores/attention_with_scores_kernels.cuh"
-    assert os.path.exists(os.path.join(ROOT, "csrc", nv.SOURCE))
+    assert nvrtc_attention.SOURCE == "attention_with_scores/attention_with_scores_kernels.cuh"
+    assert os.path.exists(os.path.join(ROOT, "csrc", nvrtc_attention.SOURCE))
 
 
 def test_constants_match_the_sources():
@@ -62,10 +63,10 @@ def test_constants_match_the_sources():
         assert m, name
         return int(m.group(1))
 
-    assert const("kBQ") == nv.BQ and const("kBK") == nv.BK and const("kDvChunk") == nv.DV_CHUNK
-    assert const("kThreads") == nv.THREADS and const("kScalarDChunk") == nv.SCALAR_D_CHUNK
-    assert const("kMaxHeadDim") == nv.MAX_HEAD_DIM and const("kRowPathMaxRows") == nv.ROW_PATH_MAX_ROWS
-    assert const("kMaxGridYZ") == nv.MAX_GRID_YZ
+    assert const("kBQ") == nvrtc_attention.BQ and const("kBK") == nvrtc_attention.BK and const("kDvChunk") == nvrtc_attention.DV_CHUNK
+    assert const("kThreads") == nvrtc_attention.THREADS and const("kScalarDChunk") == nvrtc_attention.SCALAR_D_CHUNK
+    assert const("kMaxHeadDim") == nvrtc_attention.MAX_HEAD_DIM and const("kRowPathMaxRows") == nvrtc_attention.ROW_PATH_MAX_ROWS
+    assert const("kMaxGridYZ") == nvrtc_attention.MAX_GRID_YZ
 
 
 # ----------------------------------------------------------------------------- plan
@@ -107,31 +108,31 @@ def cpp_plans(tmp_path_factory):
 def test_python_plan_matches_cpp_planner(cpp_plans):
     assert len(cpp_plans) == len(_PLAN_CASES)
     for case, got in zip(_PLAN_CASES, cpp_plans):
-        p = nv.attention_plan(*case)
+        p = nvrtc_attention.attention_plan(*case)
         want = [int(getattr(p, f)) for f in _FIELDS]
         assert want == got, (case, dict(zip(_FIELDS, zip(want, got))))
 
 
 def test_plan_paths():
     # ViT-L/336 in fp16 on H100: all 577 keys resident, scores in the forward kernel
-    p = nv.attention_plan(torch.float16, 16, 577, 577, 64, 64, -1, H100)
+    p = nvrtc_attention.attention_plan(torch.float16, 16, 577, 577, 64, 64, -1, H100)
     assert p.ok and p.kc == 640 and not p.multi_chunk and p.scores_in_fwd and not p.colscore
     assert p.partial_rows == 16 * 10 and p.fwd_smem <= H100 and not p.need_lse and not p.need_oacc
     # [CLS] only: forward writes the LSE, the column pass scores one row
-    p = nv.attention_plan(torch.float16, 16, 577, 577, 64, 64, 1, H100)
+    p = nvrtc_attention.attention_plan(torch.float16, 16, 577, 577, 64, 64, 1, H100)
     assert p.colscore and not p.scores_in_fwd and p.need_lse and p.partial_rows == 16
     # 9 rows: back to in-kernel sums
-    assert nv.attention_plan(torch.bfloat16, 16, 577, 577, 64, 64, 9, H100).scores_in_fwd
+    assert nvrtc_attention.attention_plan(torch.bfloat16, 16, 577, 577, 64, 64, 9, H100).scores_in_fwd
     # long keys: several chunks, workspace, second pass
-    p = nv.attention_plan(torch.float16, 32, 4096, 4096, 128, 128, -1, H100)
+    p = nvrtc_attention.attention_plan(torch.float16, 32, 4096, 4096, 128, 128, -1, H100)
     assert p.multi_chunk and p.need_oacc and p.need_lse and p.colscore and p.kc % 64 == 0
     assert p.kc >= 256 and 2 * p.fwd_smem <= H100  # two CTAs per SM
     # fp32 and fp64 (CUDA-core path) and the largest head dims fit both GPUs
     for dt in _DTYPES:
         for smem in (H100, A100):
-            p = nv.attention_plan(dt, 8, 100, 3000, 256, 256, -1, smem)
+            p = nvrtc_attention.attention_plan(dt, 8, 100, 3000, 256, 256, -1, smem)
             assert p.ok and p.fwd_smem <= smem and p.colscore_smem <= smem and p.kc >= 64
-    assert not nv.attention_plan(torch.float16, 8, 10, 10, 320, 64, -1, H100).ok
+    assert not nvrtc_attention.attention_plan(torch.float16, 8, 10, 10, 320, 64, -1, H100).ok
 
 
 # ----------------------------------------------------------------------------- mma fragments
@@ -189,12 +190,12 @@ def test_mma_fragment_loads_reproduce_a_times_b_transposed():
 
 
 # ----------------------------------------------------------------------------- tiling emulation
-def emulate(q, k, v, scale, causal, bias, rows, kc, row_path_max=nv.ROW_PATH_MAX_ROWS):
+def emulate(q, k, v, scale, causal, bias, rows, kc, row_path_max=nvrtc_attention.ROW_PATH_MAX_ROWS):
     """numpy float64 mirror of attn_fwd_kernel / attn_colscore_kernel / attn_reduce_scores_kernel
     with the same blocking, masks and base-2 arithmetic (kc: keys per resident chunk)."""
     B, H, Nq, Dh = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    BQ, BK, DVC = nv.BQ, nv.BK, nv.DV_CHUNK
+    BQ, BK, DVC = nvrtc_attention.BQ, nvrtc_attention.BK, nvrtc_attention.DV_CHUNK
     sl2 = scale * LOG2E
     nqb, nkt = -(-Nq // BQ), -(-Nk // BK)
     multi = -(-Nk // BK) * BK > kc
@@ -488,7 +489,7 @@ def test_nvrtc_matches_reference(dtype, shape, rows, causal):
     v = torch.randn(B, Hkv, Nk, Dv, generator=g).to(dtype).cuda()
     bias = torch.randn(B, Nk, generator=g).cuda()
     rows_t = None if rows is None else torch.tensor([r for r in rows if -Nq <= r < Nq] or [0]).cuda()
-    out, scores = nv.attention_with_scores_cuda(q, k, v, Dh**-0.5, causal, bias, rows_t)
+    out, scores = nvrtc_attention.attention_with_scores_cuda(q, k, v, Dh**-0.5, causal, bias, rows_t)
     rout, rscores = reference.attention_with_scores(q, k, v, causal=causal, key_bias=bias, score_rows=rows_t)
     torch.testing.assert_close(out, rout, **_TOL[dtype])
     torch.testing.assert_close(scores, rscores, atol=1e-6, rtol=1e-4)
@@ -500,7 +501,7 @@ def test_nvrtc_strided_inputs_and_empty_rows():
     x = torch.randn(2, 90, 3, 4, 32, generator=g).half().cuda()  # [B, N, qkv, H, Dh] as in a ViT
     q, k, v = (x[:, :, i].transpose(1, 2) for i in range(3))
     k, v = k[:, :, :40], v[:, :, :40]  # Nq = 90 > Nk = 40: causal leaves rows empty
-    out, scores = nv.attention_with_scores_cuda(q, k, v, 32**-0.5, True, None, None)
+    out, scores = nvrtc_attention.attention_with_scores_cuda(q, k, v, 32**-0.5, True, None, None)
     rout, rscores = reference.attention_with_scores(q, k, v, causal=True)
     torch.testing.assert_close(out, rout, **_TOL[torch.float16])
     torch.testing.assert_close(scores, rscores, atol=1e-6, rtol=1e-4)

@@ -10,6 +10,7 @@ import torch
 
 from tokenreduce import nvrtc
 from tokenreduce.nvrtc import _names
+from tokenreduce.ops import registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
@@ -72,31 +73,36 @@ def test_no_registration_without_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("has a GPU")
     status = nvrtc.register_fallbacks()
-    assert set(status) == set(nvrtc.OPS)
+    assert set(status) == set(registry.OPS)
     assert all(v.startswith("unavailable") for v in status.values())
     info = nvrtc.backend_info()
-    assert set(info) == set(nvrtc.OPS)
+    assert set(info) == set(registry.OPS)
     for op, v in info.items():
         has = torch._C._dispatch_has_kernel_for_dispatch_key(f"tokenreduce::{op}", "CUDA")
         assert v == ("cuda (compiled)" if has else "cpu only")
 
 
 def test_constants_match_the_cpp_launchers():
-    from tokenreduce.nvrtc import bipartite_merge as nb
-    from tokenreduce.nvrtc import kcenter as nk
+    """The NVRTC side has no copy of the launchers' constants: it reads the plans of
+    csrc/<op>/<op>_plan.h from the compiled library (tests/test_launch_plans.py has more)."""
+    from tokenreduce import _C
 
-    h = open(os.path.join(CSRC, "kcenter", "kcenter_launch.h")).read()
-    assert re.search(r"kKcenterGramBudget\s*=\s*1LL << 30;", h) and nk.GRAM_BUDGET == 1 << 30
-    kc = open(os.path.join(CSRC, "kcenter", "kcenter_kernels.cuh")).read()
-    assert "return (long long)N * acc_size + (stream ? (long long)D * acc_size : 0) + N;" in kc
-    assert nk.select_smem(100, 7, 4, True) == 100 * 4 + 7 * 4 + 100
-    bm = open(os.path.join(CSRC, "bipartite_merge", "bipartite_merge_kernels.cuh")).read()
+    h = open(os.path.join(CSRC, "kcenter", "kcenter_plan.h")).read()
+    assert re.search(r"kKcenterGramBudget\s*=\s*1LL << 30;", h)
+    assert _C.plans.constants()["kcenter"]["KcenterGramBudget"] == 1 << 30
+    assert "return (long long)N * acc_size + (stream ? (long long)D * acc_size : 0) + N;" in h
+    assert _C.plans.kcenter(65, 2048, 7, 4, True).select.smem == 2048 * 4 + 7 * 4 + 2048  # stream mode
+    assert _C.plans.kcenter(1, 100, 7, 4, True).select.smem == 100 * 4 + 100  # Gram mode: no pick row
+    bm = open(os.path.join(CSRC, "bipartite_merge", "bipartite_merge_plan.h")).read()
     assert "return Na * acc_size + 2 * Na * 4 + (Nb + 1) * 4 + 16;" in bm
-    assert nb.plan_smem(11, 8) == 6 * 8 + 2 * 6 * 4 + 6 * 4 + 16
-    launch = open(os.path.join(CSRC, "kcenter", "kcenter_launch.cu")).read()
-    assert "if (stream) return 1024;" in launch and nk.select_threads(5000, True) == 1024
-    assert nk.select_threads(10, False) == 64 and nk.select_threads(577, False) == 608
-    assert nk.select_threads(5000, False) == 1024
+    assert _C.plans.bipartite_merge(1, 11, 1, 8).plan.smem == 6 * 8 + 2 * 6 * 4 + 6 * 4 + 16
+    assert "if (stream) return 1024;" in h and _C.plans.kcenter(64, 5000, 8, 4, False).select.block == 1024
+    assert _C.plans.kcenter(1, 10, 8, 4, False).select.block == 64
+    assert _C.plans.kcenter(1, 577, 8, 4, False).select.block == 608
+    assert _C.plans.kcenter(1, 5000, 8, 4, False).select.block == 1024
+    for name in ("kcenter.py", "bipartite_merge.py", "recycle.py", "attention_with_scores.py"):
+        src = open(os.path.join(ROOT, "tokenreduce", "nvrtc", name)).read()
+        assert "_C.plans." in src and not re.search(r"^[A-Z_]+ = \d", src, re.M), name
 
 
 def test_python_implementations_check_arguments_first():
@@ -151,15 +157,15 @@ def test_registration_path_in_a_subprocess():
 
     script = r'''
 import torch
-import tokenreduce.nvrtc as n
-n.available = lambda: True
-st = n.register_fallbacks()
+import tokenreduce.nvrtc as nvrtc
+nvrtc.available = lambda: True
+st = nvrtc.register_fallbacks()
 for op in ("kcenter", "bipartite_merge", "recycle"):
     assert st[op] == "registered", st
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"tokenreduce::{op}", "CUDA")
 assert st["attention_with_scores"] in ("registered", "no NVRTC implementation", "compiled kernel present"), st
-assert n.backend_info()["kcenter"] == "cuda (nvrtc via cupy)"
-assert n.register_fallbacks()["kcenter"] == "registered"  # idempotent
+assert nvrtc.backend_info()["kcenter"] == "cuda (nvrtc via cupy)"
+assert nvrtc.register_fallbacks()["kcenter"] == "registered"  # idempotent
 from tokenreduce.cli import kernel_table
 rows = {r["op"]: r for r in kernel_table()}
 assert rows["recycle"]["CUDA"] and rows["recycle"]["backend"] == "cuda (nvrtc via cupy)"

@@ -15,7 +15,7 @@ def test_build_py_leaves_out_the_test_only_package(tmp_path):
     subprocess.run([sys.executable, "setup.py", "-q", "build_py", "-d", str(out)], cwd=ROOT, check=True,
                    capture_output=True)
     built = out / "tokenreduce"
-    assert (built / "ops.py").is_file() and (built / "methods" / "__init__.py").is_file()
+    assert (built / "ops" / "__init__.py").is_file() and (built / "methods" / "__init__.py").is_file()
     assert (built / "models" / "__init__.py").is_file() and (built / "profile" / "__init__.py").is_file()
     assert not (built / "testing").exists()
     assert [p for p in built.rglob("*") if "testing" in p.relative_to(built).parts] == []

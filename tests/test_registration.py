@@ -85,3 +85,71 @@ def test_compile_training_step_through_merge_and_recycle(gen):
     g_eager = torch.autograd.grad(loss(x), x)[0]
     g_comp = torch.autograd.grad(torch.compile(loss, fullgraph=True)(x), x)[0]
     torch.testing.assert_close(g_eager, g_comp)
+
+
+def test_op_list_is_the_librarys():
+    """tokenreduce.ops.registry.OPS (the one Python op list) = the schemas of
+    csrc/registration.cpp, as the dispatcher sees them; the CLI, the bench and nvrtc use it."""
+    from tokenreduce import bench, cli, nvrtc
+    from tokenreduce.ops import registry
+
+    registered = {n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names()
+                  if n.startswith("tokenreduce::")}
+    assert set(registry.OPS) == registered
+    assert len(registry.OPS) == len(set(registry.OPS))
+    assert cli.OPS is registry.OPS and nvrtc.OPS is registry.OPS
+    assert tuple(bench.CASE_BUILDERS) == registry.OPS          # every op has bench cases, in order
+    for op in registry.OPS:
+        assert registry.has_kernel(op, "CPU") and registry.has_fake(op)
+        assert hasattr(torch.ops.tokenreduce, op) and hasattr(ops, op)
+    assert not registry.has_kernel("no_such_op", "CPU")
+
+
+def test_ops_package_exports_exactly_the_ops():
+    from tokenreduce.ops import attention_with_scores, bipartite_merge, kcenter, recycle  # noqa: F401
+
+    assert ops.__all__ == ["attention_with_scores", "kcenter", "bipartite_merge", "recycle"]
+    assert all(callable(getattr(ops, n)) for n in ops.__all__)
+    assert callable(tokenreduce.ops.kcenter)
+
+
+def test_recycle_return_slot_eager_fake_and_autograd(gen):
+    x = randn(gen, 2, 21, 8).double().requires_grad_()
+    tgt = torch.tensor([[0, 5, 9], [1, 2, 20]])
+    src = torch.tensor([[1, 2, 3, 4, 6, 7], [0, 3, 4, 5, 6, 19]])
+    out2, count2 = ops.recycle(x, tgt, src)
+    out, count, slot = ops.recycle(x, tgt, src, return_slot=True)
+    raw = torch.ops.tokenreduce.recycle(x, tgt, src, None, None, None, "cosine", True)
+    torch.testing.assert_close(out, out2)
+    assert torch.equal(count, count2) and torch.equal(slot, raw[2])
+    assert slot.dtype == torch.long and slot.shape == (2, 6) and int(slot.min()) >= 0 and int(slot.max()) < 3
+    # the slot is the one each source joined: count = 1 (target) + sources per slot
+    assert torch.equal(count, 1 + torch.nn.functional.one_hot(slot, 3).sum(1))
+    assign = torch.tensor([[0, -1, 1, 2, -1, 0], [2, 2, -1, 0, 1, 1]])
+    _, _, slot_a = ops.recycle(x, tgt, src, assign=assign, return_slot=True)
+    assert torch.equal(slot_a, assign)
+    g1 = torch.autograd.grad(out.sum(), x)[0]
+    g2 = torch.autograd.grad(out2.sum(), x)[0]
+    torch.testing.assert_close(g1, g2)
+    assert torch.autograd.gradcheck(lambda x: ops.recycle(x, tgt, src, return_slot=True)[0], (x,))
+    m = torch.empty(3, 50, 16, device="meta")
+    o, c, s = ops.recycle(m, torch.zeros(3, 4, dtype=torch.long, device="meta"),
+                          torch.zeros(3, 7, dtype=torch.long, device="meta"), return_slot=True)
+    assert o.shape == (3, 4, 16) and c.shape == (3, 4) and s.shape == (3, 7) and s.dtype == torch.long
+
+
+def test_recycle_return_slot_compiles_fullgraph(gen):
+    torch._dynamo.reset()
+    x = randn(gen, 2, 21, 8).requires_grad_()
+    tgt = torch.tensor([[0, 5, 9], [1, 2, 20]])
+    src = torch.tensor([[1, 2, 3, 4, 6, 7], [0, 3, 4, 5, 6, 19]])
+
+    def step(x):
+        out, count, slot = ops.recycle(x, tgt, src, include_target=False, return_slot=True)
+        return out.square().sum(), count, slot
+
+    loss_e, count_e, slot_e = step(x)
+    loss_c, count_c, slot_c = torch.compile(step, fullgraph=True)(x)
+    torch.testing.assert_close(loss_c, loss_e)
+    assert torch.equal(count_c, count_e) and torch.equal(slot_c, slot_e)
+    torch.testing.assert_close(torch.autograd.grad(loss_c, x)[0], torch.autograd.grad(loss_e, x)[0])

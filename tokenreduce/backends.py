@@ -36,6 +36,8 @@ from typing import Dict, Iterator, Optional, Tuple, Union
 
 import torch
 
+from .errors import fail
+
 __all__ = [
     "BACKENDS", "DEFAULTS", "DTYPES", "ENV_VARS", "available", "select", "set_backend", "get_backend",
     "use_backend", "device_key",
@@ -65,19 +67,15 @@ _overrides: Dict[str, str] = {}  # set_backend
 _stack: Dict[str, list] = {}  # use_backend contexts, innermost last
 
 
-def _fail(op: str, msg: str, exc=ValueError):
-    raise exc(f"tokenreduce.{op}: {msg}")
-
-
 def _check_op(op: str):
     if op not in BACKENDS:
-        raise ValueError(f"tokenreduce.backends: unknown op {op!r}; ops with backends: {sorted(BACKENDS)}")
+        fail("backends", f"unknown op {op!r}; ops with backends: {sorted(BACKENDS)}")
 
 
 def _check_name(op: str, name: str, where: str) -> str:
     if not isinstance(name, str) or name not in BACKENDS[op]:
-        _fail(op, f"unknown backend {name!r} ({where}); choose from "
-                  + ", ".join(repr(b) for b in BACKENDS[op]))
+        fail(op, f"unknown backend {name!r} ({where}); choose from "
+                 + ", ".join(repr(b) for b in BACKENDS[op]))
     return name
 
 

@@ -15,7 +15,7 @@ import json
 import os
 import platform
 import sys
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 from rich.console import Console
@@ -23,56 +23,13 @@ from rich.table import Table
 
 from . import __version__, bench, measure
 from .bench import report as bench_report
+from .ops.registry import OPS, kernel_table
 
-# MERGE(issue 9): the op list lives in `tokenreduce.ops.registry.OPS`; switch this one line to
-# `from .ops.registry import OPS` at merge (until then the bench case builders' op names stand in)
-OPS = tuple(bench.CASE_BUILDERS)
 
 
 # --------------------------------------------------------------------------------------
 # info
 # --------------------------------------------------------------------------------------
-
-
-def _has_kernel(qualname: str, key: str) -> bool:
-    try:
-        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key))
-    except Exception:
-        return False
-
-
-def _has_fake(qualname: str) -> bool:
-    """A fake (meta) kernel registered with torch.library.register_fake."""
-    try:
-        from torch._library.simple_registry import singleton
-
-        return singleton.find(qualname).fake_impl.kernel is not None
-    except Exception:  # private API moved: register_fake also registers a Meta kernel
-        return _has_kernel(qualname, "Meta")
-
-
-def kernel_table() -> List[Dict[str, Any]]:
-    """Per op: whether the dispatcher has a CPU / CUDA kernel, a fake kernel (for
-    torch.compile / opcheck), an autograd kernel, and where its CUDA kernel comes from
-    ("cuda (compiled)", "cuda (nvrtc via cupy)" or "cpu only")."""
-    try:
-        from .nvrtc import backend_info
-
-        backends = backend_info()
-    except Exception:  # the fallback package must never break `info`
-        backends = {}
-    rows = []
-    for op in OPS:
-        name = f"tokenreduce::{op}"
-        rows.append({
-            "op": op,
-            "CPU": _has_kernel(name, "CPU"),
-            "CUDA": _has_kernel(name, "CUDA"),
-            "fake": _has_fake(name),
-            "autograd": _has_kernel(name, "Autograd"),
-            "backend": backends.get(op, "cpu only"),
-        })
-    return rows
 
 
 def _yes(v: bool) -> str:

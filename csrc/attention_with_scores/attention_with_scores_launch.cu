@@ -1,6 +1,6 @@
 // Host launchers of the attention_with_scores kernels (torch-free: raw pointers, strides,
-// cudaStream_t). The path is chosen by make_plan (attention_with_scores_plan.h);
-// tokenreduce/nvrtc/attention_with_scores.py (attention_plan) mirrors it.
+// cudaStream_t). The path, grids and shared memory come from make_plan
+// (attention_with_scores_plan.h), which the NVRTC fallback reads too.
 //
 // Paths:
 //  * short keys (round_up(Nk, 64) logits of a 64-row block fit in shared memory), many
@@ -64,7 +64,7 @@ cudaError_t launch_typed(const Plan& plan, const T* q, const T* k, const T* v, c
   const int Rk = rows ? (int)R : 0;
   cudaError_t err = set_smem(attn_fwd_kernel<T>, plan.fwd_smem);
   if (err != cudaSuccess) return err;
-  attn_fwd_kernel<T><<<dim3(plan.nqb, H, B), kThreads, plan.fwd_smem, stream>>>(
+  attn_fwd_kernel<T><<<dim3(plan.nqb, H, B), plan.threads, plan.fwd_smem, stream>>>(
       q, k, v, qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], bias, rows, Rk, out,
       plan.need_lse ? lse : nullptr, plan.need_oacc ? oacc : nullptr, plan.scores_in_fwd ? partial : nullptr,
       H, Hkv, Nq, Nk, Dh, Dv, scale_log2, causal ? 1 : 0, plan.kc, vqk, vv);
@@ -73,7 +73,7 @@ cudaError_t launch_typed(const Plan& plan, const T* q, const T* k, const T* v, c
   if (plan.colscore) {
     err = set_smem(attn_colscore_kernel<T>, plan.colscore_smem);
     if (err != cudaSuccess) return err;
-    attn_colscore_kernel<T><<<dim3(plan.nkt, H, B), kThreads, plan.colscore_smem, stream>>>(
+    attn_colscore_kernel<T><<<dim3(plan.nkt, H, B), plan.threads, plan.colscore_smem, stream>>>(
         q, k, qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], bias, rows, Rk, lse, partial, H, Hkv, Nq, Nk, Dh,
         scale_log2, causal ? 1 : 0, vqk);
     err = cudaGetLastError();
@@ -81,7 +81,7 @@ cudaError_t launch_typed(const Plan& plan, const T* q, const T* k, const T* v, c
   }
   const long long Reff = rows ? R : Nq;
   const acc inv_denom = (acc)(1.0 / ((double)H * (double)Reff));
-  attn_reduce_scores_kernel<acc><<<dim3((Nk + kThreads - 1) / kThreads, B), kThreads, 0, stream>>>(
+  attn_reduce_scores_kernel<acc><<<dim3((unsigned)plan.reduce_blocks, B), plan.threads, 0, stream>>>(
       partial, (int)plan.partial_rows, Nk, inv_denom, scores);
   return cudaGetLastError();
 }

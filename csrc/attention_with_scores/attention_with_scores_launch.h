@@ -1,8 +1,8 @@
 // Host interface of the attention_with_scores CUDA kernels (torch-free).
 //
 // The torch glue (attention_with_scores_cuda.cpp) asks for a Plan, allocates the buffers
-// the plan names, then calls launch(). tokenreduce/nvrtc/attention_with_scores.py mirrors
-// make_plan() for the NVRTC fallback: change both together.
+// the plan names, then calls launch(). The NVRTC fallback launches from the same plan
+// (tokenreduce._C.plans.attention_with_scores).
 #pragma once
 
 #include <cuda_runtime_api.h>

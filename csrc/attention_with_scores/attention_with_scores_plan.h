@@ -1,8 +1,10 @@
 // Launch planning of attention_with_scores on CUDA (host only, torch-free, no CUDA headers).
 //
-// The one place on the C++ side that picks the path and sizes shared memory;
-// tokenreduce/nvrtc/attention_with_scores.py (attention_plan) mirrors it and
-// tests/test_attention_cuda_host.py compiles this header with g++ to check the two agree.
+// The one place that picks the path and sizes shared memory: the CUDA launcher
+// (attention_with_scores_launch.cu) launches from it and the NVRTC fallback
+// (tokenreduce/nvrtc/attention_with_scores.py) reads the same plan from the compiled
+// library (tokenreduce._C.plans.attention_with_scores); tests/test_attention_cuda_host.py
+// compiles this header with g++ to check the binding returns what the header computes.
 #pragma once
 
 #if !defined(__CUDACC__) && !defined(TR_ATTN_LAYOUT_ONLY)
@@ -33,6 +35,8 @@ struct Plan {
   bool need_lse = false;       // LSE workspace [B, H, Nq] (acc type)
   bool need_oacc = false;      // O workspace [B, H, Nq, Dv] (acc type)
   bool ok = false;             // false: the shapes exceed the shared memory (see make_plan)
+  int threads = kThreads;      // block of all three kernels
+  long long reduce_blocks = 0; // reduction grid.x: ceil(Nk / threads)
 };
 
 inline bool is_mma(int dtype) { return dtype == kFloat16 || dtype == kBFloat16; }
@@ -61,6 +65,7 @@ inline Plan make_plan(int dtype, int H, int Nq, int Nk, int Dh, int Dv, long lon
   const int es = smem_elem_size(dtype), as = acc_size(dtype);
   p.nqb = (Nq + kBQ - 1) / kBQ;
   p.nkt = (Nk + kBK - 1) / kBK;
+  p.reduce_blocks = ((long long)Nk + kThreads - 1) / kThreads;
   const int kc_max = max_chunk(dtype, Dh, smem_optin);
   if (kc_max == 0 || Dh > kMaxHeadDim || Dv > kMaxHeadDim) return p;  // ok = false
   const int kc_full = round_up(Nk, kBK);

@@ -86,11 +86,7 @@ __global__ void __launch_bounds__(kTileThreads)
   }
 }
 
-// Dynamic shared memory of bm_plan: val [Na] acc, rank [Na] int, pre [Na] int, cnt [Nb + 1] int.
-__host__ __device__ inline long long plan_smem_bytes(int N, int acc_size) {
-  const long long Na = (N + 1) / 2, Nb = N / 2;
-  return Na * acc_size + 2 * Na * 4 + (Nb + 1) * 4 + 16;
-}
+// (Grids, blocks and the dynamic shared memory of these kernels: bipartite_merge_plan.h.)
 
 // 3. the merge plan of one batch row. grid (B), block 512 (a multiple of 32).
 // Outputs: source [B, N] int64; owner [B, No] int (the token whose slot it is: an unmerged

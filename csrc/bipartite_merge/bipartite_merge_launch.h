@@ -2,6 +2,7 @@
 #pragma once
 
 #include "../common/cuda_launch.h"
+#include "bipartite_merge_plan.h"
 
 namespace tokenreduce {
 namespace cuda {

@@ -4,6 +4,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include "launch_plan.h"
+
 namespace tokenreduce {
 namespace cuda {
 
@@ -34,7 +36,22 @@ inline bool vector_ok(const void* base, long long sb, long long sn, long long D,
   return reinterpret_cast<unsigned long long>(base) % 16 == 0 && sb % v == 0 && sn % v == 0 && D % v == 0;
 }
 
-inline unsigned ceil_div(long long a, long long b) { return static_cast<unsigned>((a + b - 1) / b); }
+// The grid of a planned launch (csrc/common/launch_plan.h).
+inline dim3 grid_of(const KernelLaunch& l) {
+  return dim3(static_cast<unsigned>(l.grid_x), static_cast<unsigned>(l.grid_y), static_cast<unsigned>(l.grid_z));
+}
+
+#ifdef __CUDACC__
+// Launch `kernel` with a planned geometry on `stream` (opting in to its shared memory) and
+// return the launch error. A launch with grid_x == 0 is skipped.
+template <typename K, typename... Args>
+inline cudaError_t launch_planned(const KernelLaunch& l, cudaStream_t stream, K kernel, Args... args) {
+  if (l.grid_x <= 0) return cudaSuccess;
+  TR_CUDA_TRY(allow_dynamic_smem(kernel, l.smem));
+  kernel<<<grid_of(l), l.block, l.smem, stream>>>(args...);
+  return cudaGetLastError();
+}
+#endif
 
 }  // namespace cuda
 }  // namespace tokenreduce

@@ -46,9 +46,9 @@ std::tuple<at::Tensor, at::Tensor> kcenter_cuda(const at::Tensor& x_in, int64_t 
     return {index, mindist};
   }
   const cuda::DType dt = cuda_dtype(x);
-  const int64_t asz = cuda::acc_size(dt);
-  const bool gram = B * N * N * asz <= cuda::kKcenterGramBudget;
-  const long long smem = cuda::kcenter_select_smem(int(N), int(D), dt, !gram);
+  const cuda::KcenterPlan plan = cuda::make_kcenter_plan(B, N, D, cuda::acc_size(dt), isolated);
+  const bool gram = plan.gram;
+  const long long smem = plan.select.smem;
   const long long limit = max_shared_memory_optin(x);
   TR_CHECK_VALUE("kcenter", smem <= limit, "N=", N, " (D=", D, ") needs ", smem,
                  " bytes of shared memory per block on CUDA; this GPU allows ", limit);

@@ -155,10 +155,7 @@ __global__ void __launch_bounds__(256)
   if (lane == 0) nn[(long long)b * N + i] = N > 1 ? m : acc(0);
 }
 
-// Dynamic shared memory of kcenter_select: md [N] acc, (stream) pick row [D] acc, flags [N].
-__host__ __device__ inline long long select_smem_bytes(int N, int D, int acc_size, bool stream) {
-  return (long long)N * acc_size + (stream ? (long long)D * acc_size : 0) + N;
-}
+// (Grids, blocks and the dynamic shared memory of these kernels: kcenter_plan.h.)
 
 // 3. the k picks of one batch row per block. grid (B), block <= 1024 (a multiple of 32).
 //    dist: [B, N, N] (Gram mode) or unused (STREAM). nn: nearest-other distances when

@@ -1,19 +1,12 @@
-// Torch-free host launchers of the kcenter CUDA kernels (see kcenter_kernels.cuh).
+// Torch-free host launchers of the kcenter CUDA kernels (see kcenter_kernels.cuh); the
+// geometry comes from make_kcenter_plan (kcenter_plan.h).
 #include "kcenter_kernels.cuh"
 #include "kcenter_launch.h"
 
 namespace tokenreduce {
 namespace cuda {
 
-static int select_threads(int N, bool stream) {
-  if (stream) return 1024;
-  const int t = ((N + 31) / 32) * 32;
-  return t < 64 ? 64 : (t > 1024 ? 1024 : t);
-}
-
-long long kcenter_select_smem(int N, int D, DType dtype, bool stream) {
-  return kcenter::select_smem_bytes(N, D, acc_size(dtype), stream);
-}
+static_assert(kTileRows == kTileM && kTileBlock == kTileThreads, "launch_plan.h tiles = cuda_common.cuh tiles");
 
 template <typename scalar_t>
 cudaError_t kcenter_launch_t(const KcenterArgs& a, cudaStream_t st) {
@@ -22,38 +15,23 @@ cudaError_t kcenter_launch_t(const KcenterArgs& a, cudaStream_t st) {
   acc* sq = static_cast<acc*>(a.sq);
   acc* dist = static_cast<acc*>(a.dist);
   acc* mindist = static_cast<acc*>(a.mindist);
-  const bool stream = dist == nullptr;
   if (a.B == 0 || a.N == 0 || a.k == 0) return cudaSuccess;
-  const dim3 rows_grid(ceil_div(a.N, 8), a.B);
-  kcenter::kcenter_sqnorm<scalar_t><<<rows_grid, 256, 0, st>>>(x, a.sb, a.sn, a.N, a.D, sq);
-  TR_CUDA_TRY(cudaGetLastError());
-  if (!stream) {
-    const dim3 g(ceil_div(a.N, kTileM), ceil_div(a.N, kTileM), a.B);
-    kcenter::kcenter_gram<scalar_t><<<g, kTileThreads, 0, st>>>(x, a.sb, a.sn, a.N, a.D, sq, a.cosine, dist);
-    TR_CUDA_TRY(cudaGetLastError());
-    if (a.isolated) {
-      kcenter::kcenter_nn_gram<acc><<<rows_grid, 256, 0, st>>>(dist, a.N, mindist);
-      TR_CUDA_TRY(cudaGetLastError());
-    }
-  } else if (a.isolated) {
-    kcenter::kcenter_nn_stream<scalar_t><<<rows_grid, 256, 0, st>>>(x, a.sb, a.sn, a.N, a.D, sq,
-                                                                   a.cosine, mindist);
-    TR_CUDA_TRY(cudaGetLastError());
+  const KcenterPlan p = make_kcenter_plan(a.B, a.N, a.D, sizeof(acc), a.isolated != 0);
+  if (p.gram != (dist != nullptr)) return cudaErrorInvalidValue;
+  TR_CUDA_TRY(launch_planned(p.sqnorm, st, kcenter::kcenter_sqnorm<scalar_t>, x, a.sb, a.sn, a.N, a.D, sq));
+  if (p.gram) {
+    TR_CUDA_TRY(launch_planned(p.tiles, st, kcenter::kcenter_gram<scalar_t>, x, a.sb, a.sn, a.N, a.D,
+                               (const acc*)sq, a.cosine, dist));
+    TR_CUDA_TRY(launch_planned(p.nn, st, kcenter::kcenter_nn_gram<acc>, (const acc*)dist, a.N, mindist));
+    return launch_planned(p.select, st, kcenter::kcenter_select<scalar_t, false>, x, a.sb, a.sn, a.N, a.D,
+                          (const acc*)sq, a.cosine, (const acc*)dist, a.k, a.first_int, a.first_index,
+                          a.isolated, (const acc*)mindist, a.mask, a.index, mindist);
   }
-  const long long smem = kcenter::select_smem_bytes(a.N, a.D, sizeof(acc), stream);
-  const int threads = select_threads(a.N, stream);
-  if (stream) {
-    auto kern = kcenter::kcenter_select<scalar_t, true>;
-    TR_CUDA_TRY(allow_dynamic_smem(kern, smem));
-    kern<<<a.B, threads, smem, st>>>(x, a.sb, a.sn, a.N, a.D, sq, a.cosine, dist, a.k, a.first_int,
-                                     a.first_index, a.isolated, mindist, a.mask, a.index, mindist);
-  } else {
-    auto kern = kcenter::kcenter_select<scalar_t, false>;
-    TR_CUDA_TRY(allow_dynamic_smem(kern, smem));
-    kern<<<a.B, threads, smem, st>>>(x, a.sb, a.sn, a.N, a.D, sq, a.cosine, dist, a.k, a.first_int,
-                                     a.first_index, a.isolated, mindist, a.mask, a.index, mindist);
-  }
-  return cudaGetLastError();
+  TR_CUDA_TRY(launch_planned(p.nn, st, kcenter::kcenter_nn_stream<scalar_t>, x, a.sb, a.sn, a.N, a.D,
+                             (const acc*)sq, a.cosine, mindist));
+  return launch_planned(p.select, st, kcenter::kcenter_select<scalar_t, true>, x, a.sb, a.sn, a.N, a.D,
+                        (const acc*)sq, a.cosine, (const acc*)dist, a.k, a.first_int, a.first_index, a.isolated,
+                        (const acc*)mindist, a.mask, a.index, mindist);
 }
 
 template cudaError_t kcenter_launch_t<float>(const KcenterArgs&, cudaStream_t);

@@ -2,14 +2,10 @@
 #pragma once
 
 #include "../common/cuda_launch.h"
+#include "kcenter_plan.h"
 
 namespace tokenreduce {
 namespace cuda {
-
-// Distance matrices up to this many bytes (B * N * N * sizeof(acc)) are materialised
-// (Gram mode: one tiled GEMM, then every pick reads one row); larger problems recompute
-// each pick's distances from x (stream mode). tokenreduce/nvrtc/kcenter.py uses the same.
-constexpr long long kKcenterGramBudget = 1LL << 30;
 
 struct KcenterArgs {
   const void* x;                  // [B, N, D], unit stride on D
@@ -22,15 +18,13 @@ struct KcenterArgs {
   int isolated;                   // DivPrune's start (first_int / first_index ignored)
   const bool* mask;               // bool [B, N] contiguous or nullptr
   void* sq;                       // workspace acc [B, N]
-  void* dist;                     // workspace acc [B, N, N] (Gram mode) or nullptr (stream mode)
+  void* dist;                     // workspace acc [B, N, N] (Gram mode of make_kcenter_plan) or nullptr
   long long* index;               // out int64 [B, k]
   void* mindist;                  // out acc [B, N]
 };
 
-// Dynamic shared memory the selection kernel needs (the glue compares it with the device's
-// opt-in limit and raises before launching).
-long long kcenter_select_smem(int N, int D, DType dtype, bool stream);
-
+// Launches the kernels as make_kcenter_plan (kcenter_plan.h) says; args.dist must be set
+// exactly when the plan is in Gram mode.
 cudaError_t kcenter_launch(DType dtype, const KcenterArgs& args, cudaStream_t stream);
 
 }  // namespace cuda

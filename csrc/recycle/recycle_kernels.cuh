@@ -93,8 +93,7 @@ __global__ void __launch_bounds__(kTileThreads)
   }
 }
 
-// Dynamic shared memory of rc_plan: cnt [T + 1] int.
-__host__ __device__ inline long long plan_smem_bytes(int T) { return (long long)(T + 1) * 4; }
+// (Grids, blocks and the dynamic shared memory of these kernels: recycle_plan.h.)
 
 // 3. grid (B), block 512. inv: the feature inverse norms when the slots were computed
 // (checked at the gathered positions), nullptr when `assign` was given (slots checked).

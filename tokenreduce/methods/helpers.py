@@ -6,7 +6,7 @@
   `is_int_at_least`;
 * selections: `topk_indices`, `complement`, `gather_tokens`;
 * the `Reduction` of a selection or a merge: `keep_indices`, `padded_selection`, `assemble`,
-  `source_from_index`, and `recycle_slots` (`ops.recycle` with each source's slot).
+  `source_from_index`.
 
 No loops over the batch, no host syncs: shapes depend only on Python ints. Errors go through
 `tokenreduce.errors.fail`; ``where`` is the method's `Method.where` (``methods.<name>``).
@@ -24,7 +24,7 @@ from .base import Context, Method, Reduction
 
 __all__ = ["check_x", "need", "patch_grid", "num_layers", "abs_layer", "int_option", "is_int_at_least",
            "topk_indices", "complement", "gather_tokens", "image_part", "keep_indices",
-           "padded_selection", "assemble", "source_from_index", "recycle_slots"]
+           "padded_selection", "assemble", "source_from_index"]
 
 
 # -- checks of the inputs ---------------------------------------------------------------------
@@ -217,13 +217,3 @@ def assemble(ctx: Context, tokens: Tensor, index: Tensor, source: Tensor) -> Red
     size = torch.zeros(B, K, dtype=torch.float32, device=x.device).scatter_add(
         1, source.clamp_min(0), size_in * (source >= 0))
     return Reduction(tokens, index, source, size)
-
-
-def recycle_slots(x: Tensor, target: Tensor, source: Tensor, *, weight=None, assign=None,
-                  features=None, include_target: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
-    """`tokenreduce.ops.recycle` that also returns the slot of each source (``[B, S]``,
-    -1 dropped): the raw op computes it anyway and a method needs it for its source map."""
-    from .. import ops  # noqa: F401  (registers the op and its fake kernel)
-    out, count, slot, _ = torch.ops.tokenreduce.recycle(x, target, source, weight, assign, features,
-                                                        "cosine", bool(include_target))
-    return out, count, slot

@@ -6,9 +6,10 @@ from typing import List
 import torch
 
 from . import register
+from .. import ops
 from ..errors import fail
 from .base import Context, Need, Reduction
-from .helpers import check_x, need, recycle_slots
+from .helpers import check_x, need
 from .merge_schedule import MergeSchedule
 
 
@@ -69,7 +70,7 @@ class Turbo(MergeSchedule):
         target = torch.cat([a_pos[unm_a], b_pos.expand(B, nb)], dim=1)        # ToMe's order
         source = a_pos[src_a]
         assign = (na - r) + partner.gather(1, src_a)
-        out, _, slot = recycle_slots(x, target, source, weight=size, assign=assign)
+        out, _, slot = ops.recycle(x, target, source, weight=size, assign=assign, return_slot=True)
         K = target.shape[1]
         src_map = torch.empty(B, N, dtype=torch.long, device=dev)
         src_map = src_map.scatter(1, target, torch.arange(K, device=dev).expand(B, K))

@@ -21,7 +21,7 @@ from ..errors import fail
 from .base import Context, Need, Reduction
 from .helpers import gather_tokens, need, topk_indices
 from .llm_stages import LLMStages
-from .. import ops  # noqa: F401  (loads the native ops; recycle is called raw for its slot output)
+from .. import ops
 
 
 @register
@@ -99,7 +99,7 @@ class VisionDrop(LLMStages):
         source = rest[:, sloc]
         # each source joins its most cosine-similar target (keys), mean of members (target excluded)
         if sloc:
-            agg, _, slot, _ = torch.ops.tokenreduce.recycle(x, target, source, None, None, keys, "cosine", False)
+            agg, _, slot = ops.recycle(x, target, source, features=keys, include_target=False, return_slot=True)
         else:
             agg, slot = torch.zeros_like(gather_tokens(x, target)), source
         ctx_tok = gather_tokens(x, target) + agg

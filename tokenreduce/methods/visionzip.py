@@ -6,10 +6,11 @@ from typing import List, Tuple
 import torch
 
 from . import register
+from .. import ops
 from ..errors import fail
 from .base import Context, Method, Need, Reduction, Stage
 from .helpers import (assemble, check_x, complement, gather_tokens, image_part, is_int_at_least, need,
-                      recycle_slots, topk_indices)
+                      topk_indices)
 
 _PRESETS = {64: (54, 10), 128: (108, 20), 192: (162, 30)}
 
@@ -96,7 +97,8 @@ class VisionZip(Method):
         t_pos = torch.arange(0, R, step, device=dev)[:c]                   # [c], built on the device
         o_pos = complement(t_pos[None], R)[0]                              # [R - c] ascending
         target, source = rest[:, t_pos], rest[:, o_pos]
-        mean, _, slot = recycle_slots(x, target, source, features=keys, include_target=False)
+        mean, _, slot = ops.recycle(x, target, source, features=keys, include_target=False,
+                                    return_slot=True)
         ctx_tokens = gather_tokens(x, target) + mean
         tokens = torch.cat([gather_tokens(x, dom), ctx_tokens], dim=1)
         index = torch.cat([dom, target], dim=1)

@@ -3,11 +3,14 @@ at run time with NVRTC through CuPy.
 
 For machines where the extension was built without CUDA (CPU torch at build time, no
 nvcc, ``TOKENREDUCE_CUDA=0``) but torch sees a GPU and CuPy is installed:
-``register_fallbacks()`` (called lazily at the end of ``tokenreduce.ops``) registers
+``register_fallbacks()`` (called when the ``tokenreduce`` package is imported) registers
 Python CUDA implementations of the ops that have no compiled CUDA kernel with
 ``torch.library``; they launch the kernels of ``csrc/<op>/<op>_kernels.cuh`` on torch's
 current stream. Outputs, checks and the CUDA error policy are the compiled glue's
-(csrc/<op>/<op>_cuda.cpp).
+(csrc/<op>/<op>_cuda.cpp); the argument checks are `tokenreduce.ops.fake`'s. The launch
+geometry (mode, grids, blocks, shared memory) is not re-derived here: each op asks the
+compiled library for the plan its CUDA launcher uses (``tokenreduce._C.plans.<op>``, from
+csrc/<op>/<op>_plan.h), so <op>.py keeps only argument marshalling and launching.
 
 Where the sources come from: a regular install ships them as package data in
 ``tokenreduce/nvrtc/_src/`` (copied by setup.py's build_py); an editable / in-place build
@@ -18,6 +21,7 @@ needs no include path and the cache key (a hash of the inlined text) covers ever
 API (also used by the attention_with_scores fallback):
     get_kernel(source_relpath, name_expression, options=()) -> cupy.RawKernel
     launch(kernel, grid, block, args, shared_mem=0)
+    launch_step(kernel, step, args)   (step: a _C.plans KernelLaunch)
 
 ``args`` may hold torch tensors (passed as their data pointers), ``None`` (a null
 pointer) and NumPy scalars whose type matches the kernel parameter exactly
@@ -32,16 +36,16 @@ import hashlib
 import os
 import re
 import threading
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
+from ..errors import fail
+from ..ops.registry import OPS, has_kernel
 from ._names import CTYPES, SOURCES
 
 __all__ = [
-    "source_root", "kernel_sources", "load_source", "available", "get_kernel", "launch",
-    "register_fallbacks", "backend_info", "OPS",
+    "source_root", "kernel_sources", "load_source", "available", "get_kernel", "launch", "launch_step",
+    "max_shared_memory_optin", "register_fallbacks", "backend_info",
 ]
-
-OPS = ("attention_with_scores", "kcenter", "bipartite_merge", "recycle")
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 _SEARCH = (
     os.path.join(_PKG_DIR, "_src"),
@@ -62,8 +66,7 @@ def source_root() -> str:
     for d in _SEARCH:
         if os.path.isfile(os.path.join(d, "common", "cuda_common.cuh")):
             return d
-    raise FileNotFoundError(
-        "tokenreduce.nvrtc: no CUDA kernel sources found (looked in " + ", ".join(_SEARCH) + ")")
+    fail("nvrtc", "no CUDA kernel sources found (looked in " + ", ".join(_SEARCH) + ")", FileNotFoundError)
 
 
 def kernel_sources() -> List[str]:
@@ -94,7 +97,7 @@ def load_source(relpath: str) -> str:
 
     full = os.path.join(root, relpath)
     if not os.path.isfile(full):
-        raise FileNotFoundError(f"tokenreduce.nvrtc: no kernel source {relpath!r} under {root}")
+        fail("nvrtc", f"no kernel source {relpath!r} under {root}", FileNotFoundError)
     return expand(full)
 
 
@@ -193,9 +196,8 @@ def _arg(a):
         return np.uint64(0)
     if isinstance(a, np.generic):
         return a
-    raise TypeError(
-        f"tokenreduce.nvrtc.launch: pass NumPy scalars (numpy.int32, numpy.int64, numpy.float32, "
-        f"...) matching the kernel's parameter types, torch tensors or None; got {type(a).__name__}")
+    fail("nvrtc.launch", "pass NumPy scalars (numpy.int32, numpy.int64, numpy.float32, ...) matching the "
+                         f"kernel's parameter types, torch tensors or None; got {type(a).__name__}", TypeError)
 
 
 def _current_stream():
@@ -228,6 +230,12 @@ def launch(kernel, grid, block, args: tuple, shared_mem: int = 0) -> None:
             kernel(grid, block, conv, shared_mem=int(shared_mem))
 
 
+def launch_step(kernel, step, args: tuple) -> None:
+    """Launch `kernel` as a planned step (a ``tokenreduce._C.plans.KernelLaunch``: grid,
+    block, dynamic shared memory); a step with grid x == 0 is not launched."""
+    launch(kernel, step.grid, (step.block,), args, shared_mem=step.smem)
+
+
 def max_shared_memory_optin() -> int:
     """Opt-in shared memory per block of torch's current device (bytes)."""
     import cupy
@@ -241,15 +249,6 @@ def max_shared_memory_optin() -> int:
 
 
 # ----------------------------------------------------------------------------- registration
-def _has_cuda_kernel(op: str) -> bool:
-    import torch
-
-    try:
-        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"tokenreduce::{op}", "CUDA"))
-    except Exception:
-        return False
-
-
 def _impl_function(op: str):
     """The Python CUDA implementation of `op` from tokenreduce/nvrtc/<op>.py, or None."""
     import importlib
@@ -275,7 +274,7 @@ def register_fallbacks() -> Dict[str, str]:
         if op in _registered:
             status[op] = "registered"
             continue
-        if _has_cuda_kernel(op):
+        if has_kernel(op, "CUDA"):
             status[op] = "compiled kernel present"
             continue
         fn = _impl_function(op)
@@ -296,7 +295,7 @@ def backend_info() -> Dict[str, str]:
     for op in OPS:
         if op in _registered:
             out[op] = "cuda (nvrtc via cupy)"
-        elif _has_cuda_kernel(op):
+        elif has_kernel(op, "CUDA"):
             out[op] = "cuda (compiled)"
         else:
             out[op] = "cpu only"

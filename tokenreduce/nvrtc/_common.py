@@ -1,4 +1,4 @@
-"""Helpers shared by the NVRTC op implementations (tokenreduce/nvrtc/<op>.py)."""
+"""Argument marshalling shared by the NVRTC op implementations (tokenreduce/nvrtc/<op>.py)."""
 from __future__ import annotations
 
 import contextlib
@@ -7,6 +7,7 @@ import functools
 import numpy as np
 import torch
 
+from ..errors import fail
 from ._names import CTYPES
 
 
@@ -15,11 +16,8 @@ def ctype(t: torch.Tensor) -> str:
     return CTYPES[str(t.dtype).replace("torch.", "")]
 
 
-def acc_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def acc_size(t: torch.Tensor) -> int:
+    """Bytes of the accumulation type of a floating tensor (8 for float64, else 4)."""
     return 8 if t.dtype == torch.float64 else 4
 
 
@@ -30,20 +28,12 @@ def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
-def cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
-
-
 def i32(v) -> np.int32:
     return np.int32(int(v))
 
 
 def i64(v) -> np.int64:
     return np.int64(int(v))
-
-
-def fail(op: str, msg: str, exc=ValueError):
-    raise exc(f"tokenreduce.{op}: {msg}")
 
 
 def check_int_range(op: str, what: str, v: int):

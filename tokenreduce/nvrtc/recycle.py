@@ -1,5 +1,6 @@
-"""recycle on CUDA through NVRTC: the launch sequence of csrc/recycle/recycle_launch.cu and
-the checks of csrc/recycle/recycle_cuda.cpp.
+"""recycle on CUDA through NVRTC: the checks of csrc/recycle/recycle_cuda.cpp and the launch
+sequence of csrc/recycle/recycle_launch.cu, with the geometry of the same plan
+(``tokenreduce._C.plans.recycle``, from csrc/recycle/recycle_plan.h).
 
 Invalid positions / slots or non-finite compared features poison the batch row (out and
 weight_sum NaN, count 0, slot -1), as the compiled path.
@@ -8,8 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from . import get_kernel, launch
-from ._common import on_input_device, vector_ok, acc_dtype, cdiv, check_int_range, check_smem, ctype, fail, i32, i64, last_dim_contiguous
+from .. import _C
+from ..errors import fail
+from ..ops.checks import acc_dtype, need_float
+from ..ops.fake import recycle_fake
+from . import get_kernel, launch_step
+from ._common import check_int_range, check_smem, ctype, i32, i64, last_dim_contiguous, on_input_device, vector_ok
 from ._names import recycle_names
 
 SOURCE = "recycle/recycle_kernels.cuh"
@@ -19,11 +24,9 @@ SOURCE = "recycle/recycle_kernels.cuh"
 def recycle_cuda(x, target, source, weight, assign, features, metric, include_target):
     """The CUDA kernel of torch.ops.tokenreduce.recycle (same schema)."""
     op = "recycle"
-    from ..ops import _need_float, _recycle_fake
-
-    _recycle_fake(x, target, source, weight, assign, features, metric, include_target)
+    recycle_fake(x, target, source, weight, assign, features, metric, include_target)
     if weight is not None:
-        _need_float(op, "weight", weight)
+        need_float(op, "weight", weight)
     B, N, D = x.shape
     T, S = target.shape[1], source.shape[1]
     feats = None
@@ -31,7 +34,7 @@ def recycle_cuda(x, target, source, weight, assign, features, metric, include_ta
         if T == 0 and S > 0:
             fail(op, f"sources need at least one target to join (T=0, S={S}); pass assign to drop them")
         feats = x if features is None else features
-        _need_float(op, "features", feats)
+        need_float(op, "features", feats)
         check_int_range(op, "Df", feats.shape[2])
     for what, v in (("N", N), ("D", D), ("T", T), ("S", S)):
         check_int_range(op, what, v)
@@ -46,34 +49,32 @@ def recycle_cuda(x, target, source, weight, assign, features, metric, include_ta
     wsum = torch.empty(B, T, dtype=acc, device=x.device)
     if B == 0:
         return out, count, slot, wsum
-    smem = (T + 1) * 4
-    check_smem(op, f"T={T}", smem)
+    plan = _C.plans.recycle(B, N, T, S, feats is not None)
+    check_smem(op, f"T={T}", plan.plan.smem)
     inv_f = inv_d = None
     if feats is not None:
         feats = last_dim_contiguous(feats)
-        fn = recycle_names(ctype(feats))
+        feat_names = recycle_names(ctype(feats))
         inv = torch.empty(B, N, dtype=acc_dtype(feats), device=x.device)
         if feats.dtype == torch.float64:
             inv_d = inv
         else:
             inv_f = inv
-        if N > 0:
-            fsb, fsn = i64(feats.stride(0)), i64(feats.stride(1))
-            launch(get_kernel(SOURCE, fn["inv_norm"]), (cdiv(N, 8), B), (256,),
-                   (feats, fsb, fsn, i32(N), i32(feats.shape[2]), inv))
-            if S > 0:
-                launch(get_kernel(SOURCE, fn["assign"]), (cdiv(S, 64), B), (256,),
-                       (feats, fsb, fsn, i32(N), i32(feats.shape[2]), inv, target, i32(T), source, i32(S), slot))
+        fsb, fsn = i64(feats.stride(0)), i64(feats.stride(1))
+        launch_step(get_kernel(SOURCE, feat_names["inv_norm"]), plan.inv_norm,
+                    (feats, fsb, fsn, i32(N), i32(feats.shape[2]), inv))
+        launch_step(get_kernel(SOURCE, feat_names["assign"]), plan.assign,
+                    (feats, fsb, fsn, i32(N), i32(feats.shape[2]), inv, target, i32(T), source, i32(S), slot))
     off = torch.empty(B, T + 1, dtype=torch.int32, device=x.device)
-    mem = torch.empty(B, max(S, 1), dtype=torch.int32, device=x.device)
+    mem = torch.empty(B, plan.members, dtype=torch.int32, device=x.device)
     bad = torch.empty(B, dtype=torch.int32, device=x.device)
-    xn = recycle_names(ctype(x))
-    launch(get_kernel(SOURCE, xn["plan"]), (B,), (512,),
-           (target, source, slot, inv_f, inv_d, i32(N), i32(T), i32(S), i32(bool(include_target)), count, off,
-            mem, bad), shared_mem=smem)
-    if T > 0:
+    x_names = recycle_names(ctype(x))
+    launch_step(get_kernel(SOURCE, x_names["plan"]), plan.plan,
+                (target, source, slot, inv_f, inv_d, i32(N), i32(T), i32(S), i32(bool(include_target)), count, off,
+                 mem, bad))
+    if plan.aggregate.launched:
         vec = vector_ok(x, D) and vector_ok(out, D)
-        launch(get_kernel(SOURCE, xn["aggregate_vec" if vec else "aggregate"]), (T, B), (128,),
-               (x, i64(x.stride(0)), i64(x.stride(1)), i32(N), i32(D), i32(T), i32(S), target, w, off, mem, bad,
-                i32(bool(include_target)), out, wsum))
+        launch_step(get_kernel(SOURCE, x_names["aggregate_vec" if vec else "aggregate"]), plan.aggregate,
+                    (x, i64(x.stride(0)), i64(x.stride(1)), i32(N), i32(D), i32(T), i32(S), target, w, off, mem, bad,
+                     i32(bool(include_target)), out, wsum))
     return out, count, slot, wsum

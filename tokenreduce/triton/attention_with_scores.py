@@ -46,6 +46,8 @@ import triton
 import triton.language as tl
 from triton import knobs
 
+from ..errors import fail
+
 __all__ = ["attention_with_scores", "flash_forward"]
 
 _OP = "attention_with_scores"
@@ -54,10 +56,6 @@ _OP = "attention_with_scores"
 _INTERPRET = bool(knobs.runtime.interpret)
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
-
-
-def _fail(msg: str, exc=ValueError):
-    raise exc(f"tokenreduce.{_OP}: {msg}")
 
 
 # --------------------------------------------------------------------------------------
@@ -256,43 +254,43 @@ def _default_config(q: Tensor, Nq: int, Nk: int, Dh: int, Dv: int, R: int, inter
 def _check(q: Tensor, k: Tensor, v: Tensor, key_bias: Optional[Tensor], score_rows: Optional[Tensor]):
     for name, t, shape in (("q", q, "[B, H, Nq, Dh]"), ("k", k, "[B, Hkv, Nk, Dh]"), ("v", v, "[B, Hkv, Nk, Dv]")):
         if not isinstance(t, Tensor):
-            _fail(f"{name} must be a tensor, got {type(t).__name__}", TypeError)
+            fail(_OP, f"{name} must be a tensor, got {type(t).__name__}", TypeError)
         if t.dim() != 4:
-            _fail(f"{name} must have shape {shape} (4 dims), got {tuple(t.shape)}")
+            fail(_OP, f"{name} must have shape {shape} (4 dims), got {tuple(t.shape)}")
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        _fail(f"the triton backend takes float32, float16 or bfloat16 q, got {q.dtype} "
+        fail(_OP, f"the triton backend takes float32, float16 or bfloat16 q, got {q.dtype} "
               f"(use backend='native' for float64)", TypeError)
     if k.dtype != q.dtype or v.dtype != q.dtype:
-        _fail(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype} and {v.dtype}", TypeError)
+        fail(_OP, f"q, k and v must share a dtype, got {q.dtype}, {k.dtype} and {v.dtype}", TypeError)
     for name, t in (("k", k), ("v", v), ("key_bias", key_bias), ("score_rows", score_rows)):
         if isinstance(t, Tensor) and t.device != q.device:
-            _fail(f"{name} is on {t.device} but the input is on {q.device}")
+            fail(_OP, f"{name} is on {t.device} but the input is on {q.device}")
     B, H, Nq, Dh = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     if k.shape[0] != B or v.shape[0] != B:
-        _fail(f"batch sizes differ: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+        fail(_OP, f"batch sizes differ: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if k.shape[3] != Dh:
-        _fail(f"k's head dim {k.shape[3]} differs from q's {Dh}")
+        fail(_OP, f"k's head dim {k.shape[3]} differs from q's {Dh}")
     if v.shape[1] != Hkv or v.shape[2] != Nk:
-        _fail(f"v {tuple(v.shape)} must match k {tuple(k.shape)} in heads and keys")
+        fail(_OP, f"v {tuple(v.shape)} must match k {tuple(k.shape)} in heads and keys")
     if Hkv == 0 or H % Hkv != 0:
-        _fail(f"q's heads ({H}) must be a multiple of k's heads ({Hkv})")
+        fail(_OP, f"q's heads ({H}) must be a multiple of k's heads ({Hkv})")
     if Nk == 0:
-        _fail("k must hold at least one key")
+        fail(_OP, "k must hold at least one key")
     if key_bias is not None:
         if not key_bias.dtype.is_floating_point:
-            _fail(f"key_bias must be a floating tensor, got {key_bias.dtype}", TypeError)
+            fail(_OP, f"key_bias must be a floating tensor, got {key_bias.dtype}", TypeError)
         if tuple(key_bias.shape) != (B, Nk):
-            _fail(f"key_bias must have shape [B, Nk] = [{B}, {Nk}], got {tuple(key_bias.shape)}")
+            fail(_OP, f"key_bias must have shape [B, Nk] = [{B}, {Nk}], got {tuple(key_bias.shape)}")
     if isinstance(score_rows, Tensor):
         _check_rows(score_rows)
 
 
 def _check_rows(score_rows: Tensor):
     if score_rows.dtype != torch.long:
-        _fail(f"score_rows must be an int64 tensor, got {score_rows.dtype}", TypeError)
+        fail(_OP, f"score_rows must be an int64 tensor, got {score_rows.dtype}", TypeError)
     if score_rows.dim() != 1 or score_rows.numel() == 0:
-        _fail(f"score_rows must be a non-empty 1-D tensor of query positions, got shape "
+        fail(_OP, f"score_rows must be a non-empty 1-D tensor of query positions, got shape "
               f"{tuple(score_rows.shape)}")
 
 
@@ -301,7 +299,7 @@ def _interpret_for(device: torch.device) -> bool:
     if _INTERPRET:
         return True
     if device.type != "cuda":
-        _fail(f"the triton backend runs CUDA tensors; a tensor on {device} needs the Triton "
+        fail(_OP, f"the triton backend runs CUDA tensors; a tensor on {device} needs the Triton "
               f"interpreter (set TRITON_INTERPRET=1 before triton is first imported)", RuntimeError)
     return False
 
@@ -313,17 +311,17 @@ def _rows_tensor(score_rows, Nq: int, device: torch.device) -> Tensor:
         rows = [score_rows] if isinstance(score_rows, int) else list(score_rows)
         for e, i in enumerate(rows):
             if isinstance(i, bool) or not isinstance(i, int):
-                _fail(f"score_rows must hold ints, got {type(i).__name__} at {e}", TypeError)
+                fail(_OP, f"score_rows must hold ints, got {type(i).__name__} at {e}", TypeError)
             if not -Nq <= i < Nq:
-                _fail(f"score_rows[{e}] = {i} is out of range for Nq = {Nq}", IndexError)
+                fail(_OP, f"score_rows[{e}] = {i} is out of range for Nq = {Nq}", IndexError)
         if not rows:
-            _fail("score_rows must be a non-empty 1-D tensor of query positions, got shape (0,)")
+            fail(_OP, "score_rows must be a non-empty 1-D tensor of query positions, got shape (0,)")
         return torch.tensor(rows, dtype=torch.long, device=device)
     if score_rows.device.type == "cpu":  # the data is already on the host: check it eagerly
         bad = (score_rows < -Nq) | (score_rows >= Nq)
         if bool(bad.any()):
             e = int(bad.to(torch.uint8).argmax())
-            _fail(f"score_rows[{e}] = {int(score_rows[e])} is out of range for Nq = {Nq}", IndexError)
+            fail(_OP, f"score_rows[{e}] = {int(score_rows[e])} is out of range for Nq = {Nq}", IndexError)
     else:
         torch._assert_async(((score_rows >= -Nq) & (score_rows < Nq)).all(),
                             f"tokenreduce.{_OP}: score_rows out of range for Nq = {Nq}")
@@ -347,7 +345,7 @@ def _forward(q, k, v, scale, causal, key_bias, R, config):
     if config:
         unknown = set(config) - set(cfg)
         if unknown:
-            _fail(f"unknown config keys {sorted(unknown)}; known: {sorted(cfg)}")
+            fail(_OP, f"unknown config keys {sorted(unknown)}; known: {sorted(cfg)}")
         cfg.update(config)
     scale = Dh ** -0.5 if scale is None else float(scale)
     out = torch.empty((B, H, Nq, Dv), dtype=q.dtype, device=q.device)
