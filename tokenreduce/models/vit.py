@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from ..methods.base import Context, Method, Need, Reduction, Stage
 from . import attention as A
+from . import compat
 
 __all__ = ["VisionParts", "vision_parts", "Tracker", "VisionOutput", "run_vision", "prepare",
            "request_scores", "fill_context_scores", "LayerPlan", "plan_layers", "check_needs",
@@ -360,7 +361,7 @@ def run_vision(model: nn.Module, pixel_values: Tensor, method: Optional[Method] 
         size = None
         h_feat = None
         for i in range(n_run):
-            h = parts.layers[i](h, None)
+            h = compat.run_layer(parts.layers[i], h)
             for nominal in reduce_at.get(i, ()):
                 ctx = _context(h, parts, tracker_full, grid, rec, method, part, L, nominal, size, state,
                                pixel_values, plan, key_layer=i)
