@@ -50,6 +50,12 @@ TREE=$ROOT/build/gpu-stack-tree
 mkdir -p "$TREE"
 git ls-files -co --exclude-standard -z | xargs -0 ls -d 2>/dev/null | tar -cf - -T - | tar -xf - -C "$TREE"
 HASH=$(tools/source_hash.sh)
+if [ "$(cat prebuilt/gpu/SOURCE_HASH 2>/dev/null)" = "$HASH" ] && ls prebuilt/gpu/_C*.so >/dev/null 2>&1; then
+  # the GPU machine's prebuilt extension (tools/build_gpu_extension.sh): CPU + CUDA kernels, the same
+  # binary the GPU run will load; its CPU kernels run the suite here
+  rm -f "$TREE"/tokenreduce/_C*.so && cp prebuilt/gpu/_C*.so "$TREE/tokenreduce/" && echo "$HASH" > "$TREE/.ext_hash"
+  echo "gpu_stack_venv: using prebuilt/gpu (source hash $HASH)"
+fi
 if [ "$(cat "$TREE/.ext_hash" 2>/dev/null)" != "$HASH" ] || ! ls "$TREE"/tokenreduce/_C*.so >/dev/null 2>&1; then
   echo "gpu_stack_venv: building the CPU extension against torch 2.11 (several minutes on 2 cores)"
   (cd "$TREE" && TOKENREDUCE_CUDA=0 TOKENREDUCE_NATIVE_ARCH=0 MAX_JOBS=${MAX_JOBS:-2} \

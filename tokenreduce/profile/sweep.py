@@ -124,7 +124,7 @@ def load_workload(spec: Spec, device, dtype):
             decoder = load_dinov2_small()[1].to(device)
         inp = IN.vision_inputs(preset.family, size, ims).to(device, dtype)
         return R.VisionWorkload(model, inp, decoder), info
-    model = P.build(spec.model, layers=spec.layers, dtype=dtype)
+    model = P.build(spec.model, layers=spec.layers, dtype=dtype, device=None if preset.real else device)
     inp = IN.vlm_inputs(model, preset.kind, size, ims, spec.prompt)
     model = model.to(device)
     return R.VLMWorkload(model, inp.to(device, dtype), spec.new_tokens), info
