@@ -73,3 +73,11 @@ def test_dry_run_nothing_ran(tmp_path):
     assert all(s[0] == "SKIP" for s in status.values())
     assert "NOTHING RAN" in p.stdout.rstrip().splitlines()[-1]
     assert json.loads((out / "summary.json").read_text())["nothing_ran"] is True
+
+
+def test_dry_run_only_selected_steps(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPU_VALIDATE_ONLY", "extension cuda_compiled")
+    p, out, status = dry(tmp_path, 200)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert {k for k, v in status.items() if v[0] == "DRY"} == {"extension", "cuda_compiled"}
+    assert (out / "steps" / "env.log").read_text().startswith("skipped: not in GPU_VALIDATE_ONLY")

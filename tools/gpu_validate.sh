@@ -4,6 +4,7 @@
 #   tools/gpu_validate.sh RESULTS_DIR                  on the GPU machine (budget 540 s wall)
 #   tools/gpu_validate.sh --dry-run RESULTS_DIR        CPU check of the plumbing (CI runs it)
 #   GPU_VALIDATE_BUDGET=300 tools/gpu_validate.sh ...  another wall-time budget (seconds)
+#   GPU_VALIDATE_ONLY="extension cuda_compiled" ...     these steps only (a short rerun after a fix)
 #
 # Fail-soft: every step runs under `timeout`, clipped to the time left; a failing step never
 # stops the run. Per step: RESULTS_DIR/<step>.log and RESULTS_DIR/<step>.status
@@ -35,7 +36,9 @@ R=$OUTDIR/steps   # every log, status and result file; packed into OUTDIR/result
 BUDGET=${GPU_VALIDATE_BUDGET:-540}
 RESERVE=${GPU_VALIDATE_RESERVE:-15}        # kept for the summary
 PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+# the repository arrives as a copy of the working tree, not installed: import it from here
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+ONLY=" ${GPU_VALIDATE_ONLY:-} "   # e.g. "extension cuda_compiled": run these steps only (a rerun)
 T0=$(date +%s)
 STEPS=()
 # the toolkit whose include/ has cuda_runtime.h (torch would guess /usr/local from the nvcc wrapper)
@@ -69,6 +72,10 @@ step() {
   local cmd="$*"
   STEPS+=("$name")
   echo "$cmd" > "$R/$name.cmd"
+  if [ "$ONLY" != "  " ] && [[ "$ONLY" != *" $name "* ]]; then
+    echo "skipped: not in GPU_VALIDATE_ONLY" > "$R/$name.log"
+    write_status "$name" SKIP - 0 0; return
+  fi
   if [ -n "$need" ] && [ "$(cut -d' ' -f1 "$R/$need.status" 2>/dev/null)" != ok ] \
      && [ "$(cut -d' ' -f1 "$R/$need.status" 2>/dev/null)" != DRY ]; then
     echo "skipped: needs step $need, which did not pass" > "$R/$name.log"
