@@ -20,15 +20,16 @@ raise SystemExit(0 if all(has.values()) else 3)
 PY
 }
 HASH=$(tools/source_hash.sh)
+SO_HERE="tokenreduce/_C$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"
 WANT=$(cat prebuilt/gpu/SOURCE_HASH 2>/dev/null || echo none)
 echo "source hash here $HASH, prebuilt $WANT"
 if [ "$HASH" = "$WANT" ] && ls prebuilt/gpu/_C*.so >/dev/null 2>&1; then
   cat prebuilt/gpu/BUILD_INFO 2>/dev/null
-  rm -f tokenreduce/_C*.so && cp prebuilt/gpu/_C*.so tokenreduce/
+  rm -f "$SO_HERE" && cp prebuilt/gpu/_C*.so tokenreduce/
   if check; then echo "extension: prebuilt ($HASH)"; exit 0; fi
   echo "the prebuilt extension does not load or lacks CUDA kernels: building here"
 fi
-rm -f tokenreduce/_C*.so
+rm -f "$SO_HERE"
 command -v ninja >/dev/null || echo "warning: no ninja on the PATH (setup.py falls back to a slow serial build)"
 echo "building: CUDA_HOME=${CUDA_HOME:-unset}, nvcc $(command -v nvcc), $(nproc) jobs"
 TOKENREDUCE_CUDA_ARCHS=90 TOKENREDUCE_NATIVE_ARCH=0 MAX_JOBS=$(nproc) "$PY" setup.py -q build_ext --inplace \

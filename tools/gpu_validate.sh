@@ -44,7 +44,8 @@ STEPS=()
 # the toolkit whose include/ has cuda_runtime.h (torch would guess /usr/local from the nvcc wrapper)
 if [ "$DRY" = 0 ]; then
   for d in "${CUDA_HOME:-}" /usr/local/cuda /usr/local/cuda-13* /usr/local/cuda-1* /usr/cuda \
-           "$(sed -n 's|^exec \(.*\)/bin/nvcc.*|\1|p' "$(command -v nvcc 2>/dev/null || echo /dev/null)" 2>/dev/null)"; do
+           "$(sed -n 's|^exec \(.*\)/bin/nvcc.*|\1|p' "$(command -v nvcc 2>/dev/null || echo /dev/null)" 2>/dev/null)" \
+           "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc 2>/dev/null || echo /x/x)")")")"; do
     [ -n "$d" ] && [ -f "$d/include/cuda_runtime.h" ] && { export CUDA_HOME=$d CUDA_PATH=$d; break; }
   done
   export PATH="$ROOT/prebuilt/bin:${CUDA_HOME:+$CUDA_HOME/bin:$CUDA_HOME/compute-sanitizer:}$PATH"
