@@ -132,11 +132,11 @@ step bench_quick 90 needs=extension -- "$PY bench/gpu_bench.py '$R' --quick --re
 step race_attention 60 -- "$PY bench/race_attention.py '$R' --shapes vit336,llava_next"
 PROF="$PY -m tokenreduce profile --random-weights --device cuda --dtype bf16 --layers 4 --keep 192 128 64 --warmup 1 --repeat 3 --new-tokens 2 --no-memory"
 LLAVA_METHODS="fastv visionzip divprune prumerge+ pdrop"
-QWEN_METHODS="fastv divprune pdrop todre pool"
+QWEN_METHODS="fastv divprune pdrop todre pool"   # no [CLS] in Qwen2-VL; 672 px = 576 merged image tokens
 step profile_llava_b1 60 needs=extension -- "$PROF --model llava-1.5-7b --batch 1 --method $LLAVA_METHODS --json '$R/profile-llava-1.5-7b-b1.json'"
 step profile_llava_b16 70 needs=extension -- "$PROF --model llava-1.5-7b --batch 16 --method $LLAVA_METHODS --json '$R/profile-llava-1.5-7b-b16.json'"
-step profile_qwen2vl_b1 60 needs=extension -- "$PROF --model qwen2-vl-7b --batch 1 --method $QWEN_METHODS --json '$R/profile-qwen2-vl-7b-b1.json'"
-step profile_qwen2vl_b16 70 needs=extension -- "$PROF --model qwen2-vl-7b --batch 16 --method $QWEN_METHODS --json '$R/profile-qwen2-vl-7b-b16.json'"
+step profile_qwen2vl_b1 60 needs=extension -- "$PROF --model qwen2-vl-7b --image-size 672 --batch 1 --method $QWEN_METHODS --json '$R/profile-qwen2-vl-7b-b1.json'"
+step profile_qwen2vl_b16 70 needs=extension -- "$PROF --model qwen2-vl-7b --image-size 672 --batch 16 --method $QWEN_METHODS --json '$R/profile-qwen2-vl-7b-b16.json'"
 step bench_full 120 needs=extension -- "mkdir -p '$R/full' && $PY bench/gpu_bench.py '$R/full' --reps 20 --max-seconds 1"
 
 # ------------------------------------------------------------------ summary (printed last)
