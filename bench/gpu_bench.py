@@ -1,6 +1,7 @@
 """GPU benchmark of the four ops (for a lent H100 / H200; issue 3's targets).
 
-    python bench/gpu_bench.py                    # full run on the current CUDA device
+    python bench/gpu_bench.py [OUT_DIR]          # full run on the current CUDA device
+    python bench/gpu_bench.py OUT_DIR --quick    # the quick shapes (B=1 and 64) first
     python bench/gpu_bench.py --ops kcenter      # one op
     python bench/gpu_bench.py --dry-run          # tiny shapes on the CPU: checks the script
 
@@ -10,7 +11,7 @@ in L2), the median and the 10-90 % spread of: tokenreduce's op; the PyTorch refe
 eager pass for the scores; ToMe's merge code; DivPrune's loop; scatter_reduce). In the
 same run it measures the ceilings (device-to-device copy bandwidth, a bf16 GEMM), reports
 achieved GB/s or TFLOP/s, checks the issue-3 targets, and writes
-bench/results/<device>-<date>.json and a Markdown table beside it. One failing case is
+OUT_DIR/<device>-<date>.json (default bench/results) and a Markdown table beside it. One failing case is
 recorded with its error and the run goes on.
 """
 from __future__ import annotations
@@ -373,7 +374,8 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=30, help="timed calls per implementation (default 30)")
     p.add_argument("--warmup", type=int, default=5, help="untimed calls first (default 5)")
     p.add_argument("--max-seconds", type=float, default=2.0, help="stop timing an impl after this (>= 3 calls)")
-    p.add_argument("--out", default=os.path.join(HERE, "results"), help="output folder (default bench/results)")
+    p.add_argument("out_dir", nargs="?", default=None, help="output folder (default bench/results)")
+    p.add_argument("--out", default=None, help="output folder (same as OUT_DIR)")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failing cases")
     return p.parse_args(argv)
 
@@ -381,7 +383,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     report = run(args)
-    path = write(report, args.out)
+    path = write(report, args.out_dir or args.out or os.path.join(HERE, "results"))
     for t in report["targets"]:
         print(f"target {t['target']}: {t['value']} {t['unit']} (limit {t['limit']}): "
               f"{'n/a' if t['met'] is None else ('met' if t['met'] else 'MISSED')}")

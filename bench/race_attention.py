@@ -1,7 +1,8 @@
 """Race the attention_with_scores backends on a GPU: native CUDA op vs Triton, with SDPA as the bar.
 
-    python bench/race_attention.py                    all shapes, writes
-                                                      bench/results/race-attention-<device>.json
+    python bench/race_attention.py [OUT_DIR]          all shapes, writes
+                                                      OUT_DIR/race-attention-<device>.json and .md
+                                                      (default OUT_DIR: bench/results)
     python bench/race_attention.py --sweep            also tries a few Triton block configs
     python bench/race_attention.py --shapes vit       only the ViT-L/336 shapes
     python bench/race_attention.py --dry-run          tiny shapes on the CPU (Triton interpreter)
@@ -184,12 +185,30 @@ def race_shape(shape, *, device, dry_run: bool, sweep: bool, bench: Callable) ->
     return row
 
 
+def markdown(report: dict) -> str:
+    """The race as a Markdown table: per shape the median ms of each contender and reference."""
+    names = sorted({c for r in report["rows"] for c in r["ms"]})
+    lines = [f"# attention race: {report['device']} ({report['capability']}), torch {report['torch']}, "
+             f"triton {report['triton']}", "",
+             "| shape | B | N | H | Dh | causal | scores | " + " | ".join(f"{c} ms" for c in names)
+             + " | winner | max err out |",
+             "|---|---:|---:|---:|---:|---|---|" + "---:|" * len(names) + "---|---:|"]
+    for r in report["rows"]:
+        ms = " | ".join("" if c not in r["ms"] else f"{r['ms'][c]:.4f}" for c in names)
+        err = max(r["max_abs_err_out"].values(), default=float("nan"))
+        lines.append(f"| {r['shape']} | {r['B']} | {r['N']} | {r['H']} | {r['Dh']} | {r['causal']} | {r['scores']} "
+                     f"| {ms} | {r['winner']} | {err:.2e} |")
+    lines += ["", f"wins: {report['wins']}; suggested default: {report['suggested_default']}"]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Optional[List[str]] = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU via the Triton interpreter")
     ap.add_argument("--sweep", action="store_true", help="also time a few Triton block configs")
     ap.add_argument("--shapes", default="vit336,llava_next,long", help="comma list of shape names")
-    ap.add_argument("--out", default=None, help="JSON path (default bench/results/race-attention-<device>.json)")
+    ap.add_argument("out_dir", nargs="?", default=None, help="output folder (default bench/results)")
+    ap.add_argument("--out", default=None, help="JSON path instead (default OUT_DIR/race-attention-<device>.json)")
     args = ap.parse_args(argv)
 
     if args.dry_run:
@@ -238,9 +257,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
         python=platform.python_version(), dry_run=args.dry_run, rows=rows, wins=wins,
         suggested_default="triton" if wins["triton"] > wins["native"] else "native",
     )
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"race-attention-{_slug(device_name)}.json"
+    folder = Path(args.out_dir) if args.out_dir else ROOT / "bench" / "results"
+    out = Path(args.out) if args.out else folder / f"race-attention-{_slug(device_name)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(report))
     print(f"wins: {wins}; suggested default for {cap or device_name}: {report['suggested_default']}; wrote {out}")
     return report
 

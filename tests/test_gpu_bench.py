@@ -63,3 +63,11 @@ def test_targets_from_rows():
     assert t["kcenter N=576 D=1024 k=64 B=1"]["met"] is True
     assert abs(t["bipartite_merge B=64 / one read+write at copy bandwidth"]["value"] - 1.0) < 1e-9
     assert t["[CLS]-row scores B=1"]["met"] is None
+
+
+def test_output_folder_as_argument(tmp_path):
+    gb = load()
+    out = tmp_path / "results"
+    assert gb.main([str(out), "--dry-run", "--ops", "recycle"]) == 0
+    files = sorted(os.listdir(out))
+    assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".md")

@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""Small CUDA cases of kcenter, bipartite_merge and recycle for compute-sanitizer.
+"""Small CUDA cases of attention_with_scores, kcenter, bipartite_merge and recycle for compute-sanitizer.
 
     compute-sanitizer --tool memcheck  python tools/cuda_sanitize_cases.py
     compute-sanitizer --tool racecheck python tools/cuda_sanitize_cases.py
     compute-sanitizer --tool synccheck python tools/cuda_sanitize_cases.py
     compute-sanitizer --tool initcheck python tools/cuda_sanitize_cases.py
 
-Covers every kernel variant (dtypes, Gram and stream kcenter, isolated / mask / first
+Covers every kernel variant (dtypes, attention full / causal / GQA / key bias / score rows /
+Nq != Nk / head dims 32, 64, 80, 128, Gram and stream kcenter, isolated / mask / first
 tensor, tome / spatial / protect, vector and scalar aggregation, assign / features, poisoned
 rows, edge sizes) once, through the dispatcher and (with CuPy) the NVRTC path. Exits 0 when
 every case ran; the sanitizer reports errors itself (use --error-exitcode 1).
@@ -24,14 +25,15 @@ DEV = "cuda"
 
 def backends():
     out = {"dispatch": (torch.ops.tokenreduce.kcenter, torch.ops.tokenreduce.bipartite_merge,
-                        torch.ops.tokenreduce.recycle)}
+                        torch.ops.tokenreduce.recycle, torch.ops.tokenreduce.attention_with_scores)}
     try:
         import cupy  # noqa: F401
+        from tokenreduce.nvrtc.attention_with_scores import attention_with_scores_cuda
         from tokenreduce.nvrtc.bipartite_merge import bipartite_merge_cuda
         from tokenreduce.nvrtc.kcenter import kcenter_cuda
         from tokenreduce.nvrtc.recycle import recycle_cuda
 
-        out["nvrtc"] = (kcenter_cuda, bipartite_merge_cuda, recycle_cuda)
+        out["nvrtc"] = (kcenter_cuda, bipartite_merge_cuda, recycle_cuda, attention_with_scores_cuda)
     except Exception as e:  # no CuPy
         print(f"nvrtc path skipped: {e}")
     return out
@@ -41,8 +43,30 @@ def main():
     g = torch.Generator(device=DEV).manual_seed(0)
     rnd = lambda *s, dt=torch.float32: torch.randn(*s, device=DEV, generator=g).to(dt)  # noqa: E731
     n = 0
-    for name, (kc, bm, rc) in backends().items():
+    for name, (kc, bm, rc, att) in backends().items():
+        def att_case(*args):  # a shape over a backend's limit is refused on the host: say so, go on
+            try:
+                att(*args)
+            except ValueError as e:
+                print(f"{name}: attention case refused: {str(e).splitlines()[0][:160]}")
+
         for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            # attention_with_scores: full / causal (bottom-right, Nq < Nk), GQA, key bias with -inf
+            # (masked keys), [CLS] / last / repeated / negative score rows, odd sizes, head dims
+            for Dh in (32, 64, 80, 128):
+                q, kk, vv = rnd(2, 4, 37, Dh, dt=dt), rnd(2, 2, 37, Dh, dt=dt), rnd(2, 2, 37, Dh, dt=dt)
+                att_case(q, kk, vv, Dh ** -0.5, False, None, None)
+                att_case(q, kk, vv, Dh ** -0.5, True, None, None)
+            q, kk, vv = rnd(2, 4, 19, 64, dt=dt), rnd(2, 4, 53, 64, dt=dt), rnd(2, 4, 53, 64, dt=dt)
+            bias = torch.randn(2, 53, device=DEV, generator=g)
+            bias[:, 5:9] = float("-inf")
+            att_case(q, kk, vv, 0.125, True, bias, None)
+            att_case(q, kk, vv, 0.125, False, bias, torch.tensor([0, -1, 3, 3], device=DEV))
+            att_case(q, kk, vv, 0.125, True, None, torch.tensor([-1], device=DEV))
+            q1 = rnd(1, 2, 1, 64, dt=dt)
+            att_case(q1, rnd(1, 2, 1, 64, dt=dt), rnd(1, 2, 1, 64, dt=dt), 0.125, False, None, None)
+            att_case(rnd(3, 16, 577, 64, dt=dt), rnd(3, 16, 577, 64, dt=dt), rnd(3, 16, 577, 64, dt=dt), 0.125,
+                False, None, torch.tensor([0], device=DEV))
             # kcenter: Gram mode, odd sizes, isolated + mask, first tensor, a poisoned row
             x = rnd(3, 67, 19, dt=dt)
             mask = torch.rand(3, 67, device=DEV, generator=g) > 0.3

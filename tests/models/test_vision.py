@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tokenreduce.models import attention, fidelity, presets, vit
+from tokenreduce.models import attention, compat, fidelity, presets, vit
 
 from _methods import PairMergeVit, TopClsProjector, TopClsVit, TopNormProjector
 
@@ -53,8 +53,9 @@ def test_vit_stage_topk_matches_manual(models):
                 a = layer.attention
                 x = layer.norm1(h)
                 B, N, _ = x.shape
-                q = a.q_proj(x).view(B, N, 4, 16).transpose(1, 2)
-                k = a.k_proj(x).view(B, N, 4, 16).transpose(1, 2)
+                q_proj, k_proj, _, _ = compat.attention_projections(a)   # transformers 5.17 / 5.24 names
+                q = q_proj(x).view(B, N, 4, 16).transpose(1, 2)
+                k = k_proj(x).view(B, N, 4, 16).transpose(1, 2)
                 cls = torch.softmax(q[:, :, :1] @ k.transpose(-1, -2) / 4, -1)[:, :, 0].mean(1)
             h = layer(h)
             if i == 1:

@@ -16,8 +16,17 @@ def iqr_outliers(attn: Tensor) -> Tensor:
     """PruMerge's adaptive count: tokens above ``Q3 + 1.5 IQR`` of the row (linear
     quantiles, as np.percentile). attn ``[B, n]`` -> bool ``[B, n]``."""
     a = attn.float()
-    q = torch.quantile(a, torch.tensor([0.25, 0.75], device=a.device), dim=1)   # [2, B]
-    upper = q[1] + 1.5 * (q[1] - q[0])
+    # torch.quantile's linear interpolation on a sorted copy: positions p * (n - 1) are Python
+    # numbers, so no host sync (torch.quantile checks its q tensor on the host); NaN as quantile
+    n = a.shape[1]
+    s = a.sort(dim=1).values
+
+    def at(p: float) -> Tensor:
+        r = p * (n - 1)
+        return torch.lerp(s[:, int(r)], s[:, min(int(r) + 1, n - 1)], r - int(r))
+
+    q1, q3 = at(0.25), at(0.75)
+    upper = (q3 + 1.5 * (q3 - q1)).masked_fill(a.isnan().any(dim=1), float("nan"))
     return a > upper[:, None]
 
 

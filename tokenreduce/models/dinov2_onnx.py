@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import compat
+
 __all__ = ["onnx_path", "cache_dir", "load_dinov2_small", "SaliencyDecoder", "dinov2_small_config",
            "onnx_reference_outputs", "onnx_subgraph", "run_onnx", "have_onnxruntime", "IMAGE_SIZE", "PATCH", "MEAN", "STD"]
 
@@ -205,6 +207,7 @@ def load_dinov2_small(attn_implementation: str = "sdpa", *, cache: Optional[Path
     with torch.device("meta"):   # no random init: every weight comes from the file
         backbone = Dinov2Model(dinov2_small_config(attn_implementation))
     bsd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    bsd = compat.dinov2_state_dict(bsd, backbone)   # transformers 5.17 names its attention differently
     missing, unexpected = backbone.load_state_dict(bsd, strict=False, assign=True)
     missing = [m for m in missing if "mask_token" not in m]
     if missing or unexpected:

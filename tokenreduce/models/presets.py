@@ -15,6 +15,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
+from . import compat
+
 __all__ = ["PRESETS", "Preset", "build", "config", "load", "names"]
 
 
@@ -171,8 +173,9 @@ def config(name: str, layers: Optional[int] = None, attn_implementation: str = "
 
 
 def build(name: str, layers: Optional[int] = None, attn_implementation: str = "sdpa", seed: int = 0,
-          dtype: torch.dtype = torch.float32):
-    """A model from a preset (random weights unless the preset is real), eval mode."""
+          dtype: torch.dtype = torch.float32, device=None):
+    """A model from a preset (random weights unless the preset is real), eval mode.
+    ``device``: build the random model directly there in ``dtype`` (no float32 CPU copy first)."""
     p = PRESETS.get(name)
     if p is not None and p.real:
         from .dinov2_onnx import load_dinov2_small
@@ -187,7 +190,7 @@ def build(name: str, layers: Optional[int] = None, attn_implementation: str = "s
            ("qwen2-vl", "qwen2-vl"): Qwen2VLForConditionalGeneration,
            ("qwen2.5-vl", "qwen2.5-vl"): Qwen2_5_VLForConditionalGeneration}[(p.kind, p.family)]
     torch.manual_seed(seed)
-    model = cls(cfg)
+    model = cls(cfg) if device is None else compat.construct(cls, cfg, device, dtype)
     model.config.tokenreduce_preset = name
     return model.eval().to(dtype)
 

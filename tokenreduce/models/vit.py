@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ..methods.base import Context, Method, Need, Reduction, Stage
-from . import attention
+from . import attention, compat
 from .stages import NOMINAL_DEPTH, LayerPlan, check_needs, check_reduction, fill_context_scores, plan_layers, \
     request_scores
 
@@ -232,7 +232,7 @@ def run_vision(model: nn.Module, pixel_values: Tensor, method: Optional[Method] 
         size = None
         h_feat = None
         for i in range(n_run):
-            h = parts.layers[i](h, None)
+            h = compat.run_layer(parts.layers[i], h)
             for nominal in reduce_at.get(i, ()):
                 ctx = _context(h, parts, tracker_full, grid, rec, method, part, L, nominal, size, state,
                                pixel_values, plan, key_layer=i)

@@ -95,7 +95,7 @@ def vlm_inputs(model, kind: str, image_size: int, ims, prompt: str = DEFAULT_PRO
         o = proc(images=pil, return_tensors="pt")
         px, sizes = o["pixel_values"], o["image_sizes"]
         with torch.no_grad():
-            f = model.model.get_image_features(pixel_values=px.to(model.dtype), image_sizes=sizes,
+            f = model.model.get_image_features(pixel_values=px.to(model.device, model.dtype), image_sizes=sizes,
                                                vision_feature_layer=cfg.vision_feature_layer,
                                                vision_feature_select_strategy=cfg.vision_feature_select_strategy)
         f = f.pooler_output if hasattr(f, "pooler_output") else f

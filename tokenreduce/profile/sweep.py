@@ -116,7 +116,7 @@ def load_workload(spec: Spec, device, dtype):
             decoder = load_dinov2_small()[1].to(device)
         inp = inputs.vision_inputs(preset.family, size, ims).to(device, dtype)
         return runner.VisionWorkload(model, inp, decoder), info
-    model = presets.build(spec.model, layers=spec.layers, dtype=dtype)
+    model = presets.build(spec.model, layers=spec.layers, dtype=dtype, device=None if preset.real else device)
     inp = inputs.vlm_inputs(model, preset.kind, size, ims, spec.prompt)
     model = model.to(device)
     return runner.VLMWorkload(model, inp.to(device, dtype), spec.new_tokens), info

@@ -58,6 +58,30 @@ _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
 
+def _interpreter_scalar_index_fix() -> None:
+    """Triton 3.6's interpreter turns a runtime loop bound (``range(0, hi, BLOCK_N)``) into a
+    Python int with ``int(array of shape (1,))``, a TypeError under numpy >= 2.5 ("only
+    0-dimensional arrays can be converted to Python scalars"); later Triton releases use
+    ``int(data.squeeze())``. Install that upstream form for every interpreted launch (a no-op
+    change of semantics where Triton already has it; the compiled GPU path is untouched)."""
+    from triton.runtime import interpreter
+
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "tokenreduce_index_fix", False):
+        return
+
+    def patch_with_squeeze(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patch_with_squeeze.tokenreduce_index_fix = True
+    interpreter._patch_lang_tensor = patch_with_squeeze
+
+
+if _INTERPRET:
+    _interpreter_scalar_index_fix()
+
+
 # --------------------------------------------------------------------------------------
 # kernels
 # --------------------------------------------------------------------------------------
