@@ -30,6 +30,7 @@ tensor data, so it costs no host sync and traces under ``torch.compile``.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib.util
 import os
 from typing import Dict, Iterator, Optional, Tuple, Union
@@ -63,8 +64,11 @@ DTYPES: Dict[Tuple[str, str], Tuple[torch.dtype, ...]] = {
     ("attention_with_scores", "triton"): (torch.float32, torch.float16, torch.bfloat16),
 }
 
-_overrides: Dict[str, str] = {}  # set_backend
-_stack: Dict[str, list] = {}  # use_backend contexts, innermost last
+_overrides: Dict[str, str] = {}  # set_backend (process-wide)
+# use_backend blocks: context-local (each thread and each asyncio task sees only its own
+# blocks), an immutable mapping op -> backend replaced on entry and restored by token on exit
+_blocks: contextvars.ContextVar[Tuple[Tuple[str, str], ...]] = contextvars.ContextVar(
+    "tokenreduce_backend_blocks", default=())
 
 
 def _check_op(op: str):
@@ -116,22 +120,34 @@ def set_backend(op: str, name: Optional[str]) -> None:
 
 
 def get_backend(op: str) -> Optional[str]:
-    """The backend pinned by `use_backend` / `set_backend`, or None."""
+    """The backend pinned by the innermost `use_backend` block of this thread / task, else by
+    `set_backend`, or None."""
     _check_op(op)
-    stack = _stack.get(op)
-    return stack[-1] if stack else _overrides.get(op)
+    return _pinned(op)
+
+
+@torch._dynamo.assume_constant_result
+def _pinned(op: str) -> Optional[str]:
+    """The pin read at trace time under torch.compile (dynamo cannot trace a ContextVar): a
+    compiled graph keeps the backend it was compiled with, as it keeps any Python state."""
+    for o, name in reversed(_blocks.get()):
+        if o == op:
+            return name
+    return _overrides.get(op)
 
 
 @contextlib.contextmanager
 def use_backend(op: str, name: str) -> Iterator[None]:
-    """``with use_backend("attention_with_scores", "triton"): ...`` pins `op` inside the block."""
+    """``with use_backend("attention_with_scores", "triton"): ...`` pins `op` inside the block,
+    for the calling thread (or asyncio task) only: other threads keep their own choice, and
+    interleaved blocks in different threads never undo each other."""
     _check_op(op)
     _check_name(op, name, "use_backend")
-    _stack.setdefault(op, []).append(name)
+    token = _blocks.set(_blocks.get() + ((op, name),))
     try:
         yield
     finally:
-        _stack[op].pop()
+        _blocks.reset(token)
 
 
 def select(op: str, device: Union[torch.device, str], requested: Optional[str] = None,

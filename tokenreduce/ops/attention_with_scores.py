@@ -10,7 +10,7 @@ from torch import Tensor
 from .. import _C  # noqa: F401  (loads the native library and registers the ops)
 from .. import backends
 from ..errors import fail
-from .checks import same_device
+from .checks import need_dim, need_scale, rows_on_device, same_device
 from .fake import attention_with_scores_fake
 
 __all__ = ["attention_with_scores"]
@@ -63,11 +63,13 @@ def attention_with_scores(
             fail("attention_with_scores", f"backend 'triton' needs the triton package ({e})", RuntimeError)
         return triton_attention(q, k, v, scale=scale, causal=causal, key_bias=key_bias,
                                 score_rows=score_rows)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
+    op = "attention_with_scores"
+    if not isinstance(q, Tensor):
+        fail(op, f"q must be a tensor [B, H, Nq, Dh], got {type(q).__name__}", TypeError)
+    need_dim(op, "q", q, 4, "[B, H, Nq, Dh]")
+    scale = need_scale(op, scale, q.shape[-1])
     if score_rows is not None and not isinstance(score_rows, Tensor):
-        rows = [score_rows] if isinstance(score_rows, int) else list(score_rows)
-        score_rows = torch.tensor(rows, dtype=torch.long, device=q.device)
+        score_rows = rows_on_device(op, score_rows, q.shape[2], q.device)
     same_device("attention_with_scores", q, k=k, v=v, key_bias=key_bias, score_rows=score_rows)
     return torch.ops.tokenreduce.attention_with_scores(q, k, v, float(scale), bool(causal), key_bias, score_rows)
 

@@ -6,8 +6,10 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from .. import _C  # noqa: F401  (loads the native library and registers the ops)
+from ..errors import fail
 from .checks import need_int, same_device
 from .fake import bipartite_merge_fake
 
@@ -48,8 +50,10 @@ def bipartite_merge(
         source int64 ``[B, N]``: the output slot each input token went to (for unmerging
         and provenance: ``merged = segment_mean(x, source)``).
 
-    ``r == 0`` returns the tokens unchanged (as ToMe). Raises ValueError on NaN/Inf in
-    the metric.
+    ``r == 0`` returns the tokens unchanged (as ToMe) without reading ``metric``. Otherwise
+    raises ValueError on NaN/Inf in the metric (in x when no metric is given). A ``size``
+    that is not positive and finite raises on the CPU; on CUDA it is not checked (that would
+    sync the host) and the merged tokens it reaches are NaN or Inf.
     """
     op = "bipartite_merge"
     need_int(op, "r", r)
@@ -57,7 +61,15 @@ def bipartite_merge(
     if size is not None and size.dim() == 3 and size.shape[-1] == 1:
         size = size.squeeze(-1)
     same_device(op, x, metric=metric, size=size)
+    if _host_data(size) and size.is_floating_point() and not bool(((size > 0) & size.isfinite()).all()):
+        fail(op, "size must be positive and finite (each token stands for size > 0 tokens)")
     return torch.ops.tokenreduce.bipartite_merge(x, r, metric, size, protect, order)
+
+
+def _host_data(t) -> bool:
+    """A real CPU tensor with elements: its values can be checked without a host sync."""
+    return (isinstance(t, Tensor) and t.device.type == "cpu" and t.numel() > 0
+            and not torch.compiler.is_compiling() and not is_fake(t))
 
 
 torch.library.register_fake("tokenreduce::bipartite_merge")(bipartite_merge_fake)

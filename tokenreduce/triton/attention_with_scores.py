@@ -47,6 +47,7 @@ import triton.language as tl
 from triton import knobs
 
 from ..errors import fail
+from ..ops.checks import rows_on_device
 
 __all__ = ["attention_with_scores", "flash_forward"]
 
@@ -331,16 +332,8 @@ def _interpret_for(device: torch.device) -> bool:
 def _rows_tensor(score_rows, Nq: int, device: torch.device) -> Tensor:
     """score_rows as an int64 tensor on `device`; out-of-range positions raise (host data) or fail
     a device-side assertion (CUDA tensors: no host sync). Negatives are wrapped in the kernel."""
-    if not isinstance(score_rows, Tensor):  # ints: checked and sent in one host-to-device copy
-        rows = [score_rows] if isinstance(score_rows, int) else list(score_rows)
-        for e, i in enumerate(rows):
-            if isinstance(i, bool) or not isinstance(i, int):
-                fail(_OP, f"score_rows must hold ints, got {type(i).__name__} at {e}", TypeError)
-            if not -Nq <= i < Nq:
-                fail(_OP, f"score_rows[{e}] = {i} is out of range for Nq = {Nq}", IndexError)
-        if not rows:
-            fail(_OP, "score_rows must be a non-empty 1-D tensor of query positions, got shape (0,)")
-        return torch.tensor(rows, dtype=torch.long, device=device)
+    if not isinstance(score_rows, Tensor):  # ints: checked on the host, built on the device (no copy)
+        return rows_on_device(_OP, score_rows, Nq, device)
     if score_rows.device.type == "cpu":  # the data is already on the host: check it eagerly
         bad = (score_rows < -Nq) | (score_rows >= Nq)
         if bool(bad.any()):
