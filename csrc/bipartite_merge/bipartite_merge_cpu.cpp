@@ -12,6 +12,7 @@
 //     members of every slot by a counting sort (ascending token index).
 //  3. (b, output slot) tasks: the size-weighted mean of the slot's members, summed in a
 //     fixed order: deterministic, no atomics.
+#include <atomic>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -42,7 +43,7 @@ inline float screen_eps(int64_t d) {
 template <typename scalar_t, typename mscalar_t>
 void bipartite_merge_cpu_impl(const at::Tensor& x, const at::Tensor& metric, const at::Tensor& size,
                               int64_t r, int64_t protect, bool tome_order, at::Tensor& merged,
-                              at::Tensor& size_out, at::Tensor& source) {
+                              at::Tensor& size_out, at::Tensor& source, const char* metric_name) {
   using acc = acc_t<scalar_t>;
   using macc = acc_t<mscalar_t>;
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2), Dm = metric.size(2);
@@ -77,14 +78,19 @@ void bipartite_merge_cpu_impl(const at::Tensor& x, const at::Tensor& metric, con
   const bool screen = std::is_same_v<macc, float> && Dm >= kScreenMinDim && Nb >= kScreenMinCols;
   // unit rows in bf16 (uninitialised: every row is written by its norm pass)
   std::unique_ptr<at::BFloat16[]> unit(screen ? new at::BFloat16[B * N * Dm] : nullptr);
+  // batch rows holding a finite row whose squared norm overflows (|x| > ~1e19 in float32):
+  // their scores come from unit rows, since the raw dot products would overflow too
+  std::unique_ptr<std::atomic<bool>[]> huge(new std::atomic<bool>[std::max<int64_t>(B, 1)]);
+  for (int64_t b = 0; b < B; ++b) huge[b].store(false, std::memory_order_relaxed);
   auto norms = [&](int64_t i0, int64_t i1) {  // inverse norms (and bf16 unit rows) of flat rows [i0, i1)
     for (int64_t i = i0; i < i1; ++i) {
       const macc* row = mrows + (i / N) * mbs + (i % N) * mld;
-      const macc s = dot(row, row, Dm);
-      TORCH_CHECK_VALUE(std::isfinite(static_cast<double>(s)),
-                        "tokenreduce.bipartite_merge: metric has a non-finite value (NaN or Inf) in "
-                        "batch ", i / N, ", token ", i % N);
-      inv[i] = inv_norm(s);
+      bool finite;
+      const macc sq = dot(row, row, Dm);
+      inv[i] = inv_norm_checked(row, Dm, sq, finite);
+      TORCH_CHECK_VALUE(finite, "tokenreduce.bipartite_merge: ", metric_name,
+                        " has a non-finite value (NaN or Inf) in batch ", i / N, ", token ", i % N);
+      if (!std::isfinite(static_cast<double>(sq))) huge[i / N].store(true, std::memory_order_relaxed);
       if (screen) {
         // round to nearest even on the bits (the row is finite: checked above), so the
         // loop vectorises, unlike c10::BFloat16's NaN-aware conversion
@@ -120,6 +126,16 @@ void bipartite_merge_cpu_impl(const at::Tensor& x, const at::Tensor& metric, con
       if (per_batch) norms(b * N, (b + 1) * N);
       const macc* base = mrows + b * mbs;
       const macc* ib = inv.data() + b * N;
+      std::vector<macc> unit_rows, ones;
+      if (huge[b].load(std::memory_order_relaxed)) {  // rare: score unit rows (inverse norms 1)
+        unit_rows.resize(N * Dm);
+        ones.assign(N, macc(1));
+        for (int64_t i = 0; i < N; ++i)
+          for (int64_t d = 0; d < Dm; ++d) unit_rows[i * Dm + d] = base[i * mld + d] * ib[i];
+        base = unit_rows.data();
+        ib = ones.data();
+      }
+      const int64_t row_ld = huge[b].load(std::memory_order_relaxed) ? Dm : mld;
       if (screen) {
         const at::BFloat16* ub = unit.get() + b * N * Dm;
         gemm_abt(ub + 2 * a0 * Dm, 2 * Dm, ub + Dm, 2 * Dm, Sh.data(), Nb, m, Nb, Dm);
@@ -137,9 +153,9 @@ void bipartite_merge_cpu_impl(const at::Tensor& x, const at::Tensor& metric, con
             ArgMax<macc> am;
             if (a >= pa) {
               const at::BFloat16* sh = Sh.data() + e * Nb;
-              const macc* ar = base + 2 * a * mld;
+              const macc* ar = base + 2 * a * row_ld;
               for (int64_t c = pb; c < Nb; ++c)
-                if (static_cast<float>(sh[c]) >= thr[e]) am.push(dot(ar, base + (2 * c + 1) * mld, Dm) * ib[2 * c + 1], c);
+                if (static_cast<float>(sh[c]) >= thr[e]) am.push(dot(ar, base + (2 * c + 1) * row_ld, Dm) * ib[2 * c + 1], c);
             }
             node_max[b * Na + a] = am.index >= 0 ? am.value * ib[2 * a] : -std::numeric_limits<macc>::infinity();
             node_idx[b * Na + a] = std::max<int64_t>(am.index, 0);
@@ -149,7 +165,7 @@ void bipartite_merge_cpu_impl(const at::Tensor& x, const at::Tensor& metric, con
         // near-duplicate tokens everywhere: the float32 GEMM is cheaper than rescoring
       }
       S.resize(rb * std::max<int64_t>(Nb, 1));
-      gemm_abt(base + 2 * a0 * mld, 2 * mld, base + mld, 2 * mld, S.data(), Nb, m, Nb, Dm);
+      gemm_abt(base + 2 * a0 * row_ld, 2 * row_ld, base + row_ld, 2 * row_ld, S.data(), Nb, m, Nb, Dm);
       for (int64_t e = 0; e < m; ++e) {
         const int64_t a = a0 + e;
         ArgMax<macc> am;
@@ -267,7 +283,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge_cpu(
     using xs_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, metric.scalar_type(), "bipartite_merge_cpu_metric", [&] {
       bipartite_merge_cpu_impl<xs_t, scalar_t>(x, metric, size, r, protect, order == "tome", merged,
-                                               size_out, source);
+                                               size_out, source, metric_in.has_value() ? "metric" : "x");
     });
   });
   return {merged, size_out, source};

@@ -130,6 +130,28 @@ inline acc inv_norm(acc sqnorm) {
   return acc(1) / (n > acc(1e-12) ? n : acc(1e-12));
 }
 
+// Inverse norm of a row whose squared norm `sqnorm = dot(row, row)` was already taken, with
+// `ok` = false when the row holds NaN or Inf. A finite row whose squared norm overflows
+// (|x| > ~1e19 in float32) is rescaled by its largest magnitude instead of being taken for a
+// non-finite one.
+template <typename acc>
+inline acc inv_norm_checked(const acc* row, int64_t n, acc sqnorm, bool& ok) {
+  ok = true;
+  if (std::isfinite(static_cast<double>(sqnorm))) return inv_norm(sqnorm);
+  acc m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const acc a = std::abs(row[i]);
+    if (!std::isfinite(static_cast<double>(a))) {
+      ok = false;
+      return acc(0);
+    }
+    m = a > m ? a : m;
+  }
+  acc s = 0;
+  for (int64_t i = 0; i < n; ++i) s += (row[i] / m) * (row[i] / m);
+  return acc(1) / (m * std::sqrt(s));
+}
+
 // exp(x) for float, branch-free so loops over it vectorise (Cephes-style
 // range reduction and a degree-6 polynomial, about 2 ulp). exp(x < -87) is
 // flushed to 0 (exp(-inf) == 0), NaN propagates.

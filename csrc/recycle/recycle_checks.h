@@ -35,6 +35,12 @@ inline void check_recycle_args(const at::Tensor& x, const at::Tensor& target, co
     TR_CHECK_VALUE("recycle", weight->dim() == 2 && weight->size(0) == B && weight->size(1) == N,
                    "weight must have shape [B, N] = [", B, ", ", N, "], got ", weight->sizes());
   }
+  if (features.has_value()) {  // checked even when assign makes them unused, as the fake kernel does
+    check_float(op, "features", *features);
+    check_device(op, "features", *features, x);
+    TR_CHECK_VALUE("recycle", features->dim() == 3 && features->size(0) == B && features->size(1) == N,
+                   "features must have shape [B, N, Df] = [", B, ", ", N, ", Df], got ", features->sizes());
+  }
   if (assign.has_value()) {
     check_long(op, "assign", *assign);
     check_device(op, "assign", *assign, x);
@@ -44,12 +50,6 @@ inline void check_recycle_args(const at::Tensor& x, const at::Tensor& target, co
   }
   TR_CHECK_VALUE("recycle", T > 0 || S == 0, "sources need at least one target to join (T=0, S=", S,
                  "); pass assign to drop them");
-  if (features.has_value()) {
-    check_float(op, "features", *features);
-    check_device(op, "features", *features, x);
-    TR_CHECK_VALUE("recycle", features->dim() == 3 && features->size(0) == B && features->size(1) == N,
-                   "features must have shape [B, N, Df] = [", B, ", ", N, ", Df], got ", features->sizes());
-  }
 }
 
 }  // namespace tokenreduce

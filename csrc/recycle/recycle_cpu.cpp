@@ -21,17 +21,17 @@ constexpr int64_t kRowBlock = 64;
 
 // Normalised feature rows of `idx` (n positions of batch b) into dst [n, Df].
 template <typename fscalar_t, typename acc>
-void gather_normalised(const at::Tensor& f, int64_t b, const int64_t* idx, int64_t n, acc* dst) {
+void gather_normalised(const at::Tensor& f, int64_t b, const int64_t* idx, int64_t n, acc* dst,
+                       const char* name) {
   const int64_t Df = f.size(2);
   const fscalar_t* fp = f.data_ptr<fscalar_t>() + b * f.stride(0);
   for (int64_t e = 0; e < n; ++e) {
     acc* d = dst + e * Df;
     load_row(fp + idx[e] * f.stride(1), Df, d);
-    const acc s = dot(d, d, Df);
-    TORCH_CHECK_VALUE(std::isfinite(static_cast<double>(s)),
-                      "tokenreduce.recycle: features have a non-finite value (NaN or Inf) in batch ",
-                      b, ", token ", idx[e]);
-    const acc iv = inv_norm(s);
+    bool finite;
+    const acc iv = inv_norm_checked(d, Df, dot(d, d, Df), finite);
+    TORCH_CHECK_VALUE(finite, "tokenreduce.recycle: ", name,
+                      " has a non-finite value (NaN or Inf) in batch ", b, ", token ", idx[e]);
 #pragma omp simd
     for (int64_t d2 = 0; d2 < Df; ++d2) d[d2] *= iv;
   }
@@ -39,7 +39,7 @@ void gather_normalised(const at::Tensor& f, int64_t b, const int64_t* idx, int64
 
 template <typename fscalar_t>
 void assign_by_similarity(const at::Tensor& feats, const at::Tensor& target, const at::Tensor& source,
-                          at::Tensor& slot) {
+                          at::Tensor& slot, const char* name) {
   using acc = acc_t<fscalar_t>;
   const int64_t B = target.size(0), T = target.size(1), S = source.size(1), Df = feats.size(2);
   const int64_t* tp = target.data_ptr<int64_t>();
@@ -49,14 +49,14 @@ void assign_by_similarity(const at::Tensor& feats, const at::Tensor& target, con
   std::vector<acc> tf(std::max<int64_t>(B * T * Df, 1));
   parallel_for_cost(B, T * Df, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
-      gather_normalised<fscalar_t, acc>(feats, b, tp + b * T, T, tf.data() + b * T * Df);
+      gather_normalised<fscalar_t, acc>(feats, b, tp + b * T, T, tf.data() + b * T * Df, name);
   });
   const int64_t nblk = (S + kRowBlock - 1) / kRowBlock;
   parallel_for_cost(B * nblk, kRowBlock * T * Df, [&](int64_t t0, int64_t t1) {
     std::vector<acc> fs(kRowBlock * Df), sim(kRowBlock * T);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / nblk, s0 = (t % nblk) * kRowBlock, m = std::min(kRowBlock, S - s0);
-      gather_normalised<fscalar_t, acc>(feats, b, sp + b * S + s0, m, fs.data());
+      gather_normalised<fscalar_t, acc>(feats, b, sp + b * S + s0, m, fs.data(), name);
       gemm_abt(fs.data(), Df, tf.data() + b * T * Df, Df, sim.data(), T, m, T, Df);
       for (int64_t e = 0; e < m; ++e) {
         ArgMax<acc> am;
@@ -160,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recycle_cpu(
     slot = at::empty({B, S}, x_in.options().dtype(at::kLong));
     if (B * S > 0) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "recycle_assign", [&] {
-        assign_by_similarity<scalar_t>(feats, target, source, slot);
+        assign_by_similarity<scalar_t>(feats, target, source, slot, features_in.has_value() ? "features" : "x");
       });
     }
   }
