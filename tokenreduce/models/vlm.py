@@ -97,16 +97,19 @@ class VLMRunner:
     """
 
     def __init__(self, model: nn.Module, method: Optional[Method] = None, nominal_layers: Optional[int] = None,
-                 vision_nominal_layers: Optional[int] = None):
+                 vision_nominal_layers: Optional[int] = None, image_tokens: Optional[int] = None):
         """``nominal_layers`` / ``vision_nominal_layers``: the LLM / vision-tower depth the
         method's layer numbers refer to (default: the model's when they fit, else 32 / 24;
-        see `tokenreduce.models.stages.LayerPlan`)."""
+        see `tokenreduce.models.stages.LayerPlan`). ``image_tokens``: the image-token count per
+        sample when the caller knows it from the processor (host metadata): the input assembly
+        then never reads it back from the device (no host sync inside a timed call)."""
         self.model, self.method = model, method
         self.vision_nominal = vision_nominal_layers
         cls = adapter_class(model)
         if cls is None:
             raise TypeError(f"tokenreduce.models.vlm: unsupported model {type(model).__name__}")
         self.adapter = cls(model, method, vision_nominal_layers)
+        self.adapter.image_tokens = image_tokens
         self.kind = cls.kind
         self.cfg = model.config
         self.image_token = self.cfg.image_token_id

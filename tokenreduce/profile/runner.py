@@ -264,7 +264,7 @@ class VLMWorkload:
                            lm=parts.lm, lm_head=parts.lm_head, images=self.batch)
 
     def call(self, method: Optional[Method], tl: Timeline) -> CallResult:
-        r = vlm.VLMRunner(self.model, method)
+        r = vlm.VLMRunner(self.model, method, image_tokens=self.image_tokens or None)
         self.probe.begin(tl)
         ids = r.generate(max_new_tokens=self.new_tokens, **self.inputs.kwargs())
         self.probe.end()

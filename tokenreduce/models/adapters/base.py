@@ -61,6 +61,7 @@ class VLMAdapter:
     def __init__(self, model: nn.Module, method: Optional[Method] = None,
                  vision_nominal_layers: Optional[int] = None):
         self.model, self.method, self.vision_nominal = model, method, vision_nominal_layers
+        self.image_tokens: Optional[int] = None   # known image-token count per sample (host metadata)
         self.cfg = model.config
         self.image_token = self.cfg.image_token_id
 
@@ -83,9 +84,11 @@ class VLMAdapter:
         """The method when it runs at one of ``stages``, else None."""
         return self.method if self.method is not None and self.method.stage in stages else None
 
-    @staticmethod
-    def count_image_tokens(is_img: Tensor) -> int:
-        """Image tokens per sample of ``is_img`` ``[B, L]`` (one count for the whole batch)."""
+    def count_image_tokens(self, is_img: Tensor) -> int:
+        """Image tokens per sample of ``is_img`` ``[B, L]`` (one count for the whole batch): the
+        caller's ``image_tokens`` when given (no device read-back), else read from ``is_img``."""
+        if self.image_tokens is not None:
+            return self.image_tokens
         counts = is_img.sum(1)
         n = int(counts[0])                     # input assembly, outside the timed reduction
         if not bool((counts == n).all()):
