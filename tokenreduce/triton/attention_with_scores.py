@@ -25,7 +25,7 @@ Why no fused single pass: exact column sums need each row's final LSE before its
 are summed across rows, so a one-kernel variant either keeps the row block's whole P resident
 (not expressible in Triton for Nk in the hundreds: no addressable shared memory) or runs two
 passes over the keys inside the program, which costs the same Q K^T and exp work as the two
-kernels here. A CUDA kernel can keep P in shared memory (KERNELS.md (a), short sequences);
+kernels here. A CUDA kernel can keep P in shared memory (short sequences);
 the race (`bench/race_attention.py`) picks the faster backend per architecture.
 
 CPU tensors run only under the Triton interpreter: ``TRITON_INTERPRET=1`` must be set before
@@ -34,6 +34,10 @@ the tests run these kernels in a subprocess. The interpreter cannot run ``tl.dot
 (numpy has no bfloat16), so there bfloat16 tiles are upcast to float32 before the dot
 (``DOT_FP32``); on the GPU the dot runs on bfloat16 tensor cores. float32 inputs use
 ``input_precision="ieee"`` (no TF32), as the native kernel computes in full float32.
+
+Why one module of ~460 lines: the two kernels, their launch configuration and the wrapper share
+the block-size and flag conventions line by line; split apart, each part would be unreadable
+without the others.
 """
 from __future__ import annotations
 
