@@ -99,3 +99,17 @@ class EveryOtherLLM(Method):
     def reduce(self, ctx):
         B, N, _ = ctx.x.shape
         return keep_indices(ctx, torch.arange(0, N, 2).expand(B, -1))
+
+
+class FirstLLM(Method):
+    """Keeps the first k image tokens after LLM layer 1 (the kept count follows the budget)."""
+    name = "test-first-llm"
+    stage = Stage.LLM
+    needs = frozenset({Need.FEATURES})
+
+    def reduce_layers(self, L):
+        return [1]
+
+    def reduce(self, ctx):
+        B, N, _ = ctx.x.shape
+        return keep_indices(ctx, torch.arange(self.keep_tokens(N), device=ctx.x.device).expand(B, -1))
