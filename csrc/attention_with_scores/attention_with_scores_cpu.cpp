@@ -110,16 +110,35 @@ void attention_cpu_impl(const at::Tensor& q, const at::Tensor& k, const at::Tens
             for (int64_t r = 0; r < m; ++r) {
               acc* s = S.data() + r * jend;
               const int64_t lim = row_limit(r);
-              if (brow) {
-#pragma omp simd
-                for (int64_t j = 0; j < lim; ++j) s[j] += brow[j];
-              }
-              acc mx = kNegInf;
-              for (int64_t j = 0; j < lim; ++j) mx = (s[j] > mx || s[j] != s[j]) ? s[j] : mx;  // NaN sticks
-              if (lim <= 0 || mx == kNegInf) {  // no admissible key: the row is zero
+              rsum[r] = acc(0);  // 1 / row sum after the loop: O and the scores are scaled by it
+              if (lim <= 0) {
                 std::fill(s, s + jend, acc(0));
                 continue;
               }
+              // row max (vectorised; NaN is skipped here and found below), bias added in the pass
+              acc mx = kNegInf;
+              if (brow) {
+#pragma omp simd reduction(max : mx)
+                for (int64_t j = 0; j < lim; ++j) {
+                  const acc t = s[j] + brow[j];
+                  s[j] = t;
+                  mx = t > mx ? t : mx;
+                }
+              } else {
+#pragma omp simd reduction(max : mx)
+                for (int64_t j = 0; j < lim; ++j) mx = s[j] > mx ? s[j] : mx;
+              }
+              if (mx == kNegInf) {
+                // no finite logit: a NaN makes the row NaN (as eager), else the row is zero
+                bool has_nan = false;
+                for (int64_t j = 0; j < lim && !has_nan; ++j) has_nan = s[j] != s[j];
+                if (!has_nan) {
+                  std::fill(s, s + jend, acc(0));
+                  continue;
+                }
+                mx = std::numeric_limits<acc>::quiet_NaN();
+              }
+              // exp and sum (a NaN logit makes the sum, hence the row, NaN); P stays unnormalised
               acc sum = 0;
 #pragma omp simd reduction(+ : sum)
               for (int64_t j = 0; j < lim; ++j) {
@@ -129,15 +148,20 @@ void attention_cpu_impl(const at::Tensor& q, const at::Tensor& k, const at::Tens
               }
               std::fill(s + lim, s + jend, acc(0));
               const acc inv = acc(1) / sum;
-              const acc w = static_cast<acc>(row_weight[i0 + r]);
-#pragma omp simd
-              for (int64_t j = 0; j < lim; ++j) s[j] *= inv;
-              if (w != acc(0)) {
+              rsum[r] = inv;
+              const acc w = static_cast<acc>(row_weight[i0 + r]) * inv;
+              if (row_weight[i0 + r] != 0.0) {
 #pragma omp simd
                 for (int64_t j = 0; j < lim; ++j) colsum[j] += w * s[j];
               }
             }
             gemm_ab(S.data(), jend, V.ptr, V.ld, O.data(), Dv, m, Dv, jend);
+            for (int64_t r = 0; r < m; ++r) {
+              acc* o = O.data() + r * Dv;
+              const acc inv = rsum[r];
+#pragma omp simd
+              for (int64_t d = 0; d < Dv; ++d) o[d] *= inv;
+            }
           } else {
             // pass 1: online softmax over key blocks -> O, row max and sum
             std::fill(rmax.begin(), rmax.begin() + m, kNegInf);
