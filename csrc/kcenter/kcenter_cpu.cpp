@@ -138,8 +138,16 @@ struct Best2 {
 // s[q] = <p, r_q> (cosine) or |p - r_q|^2 (l2), s[4 + q] the same for c. The one code path
 // for every distance the sweeps compute, so each (vector, token) pair gets the same bits
 // whichever slot, block or schedule computes it.
+// GCC vectorises with 256-bit registers by default even where AVX-512 is there; this loop
+// is FMA-bound, so it asks for 512-bit ones (a preference only: no AVX-512, no effect).
+#if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__)
+#define TR_WIDE_VECTORS __attribute__((target("prefer-vector-width=512")))
+#else
+#define TR_WIDE_VECTORS
+#endif
+
 template <typename acc, bool cosine>
-inline void block4x2(const acc* p, const acc* c, const acc* r0, const acc* r1, const acc* r2,
+TR_WIDE_VECTORS void block4x2(const acc* p, const acc* c, const acc* r0, const acc* r1, const acc* r2,
                      const acc* r3, int64_t D, acc* s) {
   acc a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0;
   if constexpr (cosine) {
