@@ -32,6 +32,21 @@ constexpr int64_t kTileElems = int64_t(1) << 17;  // score tile budget per threa
 constexpr int64_t kKeyBlock = 1024;                // key block of the two-pass path
 constexpr int64_t kTargetTasks = 64;
 
+// MKL's per-thread thread count (weak: absent without MKL). The kernel's parallelism is
+// over its tasks; its block GEMMs must be sequential even where the tasks run on the
+// calling thread (small inputs), or MKL's threaded GEMM would make the bits depend on the
+// thread count.
+extern "C" int MKL_Set_Num_Threads_Local(int nth) __attribute__((weak));
+struct SequentialBlas {
+  int prev = 0;
+  SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) prev = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(prev);
+  }
+};
+
 template <typename acc>
 struct Slice {  // a [rows, cols] row-major view in acc, either borrowed or converted
   const acc* ptr = nullptr;
@@ -79,6 +94,7 @@ void attention_cpu_impl(const at::Tensor& q, const at::Tensor& k, const at::Tens
   constexpr acc kNegInf = -std::numeric_limits<acc>::infinity();
 
   parallel_for_cost(ntasks, group * blocks_per_chunk * bq * Nk * (Dh + Dv), [&](int64_t t0, int64_t t1) {
+    const SequentialBlas sequential_blas;
     Slice<acc> K, V;
     const int64_t kb = single_pass ? Nk : std::min(Nk, kKeyBlock);
     std::vector<acc> Q(bq * Dh), Qs(bq * Dh), S(std::max<int64_t>(bq * kb, 1)), O(bq * Dv), Ot(bq * Dv);
