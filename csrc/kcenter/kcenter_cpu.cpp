@@ -7,11 +7,11 @@
 // bound; resident in the core's L2 it runs several times faster. So the kernel runs all k
 // picks of a batch row while that row (or the thread's slice of it) stays cache-resident,
 // choosing one of three schedules by a cost model (`choose_schedule`):
-//  * rows:  one batch row per thread (B >= threads and the row fits the per-core cache
-//           budget), no synchronisation; the sweep direction alternates each pick, so the
-//           part of X that the last pass left in cache is read first.
+//  * rows:  one batch row per thread (B >= threads, the row within twice the per-core
+//           cache budget), no synchronisation; the sweep direction alternates each pass,
+//           so the part of X that the last pass left in cache is read first.
 //  * split: every thread owns a slice of the row's tokens (B < threads, or the row is
-//           larger than one core's cache but its slices are not): per pick each thread
+//           over twice one core's cache budget but its slices fit): per pick each thread
 //           sweeps its slice, posts its best token, and after a spin barrier all threads
 //           reduce the posts in slice order (ties keep the smaller index), the same on
 //           every thread. Needs the OpenMP backend (the team's threads run concurrently).
@@ -21,8 +21,14 @@
 // TOKENREDUCE_KCENTER_SCHEDULE=rows|split|gram (read per call; default: the cost model)
 // forces a schedule where it applies (gram: cosine only; split: OpenMP builds), for
 // benchmarks and tests.
-// Every token's distance to the pick is computed by the same 4-row micro-kernel whatever
-// the schedule, slice or position (a partial block repeats its last row), so identical
+// Speculation: each pass over X also computes the distances to the last step's three
+// runners-up (the likely next picks; `Speculation`); a pick among them reads its stored
+// distances instead of X. Exact: the picks and mindist are those of the plain greedy, with
+// about 24 instead of 64 passes at N=576 D=1024 k=64 (random tokens). Measured (one
+// thread, same run): the gram schedule costs ~3x the sweeps at k = N/9, so it wins from
+// k ~ N/3 (kGramRatio).
+// Every distance is computed by the same 4-row x 4-vector micro-kernel whatever the
+// schedule, slice, slot or position (a partial block repeats its last row), so identical
 // tokens get bit-identical distances (ties resolve by index) and the result does not
 // depend on the thread count or the batch split. "isolated" (DivPrune's first pick, the
 // token farthest from its nearest neighbour) needs all pairwise distances: row tiles of a
@@ -109,35 +115,37 @@ struct Best {
   }
 };
 
-// The best two (value, index) under Best's order: the next pick and the runner-up, which
-// is the speculative candidate of the pick after (see `picks`).
+constexpr int kCand = 3;  // speculative candidates per pass over X
+
+// The best kCand + 1 (value, index) under Best's order, best first: the next pick and the
+// runners-up, the speculative candidates of the next pass over X (see `Speculation`).
 template <typename acc>
-struct Best2 {
-  Best<acc> first, second;
+struct BestK {
+  Best<acc> at[kCand + 1];
   static inline bool better(acc v, int64_t i, const Best<acc>& b) {
     return b.index < 0 || v > b.value || (v == b.value && i < b.index);
   }
   inline void push(acc v, int64_t i) {
-    if (v != v) return;  // NaN never wins
-    if (better(v, i, first)) {
-      second = first;
-      first.value = v;
-      first.index = i;
-    } else if (better(v, i, second)) {
-      second.value = v;
-      second.index = i;
+    if (v != v || !better(v, i, at[kCand])) return;  // NaN never wins
+    int r = kCand;
+    while (r > 0 && better(v, i, at[r - 1])) {
+      at[r] = at[r - 1];
+      --r;
     }
+    at[r].value = v;
+    at[r].index = i;
   }
-  inline void merge(const Best2& o) {
-    if (o.first.index >= 0) push(o.first.value, o.first.index);
-    if (o.second.index >= 0) push(o.second.value, o.second.index);
+  inline void merge(const BestK& o) {
+    for (const auto& e : o.at)
+      if (e.index >= 0) push(e.value, e.index);
   }
 };
 
-// For four rows r_q and two vectors p (the pick) and c (the candidate):
-// s[q] = <p, r_q> (cosine) or |p - r_q|^2 (l2), s[4 + q] the same for c. The one code path
+// For four rows r_q and four vectors v (the pick and up to three candidates; unused ones
+// repeat the pick): s[4 * v + q] = <v, r_q> (cosine) or |v - r_q|^2 (l2). The one code path
 // for every distance the sweeps compute, so each (vector, token) pair gets the same bits
-// whichever slot, block or schedule computes it.
+// whichever slot, block or schedule computes it. 16 FMAs per 8 loads: with 512-bit vectors
+// it runs near the FMA limit while X streams from L2.
 // GCC vectorises with 256-bit registers by default even where AVX-512 is there; this loop
 // is FMA-bound, so it asks for 512-bit ones (a preference only: no AVX-512, no effect).
 #if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__)
@@ -147,85 +155,91 @@ struct Best2 {
 #endif
 
 template <typename acc, bool cosine>
-TR_WIDE_VECTORS void block4x2(const acc* p, const acc* c, const acc* r0, const acc* r1, const acc* r2,
-                     const acc* r3, int64_t D, acc* s) {
-  acc a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0;
-  if constexpr (cosine) {
-#pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3)
-    for (int64_t d = 0; d < D; ++d) {
-      const acc pd = p[d], cd = c[d], x0 = r0[d], x1 = r1[d], x2 = r2[d], x3 = r3[d];
-      a0 += pd * x0;
-      a1 += pd * x1;
-      a2 += pd * x2;
-      a3 += pd * x3;
-      b0 += cd * x0;
-      b1 += cd * x1;
-      b2 += cd * x2;
-      b3 += cd * x3;
-    }
-  } else {
-#pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3)
-    for (int64_t d = 0; d < D; ++d) {
-      const acc pd = p[d], cd = c[d], x0 = r0[d], x1 = r1[d], x2 = r2[d], x3 = r3[d];
-      const acc t0 = pd - x0, t1 = pd - x1, t2 = pd - x2, t3 = pd - x3;
-      const acc u0 = cd - x0, u1 = cd - x1, u2 = cd - x2, u3 = cd - x3;
-      a0 += t0 * t0;
-      a1 += t1 * t1;
-      a2 += t2 * t2;
-      a3 += t3 * t3;
-      b0 += u0 * u0;
-      b1 += u1 * u1;
-      b2 += u2 * u2;
-      b3 += u3 * u3;
-    }
+TR_WIDE_VECTORS void block4x4(const acc* const* v, const acc* r0, const acc* r1, const acc* r2,
+                              const acc* r3, int64_t D, acc* s) {
+  const acc *v0 = v[0], *v1 = v[1], *v2 = v[2], *v3 = v[3];
+  acc a00 = 0, a01 = 0, a02 = 0, a03 = 0, a10 = 0, a11 = 0, a12 = 0, a13 = 0;
+  acc a20 = 0, a21 = 0, a22 = 0, a23 = 0, a30 = 0, a31 = 0, a32 = 0, a33 = 0;
+#define TR_TERM(vv, xx) (cosine ? (vv) * (xx) : ((vv) - (xx)) * ((vv) - (xx)))
+#pragma omp simd reduction(+ : a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, \
+                               a30, a31, a32, a33)
+  for (int64_t d = 0; d < D; ++d) {
+    const acc x0 = r0[d], x1 = r1[d], x2 = r2[d], x3 = r3[d];
+    const acc p0 = v0[d], p1 = v1[d], p2 = v2[d], p3 = v3[d];
+    a00 += TR_TERM(p0, x0);
+    a01 += TR_TERM(p0, x1);
+    a02 += TR_TERM(p0, x2);
+    a03 += TR_TERM(p0, x3);
+    a10 += TR_TERM(p1, x0);
+    a11 += TR_TERM(p1, x1);
+    a12 += TR_TERM(p1, x2);
+    a13 += TR_TERM(p1, x3);
+    a20 += TR_TERM(p2, x0);
+    a21 += TR_TERM(p2, x1);
+    a22 += TR_TERM(p2, x2);
+    a23 += TR_TERM(p2, x3);
+    a30 += TR_TERM(p3, x0);
+    a31 += TR_TERM(p3, x1);
+    a32 += TR_TERM(p3, x2);
+    a33 += TR_TERM(p3, x3);
   }
-  s[0] = a0;
-  s[1] = a1;
-  s[2] = a2;
-  s[3] = a3;
-  s[4] = b0;
-  s[5] = b1;
-  s[6] = b2;
-  s[7] = b3;
+#undef TR_TERM
+  s[0] = a00; s[1] = a01; s[2] = a02; s[3] = a03;
+  s[4] = a10; s[5] = a11; s[6] = a12; s[7] = a13;
+  s[8] = a20; s[9] = a21; s[10] = a22; s[11] = a23;
+  s[12] = a30; s[13] = a31; s[14] = a32; s[15] = a33;
 }
 
 // What one pick does to tokens [j0, j1) of a row: lower md by the distances to `pick` and
-// track the best two eligible tokens (if track). Where the pick's distances are not known
-// yet, one pass over X computes them together with the distances to `cand` (the runner-up
-// of the last pick, the likely next pick), stored in cd; where they are (pick == the last
-// pass's candidate), cd is read instead of X, or the Gram row when G is kept (cosine).
+// track the best eligible tokens (if track). Where the pick's distances are not known yet
+// (slot < 0), one pass over X computes them together with the distances to the candidates
+// cand[0..kCand) (the runners-up of the last step, the likely next picks; -1: none), stored
+// in cd[c * N + j]; where they are known (the pick was a candidate of the last pass, in
+// slot `slot` of cd), cd is read instead of X; with a kept Gram matrix G (cosine), its row.
 // `reverse` visits the 4-token blocks last to first.
 template <typename acc, bool cosine>
-Best2<acc> sweep(const Rows<acc>& R, const acc* G, int64_t N, int64_t D, int64_t pick,
-                 int64_t cand, bool from_cd, int64_t j0, int64_t j1, bool reverse, acc* md,
+BestK<acc> sweep(const Rows<acc>& R, const acc* G, int64_t N, int64_t D, int64_t pick,
+                 const int64_t* cand, int slot, int64_t j0, int64_t j1, bool reverse, acc* md,
                  acc* cd, const uint8_t* elig, bool track) {
-  Best2<acc> best;
+  BestK<acc> best;
   if (j1 <= j0) return best;
   const acc ip = R.inv[pick];
-  if (G != nullptr || from_cd) {
+  if (G != nullptr || slot >= 0) {
     const acc* g = G != nullptr ? G + pick * N : nullptr;
+    const acc* known = G != nullptr ? nullptr : cd + slot * N;
     for (int64_t j = j0; j < j1; ++j) {
-      const acc d = g != nullptr ? acc(1) - g[j] * ip * R.inv[j] : cd[j];
+      const acc d = g != nullptr ? acc(1) - g[j] * ip * R.inv[j] : known[j];
       md[j] = d < md[j] ? d : md[j];
       if (track && elig[j]) best.push(md[j], j);
     }
     return best;
   }
-  const acc* p = R.ptr + pick * R.ld;
-  const bool spec = cand >= 0;
-  const acc* c = spec ? R.ptr + cand * R.ld : p;
-  const acc ic = spec ? R.inv[cand] : ip;
+  const acc* vec[kCand + 1];
+  acc inv[kCand + 1];
+  vec[0] = R.ptr + pick * R.ld;
+  inv[0] = ip;
+  int nv = 1;  // vectors in use: the pick, then the candidates that exist
+  for (int c = 0; c < kCand; ++c) {
+    const bool on = cand[c] >= 0;
+    vec[c + 1] = on ? R.ptr + cand[c] * R.ld : vec[0];
+    inv[c + 1] = on ? R.inv[cand[c]] : ip;
+    if (on) nv = c + 2;
+  }
   const int64_t nblk = (j1 - j0 + 3) / 4;
-  acc s[8];
+  acc s[4 * (kCand + 1)];
   for (int64_t t = 0; t < nblk; ++t) {
     const int64_t j = j0 + 4 * (reverse ? nblk - 1 - t : t);
     const int64_t m = std::min<int64_t>(4, j1 - j);
     auto row = [&](int64_t q) { return R.ptr + (j + std::min<int64_t>(q, m - 1)) * R.ld; };
-    block4x2<acc, cosine>(p, c, row(0), row(1), row(2), row(3), D, s);
+    block4x4<acc, cosine>(vec, row(0), row(1), row(2), row(3), D, s);
     for (int64_t q = 0; q < m; ++q) {
       const int64_t jj = j + q;
+      for (int v = 1; v < nv; ++v) {
+        if (cand[v - 1] < 0) continue;
+        const acc e = s[4 * v + q];
+        cd[(v - 1) * N + jj] = cosine ? acc(1) - e * inv[v] * R.inv[jj] : std::sqrt(e);
+      }
       const acc d = cosine ? acc(1) - s[q] * ip * R.inv[jj] : std::sqrt(s[q]);
-      if (spec) cd[jj] = cosine ? acc(1) - s[4 + q] * ic * R.inv[jj] : std::sqrt(s[4 + q]);
       md[jj] = d < md[jj] ? d : md[jj];
       if (track && elig[jj]) best.push(md[jj], jj);
     }
@@ -234,13 +248,13 @@ Best2<acc> sweep(const Rows<acc>& R, const acc* G, int64_t N, int64_t D, int64_t
 }
 
 template <typename acc>
-Best2<acc> sweep_any(bool cosine, const Rows<acc>& R, const acc* G, int64_t N, int64_t D,
-                     int64_t pick, int64_t cand, bool from_cd, int64_t j0, int64_t j1,
+BestK<acc> sweep_any(bool cosine, const Rows<acc>& R, const acc* G, int64_t N, int64_t D,
+                     int64_t pick, const int64_t* cand, int slot, int64_t j0, int64_t j1,
                      bool reverse, acc* md, acc* cd, const uint8_t* elig, bool track) {
-  return cosine ? sweep<acc, true>(R, G, N, D, pick, cand, from_cd, j0, j1, reverse, md, cd,
-                                   elig, track)
-                : sweep<acc, false>(R, G, N, D, pick, cand, from_cd, j0, j1, reverse, md, cd,
-                                    elig, track);
+  return cosine ? sweep<acc, true>(R, G, N, D, pick, cand, slot, j0, j1, reverse, md, cd, elig,
+                                   track)
+                : sweep<acc, false>(R, G, N, D, pick, cand, slot, j0, j1, reverse, md, cd, elig,
+                                    track);
 }
 
 // DivPrune's start: the eligible token whose nearest other token is farthest. G: the full
@@ -305,7 +319,10 @@ Schedule choose_schedule(int64_t B, int64_t N, int64_t D, int64_t k, bool cosine
     const int64_t row_bytes = N * D * static_cast<int64_t>(acc_bytes);
     const int64_t budget = cache_budget_bytes();
     if (B < threads) return Schedule::kSplit;
-    if (row_bytes > budget && row_bytes / threads <= budget) return Schedule::kSplit;
+    // the passes are near the FMA limit while X is in L2 (40 vs 34 ns per token and pick
+    // for a 2.25 MB row vs a 1.1 MB one, one thread): splitting pays its per-pick barriers
+    // only when the row overflows L2 well, and a loaded machine makes them costlier
+    if (row_bytes > 2 * budget && row_bytes / threads <= budget) return Schedule::kSplit;
   }
 #endif
   return Schedule::kRows;
@@ -352,23 +369,31 @@ void prepare(Prepared<acc>& P, const at::Tensor& x, int64_t b, int64_t k, bool c
   }
 }
 
-// The pick loop's state between picks: whether the new pick's distances are already in cd
-// (it was the last pass's candidate), and the candidate for the next pass. Every thread of
-// the split schedule steps the same state from the same merged Best2.
+// The pick loop's state between picks: which tokens' distances cd holds (the candidates of
+// the last pass over X), and the candidates of the next pass (the runners-up of the last
+// step). Every thread of the split schedule steps the same state from the same merged
+// BestK. On random tokens (N=576, D=1024, k=64) three candidates cut the passes over X
+// from 64 to about 24.
 struct Speculation {
-  int64_t cd_of = -1;  // the token whose distances cd holds
-  int64_t cand = -1;   // the candidate of the coming pass over X
-  bool from_cd = false;
-  // before pick i: does it read cd, or make a pass (with which candidate)?
+  int64_t cached[kCand] = {-1, -1, -1};  // cd's slots
+  int64_t cand[kCand] = {-1, -1, -1};    // the coming pass's candidates
+  int slot = -1;                         // the pick's slot in cd, or -1: a pass over X
+  // before a pick: read its distances from cd, or make a pass (candidates unless last)
   void start(int64_t pick, bool last) {
-    from_cd = pick == cd_of;
-    if (from_cd) cd_of = -1;
-    if (last || from_cd) cand = -1;  // no pass, or nothing left to speculate on
+    slot = -1;
+    for (int c = 0; c < kCand; ++c)
+      if (cached[c] == pick) slot = c;
+    if (slot >= 0) {
+      cached[slot] = -1;  // picked: never needed again
+    } else {
+      for (int c = 0; c < kCand; ++c) cached[c] = last ? -1 : cand[c];  // the pass fills cd
+      if (last)
+        for (int c = 0; c < kCand; ++c) cand[c] = -1;
+    }
   }
-  // after the pass (not from cd): cd now holds cand's distances
-  void finish(int64_t next_cand) {
-    if (!from_cd && cand >= 0) cd_of = cand;
-    cand = next_cand;
+  template <typename acc>
+  void finish(const BestK<acc>& best) {  // the step's runners-up: the next candidates
+    for (int c = 0; c < kCand; ++c) cand[c] = best.at[c + 1].index;
   }
 };
 
@@ -377,19 +402,22 @@ template <typename acc>
 void picks_serial(Prepared<acc>& P, int64_t N, int64_t D, int64_t k, bool cosine, acc* md,
                   int64_t* idx) {
   const acc* G = P.gram.empty() ? nullptr : P.gram.data();
-  std::vector<acc> cd(G ? 0 : N);
+  std::vector<acc> cd(G ? 0 : kCand * N);
   std::fill(md, md + N, std::numeric_limits<acc>::infinity());
   int64_t pick = P.first;
   Speculation sp;
+  int64_t passes = 0;
   for (int64_t i = 0; i < k; ++i) {
     idx[i] = pick;
     P.elig[pick] = 0;  // picked: never again
     const bool last = i + 1 == k;
     sp.start(pick, last);
-    const Best2<acc> best = sweep_any(cosine, P.R, G, N, D, pick, sp.cand, sp.from_cd, 0, N,
-                                      i % 2 == 1, md, cd.data(), P.elig.data(), !last);
-    sp.finish(best.second.index);
-    if (!last) pick = best.first.index;
+    const bool reverse = passes % 2 == 1;
+    if (sp.slot < 0) ++passes;
+    const BestK<acc> best = sweep_any(cosine, P.R, G, N, D, pick, sp.cand, sp.slot, 0, N,
+                                      reverse, md, cd.data(), P.elig.data(), !last);
+    sp.finish(best);
+    if (!last) pick = best.at[0].index;
   }
   for (int64_t i = 0; i < k; ++i) md[idx[i]] = acc(0);
 }
@@ -411,30 +439,33 @@ template <typename acc>
 void picks_split(Prepared<acc>& P, int64_t N, int64_t D, int64_t k, bool cosine, acc* md,
                  int64_t* idx, int64_t T) {
   std::fill(md, md + N, std::numeric_limits<acc>::infinity());
-  std::vector<acc> cd(N);
-  std::vector<Best2<acc>> posts(2 * T);  // double-buffered by pick parity
+  std::vector<acc> cd(kCand * N);
+  std::vector<BestK<acc>> posts(2 * T);  // double-buffered by pick parity
   SpinBarrier barrier;
   const int64_t step = (N + T - 1) / T;
   at::parallel_for(0, T, 1, [&](int64_t w0, int64_t w1) {
     int64_t pick = P.first;
     Speculation sp;
+    int64_t passes = 0;
     for (int64_t i = 0; i < k; ++i) {
       const bool last = i + 1 == k;
       sp.start(pick, last);
+      const bool reverse = passes % 2 == 1;
+      if (sp.slot < 0) ++passes;
       for (int64_t w = w0; w < w1; ++w) {
         const int64_t j0 = std::min(N, w * step), j1 = std::min(N, (w + 1) * step);
         if (pick >= j0 && pick < j1) P.elig[pick] = 0;  // the slice's owner clears it
         if (w == 0) idx[i] = pick;
         posts[(i % 2) * T + w] =
             sweep_any(cosine, P.R, static_cast<const acc*>(nullptr), N, D, pick, sp.cand,
-                      sp.from_cd, j0, j1, i % 2 == 1, md, cd.data(), P.elig.data(), !last);
+                      sp.slot, j0, j1, reverse, md, cd.data(), P.elig.data(), !last);
       }
       if (last) break;
       barrier.wait(w1 - w0, (i + 1) * T);
-      Best2<acc> best;
+      BestK<acc> best;
       for (int64_t w = 0; w < T; ++w) best.merge(posts[(i % 2) * T + w]);
-      sp.finish(best.second.index);
-      pick = best.first.index;
+      sp.finish(best);
+      pick = best.at[0].index;
     }
   });
   for (int64_t i = 0; i < k; ++i) md[idx[i]] = acc(0);
