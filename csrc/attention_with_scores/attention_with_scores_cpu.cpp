@@ -264,6 +264,26 @@ void attention_cpu_impl(const at::Tensor& q, const at::Tensor& k, const at::Tens
   });
 }
 
+// scores [B, Nk] = the per-task column sums partial [B, S, Nk] added in slot order, on the
+// calling thread: a few thousand adds, where a parallel at::sum would wake the thread pool
+// a second time (milliseconds on a loaded machine).
+at::Tensor sum_slots(const at::Tensor& partial) {
+  const int64_t B = partial.size(0), S = partial.size(1), Nk = partial.size(2);
+  at::Tensor scores = at::zeros({B, Nk}, partial.options());
+  AT_DISPATCH_FLOATING_TYPES(partial.scalar_type(), "attention_with_scores_sum_slots", [&] {
+    const scalar_t* pp = partial.data_ptr<scalar_t>();
+    scalar_t* sp = scores.data_ptr<scalar_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      scalar_t* row = sp + b * Nk;
+      for (int64_t t = 0; t < S; ++t) {
+        const scalar_t* src = pp + (b * S + t) * Nk;
+        for (int64_t j = 0; j < Nk; ++j) row[j] += src[j];
+      }
+    }
+  });
+  return scores;
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_with_scores_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, double scale,
     bool causal, const std::optional<at::Tensor>& key_bias,
@@ -317,7 +337,7 @@ std::tuple<at::Tensor, at::Tensor> attention_with_scores_cpu(
       attention_cpu_impl<scalar_t>(q, k, v, scale, causal, bias, row_weight, out, partial, chunks,
                                    blocks_per_chunk, bq);
     });
-    return {out, partial.sum(1)};
+    return {out, sum_slots(partial)};
   }
   return {out, at::zeros({B, Nk}, q.options().dtype(acc_dtype))};
 }
