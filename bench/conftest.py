@@ -38,8 +38,8 @@ def _is_quick(config) -> bool:
 
 def pytest_generate_tests(metafunc):
     if "case" in metafunc.fixturenames:
-        cases = bench.cases(quick=_is_quick(metafunc.config))
-        metafunc.parametrize("case", cases, ids=[c.op for c in cases])
+        cases = bench.cases(quick=_is_quick(metafunc.config), variants=True)
+        metafunc.parametrize("case", cases, ids=[c.test_id for c in cases])
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,12 @@
 //    exp(s - lse) into the columns.
 // Column sums go to a per-task slot and are reduced in a fixed order afterwards:
 // the result is deterministic and independent of the thread count.
+// GCC vectorises with 256-bit registers by default even where AVX-512 is there; the row
+// loops (max, exp, column sums) run twice as wide with 512-bit ones. For the whole file,
+// headers included, so every inline helper is compiled with the same target options.
+#if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__)
+#pragma GCC target("prefer-vector-width=512")
+#endif
 #include <torch/library.h>
 
 #include "../common/cpu_utils.h"
@@ -25,6 +31,21 @@ constexpr int64_t kSinglePassMaxKeys = 4096;
 constexpr int64_t kTileElems = int64_t(1) << 17;  // score tile budget per thread
 constexpr int64_t kKeyBlock = 1024;                // key block of the two-pass path
 constexpr int64_t kTargetTasks = 64;
+
+// MKL's per-thread thread count (weak: absent without MKL). The kernel's parallelism is
+// over its tasks; its block GEMMs must be sequential even where the tasks run on the
+// calling thread (small inputs), or MKL's threaded GEMM would make the bits depend on the
+// thread count.
+extern "C" int MKL_Set_Num_Threads_Local(int nth) __attribute__((weak));
+struct SequentialBlas {
+  int prev = 0;
+  SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) prev = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(prev);
+  }
+};
 
 template <typename acc>
 struct Slice {  // a [rows, cols] row-major view in acc, either borrowed or converted
@@ -73,6 +94,7 @@ void attention_cpu_impl(const at::Tensor& q, const at::Tensor& k, const at::Tens
   constexpr acc kNegInf = -std::numeric_limits<acc>::infinity();
 
   parallel_for_cost(ntasks, group * blocks_per_chunk * bq * Nk * (Dh + Dv), [&](int64_t t0, int64_t t1) {
+    const SequentialBlas sequential_blas;
     Slice<acc> K, V;
     const int64_t kb = single_pass ? Nk : std::min(Nk, kKeyBlock);
     std::vector<acc> Q(bq * Dh), Qs(bq * Dh), S(std::max<int64_t>(bq * kb, 1)), O(bq * Dv), Ot(bq * Dv);
@@ -110,16 +132,35 @@ void attention_cpu_impl(const at::Tensor& q, const at::Tensor& k, const at::Tens
             for (int64_t r = 0; r < m; ++r) {
               acc* s = S.data() + r * jend;
               const int64_t lim = row_limit(r);
-              if (brow) {
-#pragma omp simd
-                for (int64_t j = 0; j < lim; ++j) s[j] += brow[j];
-              }
-              acc mx = kNegInf;
-              for (int64_t j = 0; j < lim; ++j) mx = (s[j] > mx || s[j] != s[j]) ? s[j] : mx;  // NaN sticks
-              if (lim <= 0 || mx == kNegInf) {  // no admissible key: the row is zero
+              rsum[r] = acc(0);  // 1 / row sum after the loop: O and the scores are scaled by it
+              if (lim <= 0) {
                 std::fill(s, s + jend, acc(0));
                 continue;
               }
+              // row max (vectorised; NaN is skipped here and found below), bias added in the pass
+              acc mx = kNegInf;
+              if (brow) {
+#pragma omp simd reduction(max : mx)
+                for (int64_t j = 0; j < lim; ++j) {
+                  const acc t = s[j] + brow[j];
+                  s[j] = t;
+                  mx = t > mx ? t : mx;
+                }
+              } else {
+#pragma omp simd reduction(max : mx)
+                for (int64_t j = 0; j < lim; ++j) mx = s[j] > mx ? s[j] : mx;
+              }
+              if (mx == kNegInf) {
+                // no finite logit: a NaN makes the row NaN (as eager), else the row is zero
+                bool has_nan = false;
+                for (int64_t j = 0; j < lim && !has_nan; ++j) has_nan = s[j] != s[j];
+                if (!has_nan) {
+                  std::fill(s, s + jend, acc(0));
+                  continue;
+                }
+                mx = std::numeric_limits<acc>::quiet_NaN();
+              }
+              // exp and sum (a NaN logit makes the sum, hence the row, NaN); P stays unnormalised
               acc sum = 0;
 #pragma omp simd reduction(+ : sum)
               for (int64_t j = 0; j < lim; ++j) {
@@ -129,15 +170,20 @@ void attention_cpu_impl(const at::Tensor& q, const at::Tensor& k, const at::Tens
               }
               std::fill(s + lim, s + jend, acc(0));
               const acc inv = acc(1) / sum;
-              const acc w = static_cast<acc>(row_weight[i0 + r]);
-#pragma omp simd
-              for (int64_t j = 0; j < lim; ++j) s[j] *= inv;
-              if (w != acc(0)) {
+              rsum[r] = inv;
+              const acc w = static_cast<acc>(row_weight[i0 + r]) * inv;
+              if (row_weight[i0 + r] != 0.0) {
 #pragma omp simd
                 for (int64_t j = 0; j < lim; ++j) colsum[j] += w * s[j];
               }
             }
             gemm_ab(S.data(), jend, V.ptr, V.ld, O.data(), Dv, m, Dv, jend);
+            for (int64_t r = 0; r < m; ++r) {
+              acc* o = O.data() + r * Dv;
+              const acc inv = rsum[r];
+#pragma omp simd
+              for (int64_t d = 0; d < Dv; ++d) o[d] *= inv;
+            }
           } else {
             // pass 1: online softmax over key blocks -> O, row max and sum
             std::fill(rmax.begin(), rmax.begin() + m, kNegInf);
@@ -218,6 +264,26 @@ void attention_cpu_impl(const at::Tensor& q, const at::Tensor& k, const at::Tens
   });
 }
 
+// scores [B, Nk] = the per-task column sums partial [B, S, Nk] added in slot order, on the
+// calling thread: a few thousand adds, where a parallel at::sum would wake the thread pool
+// a second time (milliseconds on a loaded machine).
+at::Tensor sum_slots(const at::Tensor& partial) {
+  const int64_t B = partial.size(0), S = partial.size(1), Nk = partial.size(2);
+  at::Tensor scores = at::zeros({B, Nk}, partial.options());
+  AT_DISPATCH_FLOATING_TYPES(partial.scalar_type(), "attention_with_scores_sum_slots", [&] {
+    const scalar_t* pp = partial.data_ptr<scalar_t>();
+    scalar_t* sp = scores.data_ptr<scalar_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      scalar_t* row = sp + b * Nk;
+      for (int64_t t = 0; t < S; ++t) {
+        const scalar_t* src = pp + (b * S + t) * Nk;
+        for (int64_t j = 0; j < Nk; ++j) row[j] += src[j];
+      }
+    }
+  });
+  return scores;
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_with_scores_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, double scale,
     bool causal, const std::optional<at::Tensor>& key_bias,
@@ -255,6 +321,10 @@ std::tuple<at::Tensor, at::Tensor> attention_with_scores_cpu(
   const bool single_pass = Nk <= kSinglePassMaxKeys;
   int64_t bq = single_pass ? std::clamp<int64_t>(kTileElems / Nk, 16, 128) : 64;
   bq = std::max<int64_t>(std::min(bq, Nq), 1);
+  if (Nq > 0) {  // equal blocks: no thin tail GEMM
+    const int64_t nb = (Nq + bq - 1) / bq;
+    bq = (Nq + nb - 1) / nb;
+  }
   const int64_t nblocks = (Nq + bq - 1) / bq;
   const int64_t want = (kTargetTasks + B * Hkv - 1) / std::max<int64_t>(B * Hkv, 1);
   int64_t chunks = std::max<int64_t>(std::min(nblocks, want), 1);
@@ -267,7 +337,7 @@ std::tuple<at::Tensor, at::Tensor> attention_with_scores_cpu(
       attention_cpu_impl<scalar_t>(q, k, v, scale, causal, bias, row_weight, out, partial, chunks,
                                    blocks_per_chunk, bq);
     });
-    return {out, partial.sum(1)};
+    return {out, sum_slots(partial)};
   }
   return {out, at::zeros({B, Nk}, q.options().dtype(acc_dtype))};
 }

@@ -176,7 +176,47 @@ inline float fast_exp(float x) {
 }
 inline double fast_exp(double x) { return std::exp(x); }
 
-// ---- GEMM on raw row-major buffers through ATen (MKL/oneDNN underneath) ----
+// ---- GEMM on raw row-major buffers ----
+// Float and double go straight to the BLAS that ATen's CPU matmul calls (sgemm_/dgemm_,
+// MKL's Fortran interface exported by libtorch_cpu; declared weak: a torch without them
+// takes the at::mm_out path), saving the tensor wrapping and dispatch of each small GEMM
+// (several microseconds, a call per block in the attention kernel). Same routine, same
+// threading rule (single-threaded inside a parallel region) as at::mm.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+            const double* beta, double* c, const int* ldc) __attribute__((weak));
+}
+
+// Row-major C[m, n] = op(A) @ op(B) by the column-major BLAS: C^T = op(B)^T op(A)^T.
+// b_transposed: B is stored [n, kd] (C = A B^T), else [kd, n]. False if not handled.
+template <typename acc>
+inline bool blas_gemm_rowmajor(bool b_transposed, const acc* a, int64_t lda, const acc* b,
+                               int64_t ldb, acc* c, int64_t ldc, int64_t m, int64_t n,
+                               int64_t kd) {
+  constexpr int64_t kMax = std::numeric_limits<int>::max();
+  if (m > kMax || n > kMax || kd > kMax || lda > kMax || ldb > kMax || ldc > kMax) return false;
+  const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(kd);
+  const int LA = static_cast<int>(ldb), LB = static_cast<int>(lda), LC = static_cast<int>(ldc);
+  const char ta = b_transposed ? 'T' : 'N', tb = 'N';
+  if ((b_transposed ? LA < K : LA < M) || LB < K || LC < M) return false;
+  if constexpr (std::is_same_v<acc, float>) {
+    if (sgemm_ == nullptr) return false;
+    const float one = 1.0f, zero = 0.0f;
+    sgemm_(&ta, &tb, &M, &N, &K, &one, b, &LA, a, &LB, &zero, c, &LC);
+    return true;
+  } else if constexpr (std::is_same_v<acc, double>) {
+    if (dgemm_ == nullptr) return false;
+    const double one = 1.0, zero = 0.0;
+    dgemm_(&ta, &tb, &M, &N, &K, &one, b, &LA, a, &LB, &zero, c, &LC);
+    return true;
+  }
+  return false;
+}
+
 // C[m, n] = A[m, kd] @ B[n, kd]^T, with leading dimensions lda, ldb, ldc (unit inner stride).
 template <typename acc>
 inline void gemm_abt(const acc* a, int64_t lda, const acc* b, int64_t ldb, acc* c, int64_t ldc,
@@ -188,6 +228,7 @@ inline void gemm_abt(const acc* a, int64_t lda, const acc* b, int64_t ldb, acc* 
       for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = 0;
     return;
   }
+  if (blas_gemm_rowmajor(true, a, lda, b, ldb, c, ldc, m, n, kd)) return;
   at::Tensor A = at::from_blob(const_cast<acc*>(a), {m, kd}, {lda, 1}, opts);
   at::Tensor B = at::from_blob(const_cast<acc*>(b), {n, kd}, {ldb, 1}, opts);
   at::Tensor C = at::from_blob(c, {m, n}, {ldc, 1}, opts);
@@ -205,6 +246,7 @@ inline void gemm_ab(const acc* a, int64_t lda, const acc* b, int64_t ldb, acc* c
       for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = 0;
     return;
   }
+  if (blas_gemm_rowmajor(false, a, lda, b, ldb, c, ldc, m, n, kd)) return;
   at::Tensor A = at::from_blob(const_cast<acc*>(a), {m, kd}, {lda, 1}, opts);
   at::Tensor B = at::from_blob(const_cast<acc*>(b), {kd, n}, {ldb, 1}, opts);
   at::Tensor C = at::from_blob(c, {m, n}, {ldc, 1}, opts);

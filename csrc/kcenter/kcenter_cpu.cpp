@@ -1,14 +1,47 @@
 // kcenter on the CPU: greedy max-min (Gonzalez) selection, DivPrune's k-center.
+// (Over 400 lines: the three schedules share the sweep, its micro-kernel, the speculation
+// state and the cost model; split into files they would need a header of these internals.)
 //
-// One task per batch row (or, when the batch is smaller than the thread count, the
-// token loop of each pick is split over threads). Per pick the kernel streams the
-// tokens once: it computes each token's distance to the new pick, lowers its running
-// min-distance, and tracks the arg-max of the eligible, not-yet-picked tokens in the
-// same pass (ties to the smallest index). No N x N matrix is formed; the memory beyond
-// the outputs is one float copy of the rows (only when they are not float already).
-// "isolated" (DivPrune's first pick, the token farthest from its nearest neighbour)
-// needs all pairwise distances: they are computed in row tiles with a GEMM.
+// Each pick lowers every token's running min-distance by its distance to the new pick and
+// takes the farthest eligible, not-yet-picked token next (ties to the smallest index). The
+// picks are sequential, so the work is k passes over a batch row's tokens X [N, D]. What
+// limits it is where X comes from on each pass: streamed from memory/L3 it is bandwidth-
+// bound; resident in the core's L2 it runs several times faster. So the kernel runs all k
+// picks of a batch row while that row (or the thread's slice of it) stays cache-resident,
+// choosing one of three schedules by a cost model (`choose_schedule`):
+//  * rows:  one batch row per thread (B >= threads, the row within twice the per-core
+//           cache budget), no synchronisation; the sweep direction alternates each pass,
+//           so the part of X that the last pass left in cache is read first.
+//  * split: every thread owns a slice of the row's tokens (B < threads, or the row is
+//           over twice one core's cache budget but its slices fit): per pick each thread
+//           sweeps its slice, posts its best token, and after a spin barrier all threads
+//           reduce the posts in slice order (ties keep the smaller index), the same on
+//           every thread. Needs the OpenMP backend (the team's threads run concurrently).
+//  * gram:  cosine with k/N large: one GEMM X X^T [N, N] (at GEMM speed, ~3x the flop rate
+//           of the pick sweeps) and then k cheap passes over rows of the Gram matrix; it
+//           wins when N^2 D / r_gemm < k N D / r_sweep, i.e. k >= N / kGramRatio.
+// TOKENREDUCE_KCENTER_SCHEDULE=rows|split|gram (read per call; default: the cost model)
+// forces a schedule where it applies (gram: cosine only; split: OpenMP builds), for
+// benchmarks and tests.
+// Speculation: each pass over X also computes the distances to the last step's three
+// runners-up (the likely next picks; `Speculation`); a pick among them reads its stored
+// distances instead of X. Exact: the picks and mindist are those of the plain greedy, with
+// about 24 instead of 64 passes at N=576 D=1024 k=64 (random tokens). Measured (one
+// thread, same run): the gram schedule costs ~3x the sweeps at k = N/9, so it wins from
+// k ~ N/3 (kGramRatio).
+// Every distance is computed by the same 4-row x 4-vector micro-kernel whatever the
+// schedule, slice, slot or position (a partial block repeats its last row), so identical
+// tokens get bit-identical distances (ties resolve by index) and the result does not
+// depend on the thread count or the batch split. "isolated" (DivPrune's first pick, the
+// token farthest from its nearest neighbour) needs all pairwise distances: row tiles of a
+// GEMM (or the kept Gram matrix).
 #include <torch/library.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <string>
+#include <thread>
 
 #include "../common/cpu_utils.h"
 #include "kcenter_checks.h"
@@ -17,7 +50,23 @@ namespace tokenreduce {
 namespace {
 
 constexpr const char* kOp = "kcenter";
-constexpr int64_t kTile = 256;  // row tile of the nearest-neighbour GEMM
+constexpr int64_t kTile = 256;        // row tile of the nearest-neighbour GEMM
+constexpr int64_t kGramRatio = 3;     // gram schedule when k >= N / kGramRatio (cosine)
+constexpr int64_t kGramMinN = 128;    // ... and N at least this (small rows: sweeps are cheap)
+constexpr int64_t kGramMaxElems = int64_t(1) << 24;  // N^2 floats kept per thread at most
+constexpr int64_t kSplitMinWork = int64_t(1) << 15;  // floats per thread and pick in split
+
+// Per-core cache budget for the resident rows: 3/4 of L2 (sysconf), 1 MiB if unknown.
+int64_t cache_budget_bytes() {
+  static const int64_t bytes = [] {
+    long l2 = -1;
+#ifdef _SC_LEVEL2_CACHE_SIZE
+    l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    return static_cast<int64_t>(l2 > 0 ? l2 : (1 << 20)) * 3 / 4;
+  }();
+  return bytes;
+}
 
 template <typename acc>
 struct Rows {  // the batch row's tokens as acc rows (borrowed or converted) and 1/norms
@@ -54,29 +103,190 @@ void load_rows(Rows<acc>& R, const scalar_t* base, int64_t row_stride, int64_t N
   }
 }
 
+// Best (value, index): larger value, ties to the smaller index, in any visiting order.
 template <typename acc>
-inline acc distance(const Rows<acc>& R, int64_t i, int64_t j, int64_t D, bool cosine) {
-  if (cosine) return acc(1) - dot(R.ptr + i * R.ld, R.ptr + j * R.ld, D) * R.inv[i] * R.inv[j];
-  return std::sqrt(sqdist(R.ptr + i * R.ld, R.ptr + j * R.ld, D));
+struct Best {
+  acc value = -std::numeric_limits<acc>::infinity();
+  int64_t index = -1;
+  inline void push(acc v, int64_t i) {
+    if (v != v) return;  // NaN never wins
+    if (index < 0 || v > value || (v == value && i < index)) {
+      value = v;
+      index = i;
+    }
+  }
+};
+
+constexpr int kCand = 3;  // speculative candidates per pass over X
+
+// The best kCand + 1 (value, index) under Best's order, best first: the next pick and the
+// runners-up, the speculative candidates of the next pass over X (see `Speculation`).
+template <typename acc>
+struct BestK {
+  Best<acc> at[kCand + 1];
+  static inline bool better(acc v, int64_t i, const Best<acc>& b) {
+    return b.index < 0 || v > b.value || (v == b.value && i < b.index);
+  }
+  inline void push(acc v, int64_t i) {
+    if (v != v || !better(v, i, at[kCand])) return;  // NaN never wins
+    int r = kCand;
+    while (r > 0 && better(v, i, at[r - 1])) {
+      at[r] = at[r - 1];
+      --r;
+    }
+    at[r].value = v;
+    at[r].index = i;
+  }
+  inline void merge(const BestK& o) {
+    for (const auto& e : o.at)
+      if (e.index >= 0) push(e.value, e.index);
+  }
+};
+
+// For four rows r_q and four vectors v (the pick and up to three candidates; unused ones
+// repeat the pick): s[4 * v + q] = <v, r_q> (cosine) or |v - r_q|^2 (l2). The one code path
+// for every distance the sweeps compute, so each (vector, token) pair gets the same bits
+// whichever slot, block or schedule computes it. 16 FMAs per 8 loads: with 512-bit vectors
+// it runs near the FMA limit while X streams from L2.
+// GCC vectorises with 256-bit registers by default even where AVX-512 is there; this loop
+// is FMA-bound, so it asks for 512-bit ones (a preference only: no AVX-512, no effect).
+#if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__)
+#define TR_WIDE_VECTORS __attribute__((target("prefer-vector-width=512")))
+#else
+#define TR_WIDE_VECTORS
+#endif
+
+template <typename acc, bool cosine>
+TR_WIDE_VECTORS void block4x4(const acc* const* v, const acc* r0, const acc* r1, const acc* r2,
+                              const acc* r3, int64_t D, acc* s) {
+  const acc *v0 = v[0], *v1 = v[1], *v2 = v[2], *v3 = v[3];
+  acc a00 = 0, a01 = 0, a02 = 0, a03 = 0, a10 = 0, a11 = 0, a12 = 0, a13 = 0;
+  acc a20 = 0, a21 = 0, a22 = 0, a23 = 0, a30 = 0, a31 = 0, a32 = 0, a33 = 0;
+#define TR_TERM(vv, xx) (cosine ? (vv) * (xx) : ((vv) - (xx)) * ((vv) - (xx)))
+#pragma omp simd reduction(+ : a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, \
+                               a30, a31, a32, a33)
+  for (int64_t d = 0; d < D; ++d) {
+    const acc x0 = r0[d], x1 = r1[d], x2 = r2[d], x3 = r3[d];
+    const acc p0 = v0[d], p1 = v1[d], p2 = v2[d], p3 = v3[d];
+    a00 += TR_TERM(p0, x0);
+    a01 += TR_TERM(p0, x1);
+    a02 += TR_TERM(p0, x2);
+    a03 += TR_TERM(p0, x3);
+    a10 += TR_TERM(p1, x0);
+    a11 += TR_TERM(p1, x1);
+    a12 += TR_TERM(p1, x2);
+    a13 += TR_TERM(p1, x3);
+    a20 += TR_TERM(p2, x0);
+    a21 += TR_TERM(p2, x1);
+    a22 += TR_TERM(p2, x2);
+    a23 += TR_TERM(p2, x3);
+    a30 += TR_TERM(p3, x0);
+    a31 += TR_TERM(p3, x1);
+    a32 += TR_TERM(p3, x2);
+    a33 += TR_TERM(p3, x3);
+  }
+#undef TR_TERM
+  s[0] = a00; s[1] = a01; s[2] = a02; s[3] = a03;
+  s[4] = a10; s[5] = a11; s[6] = a12; s[7] = a13;
+  s[8] = a20; s[9] = a21; s[10] = a22; s[11] = a23;
+  s[12] = a30; s[13] = a31; s[14] = a32; s[15] = a33;
 }
 
-// DivPrune's start: the eligible token whose nearest other token is farthest.
+// What one pick does to tokens [j0, j1) of a row: lower md by the distances to `pick` and
+// track the best eligible tokens (if track). Where the pick's distances are not known yet
+// (slot < 0), one pass over X computes them together with the distances to the candidates
+// cand[0..kCand) (the runners-up of the last step, the likely next picks; -1: none), stored
+// in cd[c * N + j]; where they are known (the pick was a candidate of the last pass, in
+// slot `slot` of cd), cd is read instead of X; with a kept Gram matrix G (cosine), its row.
+// `reverse` visits the 4-token blocks last to first.
+template <typename acc, bool cosine>
+BestK<acc> sweep(const Rows<acc>& R, const acc* G, int64_t N, int64_t D, int64_t pick,
+                 const int64_t* cand, int slot, int64_t j0, int64_t j1, bool reverse, acc* md,
+                 acc* cd, const uint8_t* elig, bool track) {
+  BestK<acc> best;
+  if (j1 <= j0) return best;
+  const acc ip = R.inv[pick];
+  if (G != nullptr || slot >= 0) {
+    const acc* g = G != nullptr ? G + pick * N : nullptr;
+    const acc* known = G != nullptr ? nullptr : cd + slot * N;
+    for (int64_t j = j0; j < j1; ++j) {
+      const acc d = g != nullptr ? acc(1) - g[j] * ip * R.inv[j] : known[j];
+      md[j] = d < md[j] ? d : md[j];
+      if (track && elig[j]) best.push(md[j], j);
+    }
+    return best;
+  }
+  const acc* vec[kCand + 1];
+  acc inv[kCand + 1];
+  vec[0] = R.ptr + pick * R.ld;
+  inv[0] = ip;
+  int nv = 1;  // vectors in use: the pick, then the candidates that exist
+  for (int c = 0; c < kCand; ++c) {
+    const bool on = cand[c] >= 0;
+    vec[c + 1] = on ? R.ptr + cand[c] * R.ld : vec[0];
+    inv[c + 1] = on ? R.inv[cand[c]] : ip;
+    if (on) nv = c + 2;
+  }
+  const int64_t nblk = (j1 - j0 + 3) / 4;
+  acc s[4 * (kCand + 1)];
+  for (int64_t t = 0; t < nblk; ++t) {
+    const int64_t j = j0 + 4 * (reverse ? nblk - 1 - t : t);
+    const int64_t m = std::min<int64_t>(4, j1 - j);
+    auto row = [&](int64_t q) { return R.ptr + (j + std::min<int64_t>(q, m - 1)) * R.ld; };
+    block4x4<acc, cosine>(vec, row(0), row(1), row(2), row(3), D, s);
+    for (int64_t q = 0; q < m; ++q) {
+      const int64_t jj = j + q;
+      for (int v = 1; v < nv; ++v) {
+        if (cand[v - 1] < 0) continue;
+        const acc e = s[4 * v + q];
+        cd[(v - 1) * N + jj] = cosine ? acc(1) - e * inv[v] * R.inv[jj] : std::sqrt(e);
+      }
+      const acc d = cosine ? acc(1) - s[q] * ip * R.inv[jj] : std::sqrt(s[q]);
+      md[jj] = d < md[jj] ? d : md[jj];
+      if (track && elig[jj]) best.push(md[jj], jj);
+    }
+  }
+  return best;
+}
+
 template <typename acc>
-int64_t isolated_start(const Rows<acc>& R, int64_t N, int64_t D, bool cosine, const bool* elig) {
+BestK<acc> sweep_any(bool cosine, const Rows<acc>& R, const acc* G, int64_t N, int64_t D,
+                     int64_t pick, const int64_t* cand, int slot, int64_t j0, int64_t j1,
+                     bool reverse, acc* md, acc* cd, const uint8_t* elig, bool track) {
+  return cosine ? sweep<acc, true>(R, G, N, D, pick, cand, slot, j0, j1, reverse, md, cd, elig,
+                                   track)
+                : sweep<acc, false>(R, G, N, D, pick, cand, slot, j0, j1, reverse, md, cd, elig,
+                                    track);
+}
+
+// DivPrune's start: the eligible token whose nearest other token is farthest. G: the full
+// Gram matrix if kept (else computed here in row tiles).
+template <typename acc>
+int64_t isolated_start(const Rows<acc>& R, const acc* G, int64_t N, int64_t D, bool cosine,
+                       const uint8_t* elig) {
   std::vector<acc> nn(N, std::numeric_limits<acc>::infinity());
-  std::vector<acc> tile(kTile * std::min(N, kTile));
+  std::vector<acc> tile(G ? 0 : kTile * std::min(N, kTile));
   for (int64_t i0 = 0; i0 < N; i0 += kTile) {
     const int64_t mi = std::min(kTile, N - i0);
     for (int64_t j0 = 0; j0 < N; j0 += kTile) {
       const int64_t mj = std::min(kTile, N - j0);
-      gemm_abt(R.ptr + i0 * R.ld, R.ld, R.ptr + j0 * R.ld, R.ld, tile.data(), mj, mi, mj, D);
+      const acc* gt;
+      int64_t ldg;
+      if (G) {
+        gt = G + i0 * N + j0;
+        ldg = N;
+      } else {
+        gemm_abt(R.ptr + i0 * R.ld, R.ld, R.ptr + j0 * R.ld, R.ld, tile.data(), mj, mi, mj, D);
+        gt = tile.data();
+        ldg = mj;
+      }
       for (int64_t a = 0; a < mi; ++a) {
         const int64_t i = i0 + a;
         acc best = nn[i];
         for (int64_t c = 0; c < mj; ++c) {
           const int64_t j = j0 + c;
           if (j == i) continue;
-          const acc g = tile[a * mj + c];
+          const acc g = gt[a * ldg + c];
           const acc d = cosine ? acc(1) - g * R.inv[i] * R.inv[j]
                                : std::sqrt(std::max(R.sq[i] + R.sq[j] - acc(2) * g, acc(0)));
           best = d < best ? d : best;
@@ -85,10 +295,182 @@ int64_t isolated_start(const Rows<acc>& R, int64_t N, int64_t D, bool cosine, co
       }
     }
   }
-  ArgMax<acc> am;
+  Best<acc> am;
   for (int64_t i = 0; i < N; ++i)
     if (elig[i]) am.push(N > 1 ? nn[i] : acc(0), i);
   return am.index;
+}
+
+enum class Schedule { kRows, kSplit, kGram };
+
+// The cost model (see the top of the file), unless TOKENREDUCE_KCENTER_SCHEDULE forces one.
+Schedule choose_schedule(int64_t B, int64_t N, int64_t D, int64_t k, bool cosine,
+                         size_t acc_bytes, int64_t threads) {
+  if (const char* env = std::getenv("TOKENREDUCE_KCENTER_SCHEDULE")) {
+    const std::string s(env);
+    if (s == "rows") return Schedule::kRows;
+    if (s == "gram" && cosine) return Schedule::kGram;
+#if AT_PARALLEL_OPENMP
+    if (s == "split" && threads > 1 && N >= 4 * threads) return Schedule::kSplit;
+#endif
+  }
+  if (cosine && N >= kGramMinN && k * kGramRatio >= N && N * N <= kGramMaxElems)
+    return Schedule::kGram;
+#if AT_PARALLEL_OPENMP
+  if (threads > 1 && N >= 4 * threads && (N * D) / threads >= kSplitMinWork) {
+    const int64_t row_bytes = N * D * static_cast<int64_t>(acc_bytes);
+    const int64_t budget = cache_budget_bytes();
+    if (B < threads) return Schedule::kSplit;
+    // the passes are near the FMA limit while X is in L2 (40 vs 34 ns per token and pick
+    // for a 2.25 MB row vs a 1.1 MB one, one thread): splitting pays its per-pick barriers
+    // only when the row overflows L2 well, and a loaded machine makes them costlier
+    if (row_bytes > 2 * budget && row_bytes / threads <= budget) return Schedule::kSplit;
+  }
+#endif
+  return Schedule::kRows;
+}
+
+// A batch row ready for its picks: tokens, eligibility, first pick, optional Gram matrix.
+template <typename acc>
+struct Prepared {
+  Rows<acc> R;
+  std::vector<uint8_t> elig;
+  std::vector<acc> gram;
+  int64_t first = 0;
+};
+
+template <typename scalar_t, typename acc>
+void prepare(Prepared<acc>& P, const at::Tensor& x, int64_t b, int64_t k, bool cosine,
+             const int64_t* first, bool isolated, const bool* mask, bool keep_gram) {
+  const int64_t N = x.size(1), D = x.size(2);
+  load_rows<scalar_t, acc>(P.R, x.data_ptr<scalar_t>() + b * x.stride(0), x.stride(1), N, D,
+                           cosine, b);
+  P.elig.assign(N, 1);
+  if (mask) {
+    for (int64_t n = 0; n < N; ++n) P.elig[n] = mask[b * N + n];
+  }
+  int64_t n_elig = 0;
+  for (int64_t n = 0; n < N; ++n) n_elig += P.elig[n];
+  TORCH_CHECK_VALUE(k <= n_elig, "tokenreduce.kcenter: k=", k, " exceeds the ", n_elig,
+                    " eligible tokens of batch ", b);
+  if (keep_gram) {
+    P.gram.resize(N * N);
+    gemm_abt(P.R.ptr, P.R.ld, P.R.ptr, P.R.ld, P.gram.data(), N, N, N, D);
+  }
+  const acc* G = keep_gram ? P.gram.data() : nullptr;
+  if (isolated) {
+    P.first = isolated_start<acc>(P.R, G, N, D, cosine, P.elig.data());
+  } else {
+    int64_t pick = first[b];
+    TORCH_CHECK_INDEX(pick >= -N && pick < N, "tokenreduce.kcenter: first=", pick,
+                      " is out of range for N=", N, " (batch ", b, ")");
+    if (pick < 0) pick += N;
+    TORCH_CHECK_VALUE(P.elig[pick], "tokenreduce.kcenter: first=", pick,
+                      " is masked out in batch ", b);
+    P.first = pick;
+  }
+}
+
+// The pick loop's state between picks: which tokens' distances cd holds (the candidates of
+// the last pass over X), and the candidates of the next pass (the runners-up of the last
+// step). Every thread of the split schedule steps the same state from the same merged
+// BestK. On random tokens (N=576, D=1024, k=64) three candidates cut the passes over X
+// from 64 to about 24.
+struct Speculation {
+  int64_t cached[kCand] = {-1, -1, -1};  // cd's slots
+  int64_t cand[kCand] = {-1, -1, -1};    // the coming pass's candidates
+  int slot = -1;                         // the pick's slot in cd, or -1: a pass over X
+  // before a pick: read its distances from cd, or make a pass (candidates unless last)
+  void start(int64_t pick, bool last) {
+    slot = -1;
+    for (int c = 0; c < kCand; ++c)
+      if (cached[c] == pick) slot = c;
+    if (slot >= 0) {
+      cached[slot] = -1;  // picked: never needed again
+    } else {
+      for (int c = 0; c < kCand; ++c) cached[c] = last ? -1 : cand[c];  // the pass fills cd
+      if (last)
+        for (int c = 0; c < kCand; ++c) cand[c] = -1;
+    }
+  }
+  template <typename acc>
+  void finish(const BestK<acc>& best) {  // the step's runners-up: the next candidates
+    for (int c = 0; c < kCand; ++c) cand[c] = best.at[c + 1].index;
+  }
+};
+
+// All k picks of one batch row on the calling thread.
+template <typename acc>
+void picks_serial(Prepared<acc>& P, int64_t N, int64_t D, int64_t k, bool cosine, acc* md,
+                  int64_t* idx) {
+  const acc* G = P.gram.empty() ? nullptr : P.gram.data();
+  std::vector<acc> cd(G ? 0 : kCand * N);
+  std::fill(md, md + N, std::numeric_limits<acc>::infinity());
+  int64_t pick = P.first;
+  Speculation sp;
+  int64_t passes = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    idx[i] = pick;
+    P.elig[pick] = 0;  // picked: never again
+    const bool last = i + 1 == k;
+    sp.start(pick, last);
+    const bool reverse = passes % 2 == 1;
+    if (sp.slot < 0) ++passes;
+    const BestK<acc> best = sweep_any(cosine, P.R, G, N, D, pick, sp.cand, sp.slot, 0, N,
+                                      reverse, md, cd.data(), P.elig.data(), !last);
+    sp.finish(best);
+    if (!last) pick = best.at[0].index;
+  }
+  for (int64_t i = 0; i < k; ++i) md[idx[i]] = acc(0);
+}
+
+// Spin barrier over a fixed number of arrivals per round (monotonic counter, no reset).
+struct SpinBarrier {
+  std::atomic<int64_t> count{0};
+  void wait(int64_t arrivals, int64_t target) {
+    count.fetch_add(arrivals, std::memory_order_acq_rel);
+    for (int spins = 0; count.load(std::memory_order_acquire) < target; ++spins) {
+      if (spins > 256) std::this_thread::yield();  // a loaded machine: let the peer run
+    }
+  }
+};
+
+// All k picks of one batch row, its tokens split into T slices over the OpenMP team.
+// Chunk [w0, w1) of [0, T) plays slices w0..w1-1, so any team size completes every round.
+template <typename acc>
+void picks_split(Prepared<acc>& P, int64_t N, int64_t D, int64_t k, bool cosine, acc* md,
+                 int64_t* idx, int64_t T) {
+  std::fill(md, md + N, std::numeric_limits<acc>::infinity());
+  std::vector<acc> cd(kCand * N);
+  std::vector<BestK<acc>> posts(2 * T);  // double-buffered by pick parity
+  SpinBarrier barrier;
+  const int64_t step = (N + T - 1) / T;
+  at::parallel_for(0, T, 1, [&](int64_t w0, int64_t w1) {
+    int64_t pick = P.first;
+    Speculation sp;
+    int64_t passes = 0;
+    for (int64_t i = 0; i < k; ++i) {
+      const bool last = i + 1 == k;
+      sp.start(pick, last);
+      const bool reverse = passes % 2 == 1;
+      if (sp.slot < 0) ++passes;
+      for (int64_t w = w0; w < w1; ++w) {
+        const int64_t j0 = std::min(N, w * step), j1 = std::min(N, (w + 1) * step);
+        if (pick >= j0 && pick < j1) P.elig[pick] = 0;  // the slice's owner clears it
+        if (w == 0) idx[i] = pick;
+        posts[(i % 2) * T + w] =
+            sweep_any(cosine, P.R, static_cast<const acc*>(nullptr), N, D, pick, sp.cand,
+                      sp.slot, j0, j1, reverse, md, cd.data(), P.elig.data(), !last);
+      }
+      if (last) break;
+      barrier.wait(w1 - w0, (i + 1) * T);
+      BestK<acc> best;
+      for (int64_t w = 0; w < T; ++w) best.merge(posts[(i % 2) * T + w]);
+      sp.finish(best);
+      pick = best.at[0].index;
+    }
+  });
+  for (int64_t i = 0; i < k; ++i) md[idx[i]] = acc(0);
 }
 
 template <typename scalar_t>
@@ -96,75 +478,32 @@ void kcenter_cpu_impl(const at::Tensor& x, int64_t k, bool cosine, const int64_t
                       bool isolated, const bool* mask, at::Tensor& index, at::Tensor& mindist) {
   using acc = acc_t<scalar_t>;
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
-  const scalar_t* xp = x.data_ptr<scalar_t>();
   int64_t* ip = index.data_ptr<int64_t>();
   auto* mp = mindist.data_ptr<acc>();
-  const bool split_tokens = B < at::get_num_threads() && N * D >= kMinParallelWork;  // parallelise inside each pick
+  const int64_t T = at::get_num_threads();
+  const Schedule sched = choose_schedule(B, N, D, k, cosine, sizeof(acc), T);
+  const bool keep_gram = sched == Schedule::kGram;
 
-  auto run_one = [&](int64_t b) {
-    Rows<acc> R;
-    load_rows<scalar_t, acc>(R, xp + b * x.stride(0), x.stride(1), N, D, cosine, b);
-    std::vector<uint8_t> elig(N, 1);
-    if (mask) {
-      for (int64_t n = 0; n < N; ++n) elig[n] = mask[b * N + n];
+  if (sched == Schedule::kSplit || (keep_gram && B < T)) {
+    // one batch row at a time, all threads on it (the Gram GEMM is multi-threaded itself)
+    for (int64_t b = 0; b < B; ++b) {
+      Prepared<acc> P;
+      prepare<scalar_t, acc>(P, x, b, k, cosine, first, isolated, mask, keep_gram);
+      if (sched == Schedule::kSplit)
+        picks_split<acc>(P, N, D, k, cosine, mp + b * N, ip + b * k, T);
+      else
+        picks_serial<acc>(P, N, D, k, cosine, mp + b * N, ip + b * k);
     }
-    int64_t n_elig = 0;
-    for (int64_t n = 0; n < N; ++n) n_elig += elig[n];
-    TORCH_CHECK_VALUE(k <= n_elig, "tokenreduce.kcenter: k=", k, " exceeds the ", n_elig,
-                      " eligible tokens of batch ", b);
-    int64_t pick;
-    if (isolated) {
-      pick = isolated_start<acc>(R, N, D, cosine, reinterpret_cast<const bool*>(elig.data()));
-    } else {
-      pick = first[b];
-      TORCH_CHECK_INDEX(pick >= -N && pick < N, "tokenreduce.kcenter: first=", pick,
-                        " is out of range for N=", N, " (batch ", b, ")");
-      if (pick < 0) pick += N;
-      TORCH_CHECK_VALUE(elig[pick], "tokenreduce.kcenter: first=", pick,
-                        " is masked out in batch ", b);
-    }
-    acc* md = mp + b * N;
-    std::fill(md, md + N, std::numeric_limits<acc>::infinity());
-    int64_t* idx = ip + b * k;
-    for (int64_t i = 0; i < k; ++i) {
-      idx[i] = pick;
-      elig[pick] = 0;  // picked: never again
-      const bool last = i + 1 == k;
-      // one pass: lower the min-distances, track the farthest eligible token
-      auto sweep = [&](int64_t j0, int64_t j1) {
-        ArgMax<acc> am;
-        for (int64_t j = j0; j < j1; ++j) {
-          const acc d = distance(R, pick, j, D, cosine);
-          md[j] = d < md[j] ? d : md[j];
-          if (!last && elig[j]) am.push(md[j], j);
-        }
-        return am;
-      };
-      ArgMax<acc> best;
-      if (split_tokens && N >= 64) {
-        const int64_t nchunk = std::min<int64_t>(at::get_num_threads() * 4, (N + 15) / 16);
-        std::vector<ArgMax<acc>> parts(nchunk);
-        const int64_t step = (N + nchunk - 1) / nchunk;
-        parallel_for_cost(nchunk, step * D, [&](int64_t c0, int64_t c1) {
-          for (int64_t c = c0; c < c1; ++c) parts[c] = sweep(c * step, std::min(N, (c + 1) * step));
-        });
-        for (const auto& p : parts)  // chunks in index order: ties keep the smaller index
-          if (p.index >= 0 && (best.index < 0 || p.value > best.value)) best = p;
-      } else {
-        best = sweep(0, N);
-      }
-      if (!last) pick = best.index;
-    }
-    for (int64_t i = 0; i < k; ++i) md[idx[i]] = acc(0);
-  };
-
-  if (split_tokens) {
-    for (int64_t b = 0; b < B; ++b) run_one(b);
-  } else {
-    parallel_for_cost(B, k * N * D, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) run_one(b);
-    });
+    return;
   }
+  const int64_t cost = keep_gram ? N * N * D : k * N * D;
+  parallel_for_cost(B, cost, [&](int64_t b0, int64_t b1) {
+    Prepared<acc> P;
+    for (int64_t b = b0; b < b1; ++b) {
+      prepare<scalar_t, acc>(P, x, b, k, cosine, first, isolated, mask, keep_gram);
+      picks_serial<acc>(P, N, D, k, cosine, mp + b * N, ip + b * k);
+    }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> kcenter_cpu(const at::Tensor& x_in, int64_t k,

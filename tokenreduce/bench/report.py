@@ -1,7 +1,8 @@
 """The ``tokenreduce bench`` report: Rich table, memory lines, the printed summary, JSON.
 
 A report is what `tokenreduce.bench.run` returns: ``{"mode", "env", "results"}`` with two
-result rows per case (the op's, then the reference's).
+result rows per case (the op's, then the reference's), then one per plain-torch peer
+(role "peer", full mode): its "ours vs this" cell is the peer's median / our median.
 """
 from __future__ import annotations
 
@@ -24,12 +25,12 @@ def _bytes(n: Optional[int]) -> str:
 
 
 def _target_cell(row: Dict[str, Any]) -> str:
-    if row["impl"] != "tokenreduce" or row["target"] is None:
+    if row.get("role", row["impl"]) not in ("tokenreduce", "peer") or row["target"] is None:
         return ""
     if row["target_met"] is None:
-        return f"[dim]>={row['target']:g}x (quick: n/a)[/]"
+        return f"[dim]>={row['target']:.3g}x (quick: n/a)[/]"
     mark = "[green]met[/]" if row["target_met"] else "[bold red]MISSED[/]"
-    return f"{mark} (>={row['target']:g}x)"
+    return f"{mark} (>={row['target']:.3g}x)"
 
 
 def results_table(report: Dict[str, Any]) -> Table:
@@ -43,8 +44,8 @@ def results_table(report: Dict[str, Any]) -> Table:
     )
     for col, just in (("op", "left"), ("shape", "left"), ("dtype", "left"),
                       ("implementation", "left"), ("median ms (IQR)", "right"),
-                      ("speedup", "right"), ("GB/s", "right"), ("peak extra mem", "right"),
-                      ("target", "left")):
+                      ("speedup", "right"), ("ours vs this", "right"), ("GB/s", "right"),
+                      ("peak extra mem", "right"), ("target", "left")):
         table.add_column(col, justify=just, no_wrap=col != "shape")
     prev = None
     for row in report["results"]:
@@ -59,12 +60,14 @@ def results_table(report: Dict[str, Any]) -> Table:
             row["dtype"] if first else "",
             row["impl"],
             f"{row['median_ms']:.3f} ({row['iqr_ms']:.3f})",
-            f"[bold]{row['speedup']:.2f}x[/]" if ours else "1.00x",
+            f"[bold]{row['speedup']:.2f}x[/]" if ours else f"{row['speedup']:.2f}x",
+            f"[bold]{row['vs_peer']:.2f}x[/]" if row.get("vs_peer") is not None else "",
             f"{row['gbps']:.3g}",
             _mib(row.get("peak_extra_bytes")),
             _target_cell(row),
         )
-    table.caption = ("speedup = reference median / median (same run); GB/s = bytes the op "
+    table.caption = ("speedup = reference median / median (same run); ours vs this = this "
+                     "peer's median / tokenreduce's median (same run); GB/s = bytes the op "
                      "must read and write / median")
     return table
 
@@ -108,8 +111,13 @@ def print_report(report: Dict[str, Any], console: Console, *, memory: bool = Tru
                       "and are not checked.[/]")
     else:
         for r in missed_targets(report):
-            console.print(f"[bold red]target missed:[/] {r['op']} [{r['shape']}]: "
-                          f"{r['speedup']:.2f}x < {r['target']:g}x", highlight=False)
+            if r.get("vs_peer") is not None:
+                console.print(f"[bold red]target missed:[/] {r['op']} [{r['shape']}]: "
+                              f"{r['vs_peer']:.2f}x over {r['impl']} < {r['target']:.3g}x",
+                              highlight=False)
+            else:
+                console.print(f"[bold red]target missed:[/] {r['op']} [{r['shape']}]: "
+                              f"{r['speedup']:.2f}x < {r['target']:g}x", highlight=False)
 
 
 def write_json(report: Dict[str, Any], path: str) -> str:
