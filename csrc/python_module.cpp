@@ -94,7 +94,8 @@ void bind_plans(py::module_& m) {
       .def_readonly("nn", &cuda::KcenterPlan::nn)
       .def_readonly("select", &cuda::KcenterPlan::select);
   m.def("kcenter", &cuda::make_kcenter_plan, py::arg("B"), py::arg("N"), py::arg("D"), py::arg("acc_size"),
-        py::arg("isolated"), "make_kcenter_plan (csrc/kcenter/kcenter_plan.h)");
+        py::arg("isolated"), py::arg("gram_budget") = cuda::kKcenterGramBudget,
+        "make_kcenter_plan (csrc/kcenter/kcenter_plan.h)");
 
   py::class_<cuda::BipartiteMergePlan>(m, "BipartiteMergePlan")
       .def_readonly("na", &cuda::BipartiteMergePlan::na)

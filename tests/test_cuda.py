@@ -115,7 +115,7 @@ def test_kcenter_stream_mode(g, monkeypatch, isolated):
     """The re-streaming kernels (used above the Gram budget), forced by a zero budget."""
     import tokenreduce.nvrtc.kcenter as nk
 
-    monkeypatch.setattr(nk, "GRAM_BUDGET", 0)
+    monkeypatch.setattr(nk, "gram_budget_override", 0)
     x = rnd(g, 3, 200, 40)
     idx, md = nk.kcenter_cuda(x.to(DEV), 30, "cosine", 0, None, isolated, None)
     ridx, rmd = ops.kcenter(x, 30, first="isolated" if isolated else 0)

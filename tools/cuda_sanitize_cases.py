@@ -105,12 +105,12 @@ def main():
         if name == "nvrtc":  # stream-mode kcenter kernels
             import tokenreduce.nvrtc.kcenter as nk
 
-            budget, nk.GRAM_BUDGET = nk.GRAM_BUDGET, 0
+            nk.gram_budget_override = 0
             try:
                 kc(rnd(2, 70, 16), 8, "cosine", 0, None, True, None)
                 kc(rnd(2, 70, 16, dt=torch.bfloat16), 8, "l2", 0, None, False, None)
             finally:
-                nk.GRAM_BUDGET = budget
+                nk.gram_budget_override = None
         torch.cuda.synchronize()
         print(f"{name}: {n} dtype rounds ran")
     return 0

@@ -37,9 +37,12 @@ struct KcenterPlan {
 };
 
 // acc_size: 4 (float accumulation) or 8 (float64 inputs).
-inline KcenterPlan make_kcenter_plan(long long B, long long N, long long D, int acc_size, bool isolated) {
+// gram_budget: the Gram matrix bytes above which the re-streaming kernels run (tests pass 0 to
+// force them)
+inline KcenterPlan make_kcenter_plan(long long B, long long N, long long D, int acc_size, bool isolated,
+                                     long long gram_budget = kKcenterGramBudget) {
   KcenterPlan p;
-  p.gram = B * N * N * acc_size <= kKcenterGramBudget;
+  p.gram = B * N * N * acc_size <= gram_budget;
   const bool stream = !p.gram;
   p.sqnorm = kernel_launch(blocks_for(N, kRowsPerBlock), B, 1, kRowThreads);
   if (p.gram) p.tiles = kernel_launch(blocks_for(N, kTileRows), blocks_for(N, kTileRows), B, kTileBlock);

@@ -21,6 +21,11 @@ from ._names import kcenter_names
 SOURCE = "kcenter/kcenter_kernels.cuh"
 
 
+#: tests and the sanitizer driver set 0 to force the re-streaming kernels (None: the library's
+#: kKcenterGramBudget decides)
+gram_budget_override = None
+
+
 @on_input_device
 def kcenter_cuda(x, k, metric, first, first_index, isolated, mask):
     """The CUDA kernel of torch.ops.tokenreduce.kcenter (same schema)."""
@@ -44,7 +49,8 @@ def kcenter_cuda(x, k, metric, first, first_index, isolated, mask):
         return index, mindist
     if k == 0:
         return index, mindist.fill_(math.inf)
-    plan = _C.plans.kcenter(B, N, D, acc_size(x), bool(isolated))
+    budget = () if gram_budget_override is None else (gram_budget_override,)
+    plan = _C.plans.kcenter(B, N, D, acc_size(x), bool(isolated), *budget)
     check_smem(op, f"N={N} (D={D})", plan.select.smem)
     names = kcenter_names(ctype(x))
     sq = torch.empty(B, N, dtype=acc, device=x.device)
