@@ -220,3 +220,11 @@ def test_nvrtc_attention_launches_the_plan(recorder):
     assert recorder.calls == [("attn_fwd_kernel", (p.nqb, 4, 2), p.threads, p.fwd_smem),
                               ("attn_colscore_kernel", (p.nkt, 4, 2), p.threads, p.colscore_smem),
                               ("attn_reduce_scores_kernel", (p.reduce_blocks, 2, 1), p.threads, 0)]
+
+
+def test_kcenter_gram_budget_argument_forces_the_stream_mode():
+    from tokenreduce import _C
+
+    assert _C.plans.kcenter(2, 100, 8, 4, False).gram                  # the library's budget
+    assert not _C.plans.kcenter(2, 100, 8, 4, False, 0).gram           # what the GPU tests force
+    assert _C.plans.kcenter(2, 100, 8, 4, False, 2 * 100 * 100 * 4).gram
