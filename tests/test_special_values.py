@@ -117,3 +117,15 @@ def test_attention_zero_head_dim_needs_a_scale():
 def test_ints_beyond_int64_name_the_argument(call, name):
     with pytest.raises(ValueError, match=f"tokenreduce.{name}9223372036854775808 does not fit in int64"):
         call(torch.randn(2, 9, 4))
+
+
+def test_kcenter_huge_finite_rows():
+    """cosine is scale-free: rows ~1e20 (squared norm overflows float32) pick as the unscaled
+    ones; l2 distances cannot be formed in float32 there: a clear error, not 'non-finite'."""
+    x = torch.randn(2, 50, 16, generator=torch.Generator().manual_seed(1))
+    big = x.clone()
+    big[0, 3] *= 1e20
+    assert torch.equal(ops.kcenter(big, 8)[0], ops.kcenter(x, 8)[0])
+    assert torch.equal(ops.kcenter(x * 1e20, 8)[0], ops.kcenter(x, 8)[0])
+    with pytest.raises(ValueError, match="too large for float32 l2 distances"):
+        ops.kcenter(x * 1e20, 8, metric="l2")

@@ -94,12 +94,36 @@ void load_rows(Rows<acc>& R, const scalar_t* base, int64_t row_stride, int64_t N
   }
   R.inv.resize(N);
   R.sq.resize(N);
+  std::vector<int64_t> huge;  // finite rows whose squared norm overflows (|x| > ~1e19 in float32)
   for (int64_t n = 0; n < N; ++n) {
     const acc s = dot(R.ptr + n * R.ld, R.ptr + n * R.ld, D);
-    TORCH_CHECK_VALUE(std::isfinite(static_cast<double>(s)), "tokenreduce.kcenter: x has a non-finite value "
-                      "(NaN or Inf) in batch ", b, ", token ", n);
     R.sq[n] = s;
     R.inv[n] = cosine ? inv_norm(s) : acc(1);
+    if (!std::isfinite(static_cast<double>(s))) {
+      bool finite;
+      const acc iv = inv_norm_checked(R.ptr + n * R.ld, D, s, finite);
+      TORCH_CHECK_VALUE(finite, "tokenreduce.kcenter: x has a non-finite value (NaN or Inf) in batch ", b,
+                        ", token ", n);
+      TORCH_CHECK_VALUE(cosine, "tokenreduce.kcenter: x has finite values too large for float32 l2 distances "
+                        "(the squared norm of batch ", b, ", token ", n, " overflows): scale x down");
+      R.inv[n] = iv;
+      huge.push_back(n);
+    }
+  }
+  if (!huge.empty()) {  // cosine: those rows become unit rows (inverse norm 1), their own copy
+    if (R.ptr != R.buf.data()) {  // borrowed rows: copy them first (the input is never written)
+      std::vector<acc> copy(std::max<int64_t>(N * D, 1));
+      for (int64_t n = 0; n < N; ++n) std::copy(R.ptr + n * R.ld, R.ptr + n * R.ld + D, copy.data() + n * D);
+      R.buf.swap(copy);
+      R.ptr = R.buf.data();
+      R.ld = D;
+    }
+    for (const int64_t n : huge) {
+      acc* row = R.buf.data() + n * D;
+      for (int64_t d = 0; d < D; ++d) row[d] *= R.inv[n];
+      R.sq[n] = dot(row, row, D);
+      R.inv[n] = acc(1);
+    }
   }
 }
 
