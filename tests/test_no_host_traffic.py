@@ -16,10 +16,10 @@ from host_traffic import DEVICE, HostTraffic, no_host_traffic, to_device  # noqa
 
 import tokenreduce.methods as methods  # noqa: E402
 from tokenreduce import ops  # noqa: E402
-from tokenreduce.methods import Context, Stage  # noqa: E402
+from tokenreduce.methods import Context  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "methods"))
-from test_all_methods import KEEP, N_IMG, make_ctx, model_layers  # noqa: E402
+from test_all_methods import method_and_ctx  # noqa: E402
 
 
 @pytest.mark.parametrize("pattern", ["list", "to", "item", "nonzero", "equal", "index"])
@@ -59,11 +59,7 @@ def test_the_watcher_allows_device_work():
 
 @pytest.mark.parametrize("name", methods.available())
 def test_method_has_no_host_traffic(name):
-    m = methods.build(name, keep=KEEP)
-    L = model_layers(m)
-    has_cls = m.stage != Stage.LLM
-    layer = (m.reduce_layers(L) or [None])[0]
-    ctx = make_ctx(m, N_IMG + has_cls, has_cls=has_cls, dtype=torch.float32, layer=layer, L=L)
+    m, ctx = method_and_ctx(name)
     dctx = Context(**{f.name: to_device(getattr(ctx, f.name)) for f in dataclasses.fields(ctx)})
     with no_host_traffic():
         red = m(dctx)

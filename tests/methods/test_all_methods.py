@@ -93,6 +93,15 @@ def run_method(name, dtype):
     return m, red
 
 
+def method_and_ctx(name, keep=KEEP, dtype=torch.float32):
+    """The method built with ``keep`` and a Context for its first reduce call."""
+    m = M.build(name, keep=keep)
+    L = model_layers(m)
+    has_cls = m.stage != Stage.LLM
+    layer = (m.reduce_layers(L) or [None])[0]
+    return m, make_ctx(m, N_IMG + has_cls, has_cls=has_cls, dtype=dtype, layer=layer, L=L)
+
+
 def KEEP_OUT(m, has_cls):
     return m.keep_tokens(N_IMG) + int(has_cls)
 
@@ -172,11 +181,7 @@ def test_registry_and_describe():
 @pytest.mark.parametrize("name", NAMES)
 def test_bad_inputs_are_refused_with_the_method_named(name):
     """A 2-D or integer ctx.x, a string ratio and keep > N raise errors naming the method."""
-    m = M.build(name, keep=KEEP)
-    L = model_layers(m)
-    has_cls = m.stage != Stage.LLM
-    layer = (m.reduce_layers(L) or [None])[0]
-    ctx = make_ctx(m, N_IMG + has_cls, has_cls=has_cls, dtype=torch.float32, layer=layer, L=L)
+    m, ctx = method_and_ctx(name)
     for bad, exc in ((ctx.x[0], ValueError), ((ctx.x * 10).long(), TypeError)):
         c = Context(**{f: getattr(ctx, f) for f in ctx.__dataclass_fields__})
         c.x = bad
@@ -184,6 +189,6 @@ def test_bad_inputs_are_refused_with_the_method_named(name):
             m(c)
     with pytest.raises(ValueError, match=re.escape(f"tokenreduce.methods.{name}: ratio must be")):
         M.build(name, ratio="0.5")
-    big = M.build(name, keep=N_IMG + 1)
+    big, big_ctx = method_and_ctx(name, keep=N_IMG + 1)
     with pytest.raises(ValueError, match=f"keep={N_IMG + 1} exceeds the {N_IMG} image tokens"):
-        big(make_ctx(big, N_IMG + has_cls, has_cls=has_cls, dtype=torch.float32, layer=layer, L=L))
+        big(big_ctx)

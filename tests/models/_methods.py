@@ -86,29 +86,28 @@ class TopQueryLLM(AtLayer):
         return keep_indices(ctx, topk_indices(s, self.keep_tokens(ctx.n_image)))
 
 
-class EveryOtherLLM(Method):
-    """Keeps image tokens 0, 2, 4, ... after LLM layer 1 (a selection that does not depend on
-    the query, so a recompute with one more token selects the same tokens)."""
-    name = "test-everyother-llm"
+class AfterLLMLayer1(Method):
+    """Base of the two LLM-stage doubles: they reduce after LLM layer 1."""
     stage = Stage.LLM
     needs = frozenset({Need.FEATURES})
 
     def reduce_layers(self, L):
         return [1]
+
+
+class EveryOtherLLM(AfterLLMLayer1):
+    """Keeps image tokens 0, 2, 4, ... after LLM layer 1 (a selection that does not depend on
+    the query, so a recompute with one more token selects the same tokens)."""
+    name = "test-everyother-llm"
 
     def reduce(self, ctx):
         B, N, _ = ctx.x.shape
         return keep_indices(ctx, torch.arange(0, N, 2).expand(B, -1))
 
 
-class FirstLLM(Method):
+class FirstLLM(AfterLLMLayer1):
     """Keeps the first k image tokens after LLM layer 1 (the kept count follows the budget)."""
     name = "test-first-llm"
-    stage = Stage.LLM
-    needs = frozenset({Need.FEATURES})
-
-    def reduce_layers(self, L):
-        return [1]
 
     def reduce(self, ctx):
         B, N, _ = ctx.x.shape
