@@ -207,3 +207,15 @@ def test_cli_budget_reaches_the_method(tmp_path, capsys, monkeypatch):
     assert "tokenreduce.profile: keep must be a positive int, got 0" in capsys.readouterr().out
     assert cli.main(["profile", "--model", "tiny-dinov2", "--ratio", "1.5", *FAST]) == 2
     assert "tokenreduce.profile: ratio must be in (0, 1], got 1.5" in capsys.readouterr().out
+
+
+def test_speedup_of_flops_and_noise_fields():
+    """Each method row says how much of the FLOPs-promised speedup became time, and whether its
+    difference from the baseline is inside the measured spread."""
+    rep = sweep.run(sweep.Spec(model="tiny-dinov2", random_weights=True, methods=["test-topcls-vit"],
+                               budgets=[Budget(keep=4)], batch=1, warmup=0, repeat=3, threads=1, memory=False))
+    base, row = rep["rows"][0], rep["rows"][1]
+    assert row["speedup_of_flops"] == pytest.approx(row["speedup"] * row["flops_ratio"])
+    spread = max(row["total_iqr_ms"], base["total_iqr_ms"])
+    assert row["within_noise"] == (abs(row["total_ms"] - base["total_ms"]) <= spread)
+    assert {"speedup_of_flops", "within_noise"} <= set(report.fields(rep))

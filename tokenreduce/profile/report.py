@@ -16,7 +16,8 @@ __all__ = ["FIELDS", "fields", "table", "write_json", "write_csv", "plot", "prim
 BASE_FIELDS = (["method", "stage", "budget", "keep", "ratio", "image_tokens", "tokens_kept"]
                + [f"{s}_ms" for s in STAGES] + [f"{s}_iqr_ms" for s in STAGES]
                + ["speedup", "speedup_prefill", "reduction_share", "peak_mem_bytes", "kv_cache_bytes",
-                  "flops_vision", "flops_llm_prefill", "flops_decode_per_token", "flops_total", "flops_ratio"])
+                  "flops_vision", "flops_llm_prefill", "flops_decode_per_token", "flops_total", "flops_ratio",
+                  "speedup_of_flops", "within_noise"])
 FIELDS = {kind: BASE_FIELDS + list(fk) + ["fidelity_real", "repeats", "error"] for kind, fk in FIDELITY_KEYS.items()}
 
 
@@ -94,7 +95,7 @@ def table(report: Dict[str, Any], wide: bool = False) -> Table:
     cols = ["method", "stage", "budget", "kept", "total ms (IQR)"] + (stage_cols if wide else [])
     if vlm:
         cols += ["prefill", "dec/tok"]
-    cols += ["speedup", "GFLOP"]
+    cols += ["speedup", "of FLOPs", "GFLOP"]
     if vlm:
         cols += ["KV MiB"]
     cols += ["peak MiB"]
@@ -120,8 +121,16 @@ def table(report: Dict[str, Any], wide: bool = False) -> Table:
         if vlm:
             cells += [_ms(r["prefill_ms"]), _ms(r["decode_per_token_ms"])]
         sp = r.get("speedup")
-        cells += ["-" if sp is None else (f"[bold]{sp:.2f}x[/]" if r["method"] != "baseline" else "1.00x"),
-                  _g(r.get("flops_total"))]
+        if sp is None:
+            sp_cell = "-"
+        elif r["method"] == "baseline":
+            sp_cell = "1.00x"
+        elif r.get("within_noise"):
+            sp_cell = f"[dim]{sp:.2f}x ~[/]"      # inside the measured spread: neither faster nor slower
+        else:
+            sp_cell = f"[bold]{sp:.2f}x[/]"
+        of = r.get("speedup_of_flops")
+        cells += [sp_cell, "-" if of is None or r["method"] == "baseline" else f"{of:.2f}", _g(r.get("flops_total"))]
         if vlm:
             cells += [_mib(r.get("kv_cache_bytes"))]
         cells += [_mib(r.get("peak_mem_bytes"))]
@@ -134,7 +143,8 @@ def table(report: Dict[str, Any], wide: bool = False) -> Table:
         cells += [f"{style}{v}{end}" if v != "-" else v for v in fv]
         t.add_row(*cells)
     notes = ["times in ms per call; stage times exclude the reduction (its own timer: reduce); "
-             "speedup = baseline total / total; "
+             "speedup = baseline total / total (~: within noise, the difference is inside the IQR of either run); "
+             "of FLOPs = speedup / the FLOPs ratio" + (" of the LLM prefill" if vlm else "") + " (1 = every FLOP saved became time); "
              "GFLOPs: FastV's 4nd²+2n²d+2ndm per layer over the tokens each layer saw"
              + (" (encoder + LLM prefill)" if vlm else " (encoder blocks)"),
              "peak MiB: tensor memory one call allocates above what was allocated before it"]
