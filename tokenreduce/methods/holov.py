@@ -78,9 +78,13 @@ class HoloV(Method):
         pos, valid, size_t = chunk_layout(n, self.crops, x.device)
         P, S = pos.shape
         vf = valid.float()                                                    # [P, S]
-        xc = x.float()[:, pos.reshape(-1)].reshape(B, P, S, D)
         ac = attn[:, pos.reshape(-1)].reshape(B, P, S) * vf                   # [B, P, S]
-        f = xc / (xc.norm(dim=-1, keepdim=True) + eps)
+        if n % P == 0:   # even crops: a view of x (no [B, N, D] gather), f its one temporary
+            xc = x.float().reshape(B, P, S, D)
+            f = xc / (xc.norm(dim=-1, keepdim=True) + eps)
+        else:            # uneven: the gathered copy is normalised in place (same values)
+            xc = x.float()[:, pos.reshape(-1)].reshape(B, P, S, D)
+            f = xc.div_(xc.norm(dim=-1, keepdim=True) + eps)
         sim = f @ f.transpose(-1, -2)                                        # [B, P, S, S]
         eye = torch.eye(S, device=x.device)
         pair = vf[:, :, None] * vf[:, None, :]
