@@ -80,7 +80,7 @@ class Qwen2VLAdapter(VLMAdapter):
             tokens, index, size = self._reduce(feats, counts, grid, input_ids, is_img, keep)
             steps.append({"stage": "projector", "layer": None, "tokens_in": counts, "tokens_out": keep})
             input_ids, attention_mask, pos, is_img, feats_cat, size = self._cut(
-                input_ids, attention_mask, pos, is_img, max(counts), tokens, index, size)
+                input_ids, attention_mask, pos, is_img, max(counts), tokens, index, size, min(counts))
             n_img = keep
         elif equal:
             n_img = self.count_image_tokens(is_img)
@@ -119,7 +119,7 @@ class Qwen2VLAdapter(VLMAdapter):
                              f"expected {keep}")
         return tokens, index, size
 
-    def _cut(self, input_ids, attention_mask, pos, is_img, n_max: int, tokens, index, size):
+    def _cut(self, input_ids, attention_mask, pos, is_img, n_max: int, tokens, index, size, n_min: int):
         """Cut each row to its text and kept image tokens, keeping their own (t, h, w)
         positions: returns (input_ids, attention_mask, pos, is_img, tokens, size), the kept
         tokens in sequence order."""
@@ -138,7 +138,9 @@ class Qwen2VLAdapter(VLMAdapter):
         tokens = tokens.gather(1, srt.indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
         size = size.float().gather(1, srt.indices)
         keep_mask = (~is_img).scatter(1, kept_img_pos, torch.ones_like(kept_img_pos, dtype=torch.bool))
-        Lp = int(keep_mask.sum(1).max())              # equal per row unless sizes differ (then pad)
+        # kept length per row = L - (its image tokens) + keep: the longest from the host counts,
+        # with no read-back from the device (equal per row unless image sizes differ: then pad)
+        Lp = input_ids.shape[1] - n_min + tokens.shape[1]
         key = (~keep_mask).to(torch.int8)
         sel = torch.sort(key, dim=1, stable=True).indices[:, :Lp].sort(dim=1).values
         # rows with fewer kept tokens (smaller text) are left-padded by rolling pads in front
