@@ -60,10 +60,10 @@ def shipped_images(n: Optional[int] = None) -> List[Tuple[str, Image.Image]]:
     """Images inside the scikit-image and scikit-learn wheels (those that load offline)."""
     out: List[Tuple[str, Image.Image]] = []
     try:
-        import skimage.data as sd
+        from skimage import data as skimage_data
         for name in SKIMAGE_RGB:
             try:
-                out.append((name, _rgb(getattr(sd, name)())))
+                out.append((name, _rgb(getattr(skimage_data, name)())))
             except Exception:   # an image that needs a download: skip it
                 continue
             if n is not None and len(out) >= n:

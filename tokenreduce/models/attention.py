@@ -147,8 +147,8 @@ def tokenreduce_mask(batch_size: int, q_length: int, kv_length: int, q_offset: i
     masks become ``None`` (no padding) or a boolean key-padding mask ``[B, 1, 1, Nk]``
     (causality comes from the module's ``is_causal``); anything else is built by
     transformers' `sdpa_mask` and handled by the attention function's fallback."""
-    from transformers import masking_utils as mu
-    simple = mask_function in (mu.causal_mask_function, mu.bidirectional_mask_function)
+    from transformers import masking_utils
+    simple = mask_function in (masking_utils.causal_mask_function, masking_utils.bidirectional_mask_function)
     if simple and local_size is None and kv_offset == 0:
         if attention_mask is None:
             return None
@@ -156,7 +156,7 @@ def tokenreduce_mask(batch_size: int, q_length: int, kv_length: int, q_offset: i
         if pm.shape[-1] < kv_length:
             pm = F.pad(pm, (0, kv_length - pm.shape[-1]))
         return pm[:, None, None, :kv_length]
-    return mu.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+    return masking_utils.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                         kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
                         local_size=local_size, **kwargs)
 

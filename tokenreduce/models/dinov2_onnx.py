@@ -263,8 +263,8 @@ def run_onnx(model, feeds: Dict[str, np.ndarray], outputs) -> Dict[str, np.ndarr
     decoder's transposed convolutions on a 2-core CPU)."""
     feeds = {k: np.asarray(v, dtype=np.float32) for k, v in feeds.items()}
     if have_onnxruntime():
-        import onnxruntime as ort
-        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        import onnxruntime
+        sess = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         outs = sess.run(list(outputs), feeds)
     else:
         from onnx.reference import ReferenceEvaluator

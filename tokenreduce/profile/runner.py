@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ..methods.base import Method, Stage
 from ..models import attention, fidelity, vit, vlm
 from ..models.adapters import model_parts
-from . import flops as FL
+from . import flops
 from .inputs import VisionInputs, VLMInputs
 
 __all__ = ["Timeline", "Probe", "VisionWorkload", "VLMWorkload", "measure", "STAGES", "stage_times"]
@@ -219,7 +219,7 @@ class VisionWorkload:
         self.batch = inputs.pixel_values.shape[0]
         g = (inputs.pixel_values.shape[-2] // self.parts.patch, inputs.pixel_values.shape[-1] // self.parts.patch)
         self.image_tokens = g[0] * g[1]
-        self.dims = FL.vision_dims(self.parts.vision_config)
+        self.dims = flops.vision_dims(self.parts.vision_config)
         self.probe = Probe(vision_layers=self.parts.vision_layers, images=self.batch)
 
     def call(self, method: Optional[Method], tl: Timeline) -> CallResult:
@@ -238,7 +238,7 @@ class VisionWorkload:
 
     def flops(self, res: CallResult) -> Dict[str, Optional[float]]:
         d = self.dims
-        fv = sum(s * FL.layer_flops(n, d.d, d.m) for s, n in res.vision_tokens)
+        fv = sum(s * flops.layer_flops(n, d.d, d.m) for s, n in res.vision_tokens)
         return {"flops_vision": fv, "flops_llm_prefill": None, "flops_decode_per_token": None,
                 "flops_total": fv, "kv_cache_bytes": None}
 
@@ -257,8 +257,8 @@ class VLMWorkload:
         self.batch = inputs.input_ids.shape[0]
         self.image_tokens = inputs.n_image_tokens
         parts = model_parts(model)
-        self.vdims = FL.vision_dims(parts.vision_config)
-        self.tdims = FL.text_dims(parts.text_config)
+        self.vdims = flops.vision_dims(parts.vision_config)
+        self.tdims = flops.text_dims(parts.text_config)
         self.elem_bytes = torch.finfo(model.dtype).bits // 8
         self.probe = Probe(vision_layers=parts.vision_layers, lm_layers=parts.lm_layers, projector=parts.projector,
                            lm=parts.lm, lm_head=parts.lm_head, images=self.batch)
@@ -284,14 +284,14 @@ class VLMWorkload:
 
     def flops(self, res: CallResult) -> Dict[str, Optional[float]]:
         v, t = self.vdims, self.tdims
-        fv = sum(s * FL.layer_flops(n, v.d, v.m) for s, n in res.vision_tokens)
-        fl = sum(s * FL.layer_flops(n, t.d, t.m) for s, n in res.lm_tokens)
+        fv = sum(s * flops.layer_flops(n, v.d, v.m) for s, n in res.vision_tokens)
+        fl = sum(s * flops.layer_flops(n, t.d, t.m) for s, n in res.lm_tokens)
         B = res.lm_tokens[0][0] if res.lm_tokens else self.batch
         per_layer = [n for _, n in res.lm_tokens]
         return {"flops_vision": fv, "flops_llm_prefill": fl,
-                "flops_decode_per_token": FL.decode_step_flops(per_layer, t.d, t.m, B) if self.new_tokens > 1 else None,
+                "flops_decode_per_token": flops.decode_step_flops(per_layer, t.d, t.m, B) if self.new_tokens > 1 else None,
                 "flops_total": fv + fl,
-                "kv_cache_bytes": FL.kv_cache_bytes(per_layer, t.kv_heads, t.head_dim, self.elem_bytes, B)}
+                "kv_cache_bytes": flops.kv_cache_bytes(per_layer, t.kv_heads, t.head_dim, self.elem_bytes, B)}
 
 
 # ---------------------------------------------------------------------------------------
