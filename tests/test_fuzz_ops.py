@@ -49,6 +49,14 @@ class Case:
         big = torch.randn(*shape[:-1], 2 * shape[-1] + 1, generator=self.gen).to(dtype)
         return big[..., 1::2]
 
+    def compared_rows(self, B: int, N: int, dtype):
+        """Rows an op compares instead of x (ToMe's metric, VisionZip's features): one-hot rows
+        (exact ties) 30 % of the time, random rows 21 %, else None (x itself); and the ties flag."""
+        ties = self.rng.random() < 0.3
+        if ties:
+            return self.onehot(B, N, self.size(1, 8), dtype), True
+        return (self.randn(B, N, self.size(1, 64), dtype=dtype) if self.rng.random() < 0.3 else None), False
+
     def onehot(self, B: int, N: int, C: int, dtype) -> torch.Tensor:
         """Rows that are one-hot over C categories: every cosine is exactly 0 or 1."""
         cat = torch.randint(0, C, (B, N), generator=self.gen)
@@ -197,9 +205,7 @@ def test_bipartite_merge(op, i):
     r = min(r, (N - protect) // 2)
     order = c.rng.choice(["tome", "spatial"])
     x = c.randn(B, N, D, dtype=dtype, strided=c.rng.random() < 0.3)
-    ties = c.rng.random() < 0.3
-    metric = c.onehot(B, N, c.size(1, 8), dtype) if ties else (
-        c.randn(B, N, c.size(1, 64), dtype=dtype) if c.rng.random() < 0.3 else None)
+    metric, ties = c.compared_rows(B, N, dtype)
     size = None
     if c.rng.random() < 0.5:
         size = torch.rand(B, N, generator=c.gen) * 3 + 0.5
@@ -261,9 +267,7 @@ def test_recycle(op, i):
     perm = torch.stack([torch.randperm(N, generator=c.gen) for _ in range(B)])
     target, source = perm[:, :T].contiguous(), perm[:, T:T + S].contiguous()
     x = c.randn(B, N, D, dtype=dtype, strided=c.rng.random() < 0.3)
-    ties = c.rng.random() < 0.3
-    features = c.onehot(B, N, c.size(1, 8), dtype) if ties else (
-        c.randn(B, N, c.size(1, 64), dtype=dtype) if c.rng.random() < 0.3 else None)
+    features, ties = c.compared_rows(B, N, dtype)
     weight = None
     if c.rng.random() < 0.5:
         weight = torch.rand(B, N, generator=c.gen)
