@@ -89,9 +89,9 @@ def _qwen2_vl(v_depth, v_dim, v_heads, hidden, layers, heads, kv, inter, vocab, 
 
 
 def _qwen25_vl(v_depth, v_dim, v_heads, v_inter, hidden, layers, heads, kv, inter, vocab, mrope, fullatt,
-               window=112):
+               window=112, ids=None):
     from transformers import Qwen2_5_VLConfig
-    return Qwen2_5_VLConfig(
+    return Qwen2_5_VLConfig(**(ids or {}),
         vision_config=dict(depth=v_depth, hidden_size=v_dim, intermediate_size=v_inter, num_heads=v_heads,
                            out_hidden_size=hidden, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
                            window_size=window, fullatt_block_indexes=fullatt, hidden_act="silu"),
@@ -145,6 +145,12 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in [
            lambda: _qwen2_vl(2, 32, 4, 64, 3, 4, 2, 128, 320, [2, 3, 3], False,
                              dict(image_token_id=300, video_token_id=301, vision_start_token_id=302,
                                   vision_end_token_id=303)),
+           "test", 56),
+    # Qwen2.5-VL's structure: 8 x 8-patch windows (112 px), blocks 1 and 3 full attention
+    Preset("tiny-qwen2.5-vl", "qwen2.5-vl", "qwen2.5-vl",
+           lambda: _qwen25_vl(4, 32, 4, 64, 64, 3, 4, 2, 128, 320, [2, 3, 3], [1, 3],
+                              ids=dict(image_token_id=300, video_token_id=301, vision_start_token_id=302,
+                                       vision_end_token_id=303, bos_token_id=None, eos_token_id=None)),
            "test", 56),
 ]}
 

@@ -108,7 +108,9 @@ class WindowLayout:
     Qwen2-VL); ``full_layers``: blocks attending over whole frames (None: all);
     ``frame_size`` ``[N]`` float32: patch count of each packed position's frame;
     ``to_original`` ``[N]`` long or None: the packed (window-order) position of each original
-    patch; ``hf`` the precomputed tensors of transformers' tower."""
+    patch; ``hf`` the precomputed tensors of transformers' tower for `qwen_vision_attention`
+    (``cu_seqlens = [0, N]``: one call per layer), ``real_cu`` the true host ``cu_seqlens`` /
+    ``cu_window_seqlens`` for any other attention implementation."""
     grid: List[Tuple[int, int, int]]
     merge: int
     counts: List[int]
@@ -119,6 +121,7 @@ class WindowLayout:
     frame_size: Tensor
     to_original: Optional[Tensor]
     hf: Dict[str, Tensor] = field(default_factory=dict)
+    real_cu: Dict[str, Tensor] = field(default_factory=dict)
 
     @classmethod
     def build(cls, image_grid_thw, vision_config) -> "WindowLayout":
@@ -136,6 +139,7 @@ class WindowLayout:
         N = sum(counts)
         hf = {"cu_seqlens": torch.tensor([0, N], dtype=torch.int32),
               "position_ids": vision_utils.get_vision_position_ids(g, m)}
+        real = {"cu_seqlens": cu_full}
         window = to_original = full_layers = None
         fullatt = getattr(vision_config, "fullatt_block_indexes", None)
         if fullatt is not None:     # Qwen2.5-VL: windows, hidden states in window order
@@ -147,9 +151,10 @@ class WindowLayout:
             frame_size = frame_size[perm]
             full_layers = frozenset(int(i) for i in fullatt)
             hf.update(window_index=index, cu_window_seqlens=torch.tensor([0, N], dtype=torch.int32))
+            real["cu_window_seqlens"] = cu_win
         full = Segments.build((cu_full[1:] - cu_full[:-1]).tolist())
         return cls(grid, m, counts, [c // unit for c in counts], full, window, full_layers, frame_size,
-                   to_original, hf)
+                   to_original, hf, real)
 
     def to(self, device) -> "WindowLayout":
         """The device copy (one transfer per tensor, before any forward); the host-side
@@ -172,10 +177,14 @@ class WindowLayout:
         return t if self.to_original is None else t.index_select(0, self.to_original)
 
 
-def vision_kwargs(layout: WindowLayout) -> Dict[str, object]:
+def vision_kwargs(layout: WindowLayout, fused: bool = True) -> Dict[str, object]:
     """Keyword arguments of ``visual(pixel_values, grid_thw=..., **kwargs)`` for ``layout``
-    (already on the device): the tower's precomputed tensors and the layout itself."""
-    return {**layout.hf, KWARG: layout}
+    (already on the device): the tower's precomputed tensors (no read-back of the grid inside
+    the tower) and, with ``fused`` (the tower runs `qwen_vision_attention`, see `install`), the
+    layout itself; without it the true host ``cu_seqlens`` (any attention implementation)."""
+    if fused:
+        return {**layout.hf, KWARG: layout}
+    return {**layout.hf, **layout.real_cu}
 
 
 def _pack(t: Tensor, seg: Segments) -> Tensor:
