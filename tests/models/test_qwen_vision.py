@@ -221,3 +221,48 @@ def test_vision_tower_statistics_have_no_host_traffic():
         parts = qwen_vision.split_images(merged, layout.merged_counts)
     assert out.device == DEVICE and out.shape[0] == sum(layout.merged_counts)
     assert [p.shape[0] for p in parts] == layout.merged_counts and rec.calls["fused"] == len(visual.blocks)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rope_positions_equal_get_rope_index(models, arch):
+    from tokenreduce.models.adapters.qwen2_vl import rope_positions
+    m = models(arch)
+    for grids, lengths in [([(1, 8, 12), (1, 4, 4), (1, 12, 8)], [40, 30, 38]), ([(1, 8, 8)] * 2, [26, 26]),
+                           ([(2, 4, 8), (1, 16, 4)], [20, 30])]:
+        b = _batch(grids, lengths, seed=3)
+        is_img = b["input_ids"] == 300
+        ref, _ = m.model.get_rope_index(b["input_ids"], image_grid_thw=b["image_grid_thw"], video_grid_thw=None,
+                                        attention_mask=b["attention_mask"], mm_token_type_ids=is_img.int())
+        got = rope_positions(is_img, b["attention_mask"], b["image_grid_thw"], 2)
+        assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_full_path_with_different_image_sizes_equals_the_model(models, arch):
+    m = models(arch)
+    b = _batch([(1, 8, 12), (1, 4, 4), (1, 12, 8)], [40, 30, 38], seed=4)
+    mm = (b["input_ids"] == 300).int()
+    with torch.no_grad():
+        ref = m(**b, mm_token_type_ids=mm).logits[:, -1]
+    r = vlm.VLMRunner(m, None)
+    torch.testing.assert_close(r.next_token_logits(**b), ref, atol=1e-5, rtol=1e-4)
+    r = vlm.VLMRunner(m, methods.build("visionzip", ratio=1.0))      # keeps every token
+    torch.testing.assert_close(r.next_token_logits(**b), ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name,budget", [("visionzip", dict(keep=6)), ("hiprune", dict(ratio=1 / 3)), (None, {})],
+                         ids=["visionzip-keep", "hiprune-ratio", "full"])
+def test_prepare_has_no_host_traffic(name, budget):
+    m = presets.build("tiny-qwen2.5-vl")
+    grids = [(1, 8, 12), (1, 8, 8)]
+    b = _batch(grids, [40, 36])
+    r = vlm.VLMRunner(m, methods.build(name, **budget) if name else None)
+    m.to(DEVICE)
+    layout = r.adapter.window_layout(grids, DEVICE)                     # host metadata, moved once
+    d = {k: v.to(DEVICE) for k, v in b.items()}
+    with torch.no_grad(), no_host_traffic():
+        p = r.adapter.prepare(d["input_ids"], d["attention_mask"], d["pixel_values"],
+                              image_grid_thw=d["image_grid_thw"], layout=layout)
+    assert p.inputs_embeds.device == DEVICE and p.position_ids.shape[:2] == (3, 2)
+    if name:
+        assert p.vision.tokens_out == [methods.build(name, **budget).keep_tokens(n) for n in (24, 16)]

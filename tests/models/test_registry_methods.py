@@ -4,9 +4,10 @@ applies to, through its declarations only (stage, needs, reduce_layers, attentio
 keep_tokens): batch 2, output shapes / kept counts, finite outputs, generate for VLMs, and the
 attention statistics come from the fused op (the ScoreRecorder shows no fallback).
 
-Combinations a model cannot serve (a [CLS] statistic on SigLIP or Qwen2-VL, vision-tower
-statistics of Qwen2-VL, a patch grid in LLaVA-NeXT's packed LLM tokens) must fail with a clear
-error naming the reason: that is asserted, not skipped."""
+Combinations a model cannot serve (a [CLS] statistic on SigLIP, pixels or a VIT stage in
+Qwen2-VL / Qwen2.5-VL, a patch grid in LLaVA-NeXT's packed LLM tokens) must fail with a clear
+error naming the reason: that is asserted, not skipped. Qwen's vision-tower statistics come
+from `tokenreduce.models.qwen_vision` (the mean attention received stands in for [CLS])."""
 import pytest
 import torch
 
@@ -17,8 +18,9 @@ from tokenreduce.models import presets, vit, vlm
 from _vlm_inputs import N_IMG, vlm_inputs
 
 VISION = ["tiny-clip", "tiny-siglip", "tiny-dinov2"]
-VLMS = ["tiny-llava", "tiny-llava-next", "tiny-qwen2-vl"]
-ARCH = {Stage.VIT: VISION + ["tiny-llava", "tiny-llava-next", "tiny-qwen2-vl"],
+QWEN = ["tiny-qwen2-vl", "tiny-qwen2.5-vl"]
+VLMS = ["tiny-llava", "tiny-llava-next"] + QWEN
+ARCH = {Stage.VIT: VISION + ["tiny-llava", "tiny-llava-next"] + QWEN,
         Stage.PROJECTOR: VISION + VLMS,
         Stage.LLM: VLMS}
 STATS = {Need.CLS_ATTN, Need.ATTN_RECEIVED, Need.VALUES, Need.KEYS, Need.QUERY_ATTN, Need.VISUAL_ATTN,
@@ -56,13 +58,10 @@ def _expected_error(meth, arch):
     needs = meth.needs
     if arch == "tiny-siglip" and Need.CLS_ATTN in needs:
         return ValueError, r"no \[CLS\]"
-    if arch == "tiny-qwen2-vl" and meth.stage == Stage.VIT:
+    if arch in QWEN and meth.stage == Stage.VIT:
         return NotImplementedError, "windowed vision tower"
-    if arch == "tiny-qwen2-vl" and meth.stage == Stage.PROJECTOR:
-        if Need.CLS_ATTN in needs:
-            return ValueError, r"no \[CLS\]"
-        if needs & {Need.ATTN_RECEIVED, Need.VALUES, Need.KEYS}:
-            return ValueError, "not collected"
+    if arch in QWEN and meth.stage == Stage.PROJECTOR and Need.PIXELS in needs:
+        return ValueError, "flattened patches"
     if arch == "tiny-llava-next" and meth.stage == Stage.LLM and Need.GRID in needs:
         return ValueError, "no single patch grid"
     if arch in VISION and needs & {Need.TEXT, Need.QUERY_ATTN, Need.QUERY_ATTN_NOROPE}:

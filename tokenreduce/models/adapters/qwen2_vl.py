@@ -42,11 +42,33 @@ from ..positions import gather_positions
 from ..stages import CONTEXT_FIELD, NOMINAL_DEPTH, check_needs, check_reduction, plan_layers
 from .base import ModelParts, Prepared, VLMAdapter
 
-__all__ = ["Qwen2VLAdapter", "QwenVision", "next_position", "TOWER_NEED_KIND"]
+__all__ = ["Qwen2VLAdapter", "QwenVision", "next_position", "rope_positions", "TOWER_NEED_KIND"]
 
 # need -> what the Qwen vision attention records for it ("cls": the mean attention received)
 TOWER_NEED_KIND = {Need.CLS_ATTN: "cls", Need.ATTN_RECEIVED: "received", Need.VALUES: "values"}
 PAD = -2        # index of a padding slot (a row keeping fewer tokens than the longest row)
+
+
+def rope_positions(is_img: Tensor, attention_mask: Tensor, image_grid_thw: Tensor, merge: int) -> Tensor:
+    """The M-RoPE position ids ``[3, B, L]`` of rows holding one image each (``image_grid_thw``
+    ``[B, 3]`` on the device, in row order), as the model's ``get_rope_index`` computes them,
+    from device ops only (no read-back): counting only unmasked tokens (rank ``q``), text before
+    the image at ``q``, the image's merged token ``r`` at ``s + (t_r, h_r, w_r)`` (``s`` its first
+    rank), text after it at ``q - n + max(h, w)`` (``n`` its tokens); masked positions 0."""
+    am = attention_mask.bool()
+    rank = am.long().cumsum(1) - 1
+    img = is_img & am
+    big = torch.iinfo(torch.long).max
+    s = torch.where(img, rank, torch.full_like(rank, big)).amin(dim=1, keepdim=True)      # [B, 1]
+    g = image_grid_thw.to(rank.device).long()
+    hm, wm = (g[:, 1] // merge)[:, None], (g[:, 2] // merge)[:, None]
+    n = g[:, 0:1] * hm * wm
+    r = (rank - s).clamp_min(0)
+    t_img, h_img, w_img = s + r // (hm * wm), s + (r % (hm * wm)) // wm, s + r % wm
+    after = rank - n + torch.maximum(hm, wm)
+    text = torch.where(rank < s, rank, after)
+    pos = torch.stack([torch.where(img, t_img, text), torch.where(img, h_img, text), torch.where(img, w_img, text)])
+    return pos.masked_fill(~am.unsqueeze(0), 0)
 
 
 def next_position(pos: Tensor, attention_mask: Tensor) -> Tensor:
@@ -101,14 +123,21 @@ class Qwen2VLAdapter(VLMAdapter):
         att = [a for _, _, a in plan.attention]
         return plan, (att[-1] if att else L - 1)
 
-    def run_tower(self, pixel_values: Tensor, image_grid_thw: Tensor, grid_host=None,
-                  method=None) -> Tuple[List[Tensor], QwenVision]:
+    def window_layout(self, image_grid_thw, device) -> qwen_vision.WindowLayout:
+        """The tower's `qwen_vision.WindowLayout` for a grid (host ints or the processor's CPU
+        tensor), on ``device``: build it before a timed call and pass it as ``layout=`` to
+        `prepare` / `run_tower` (then they move nothing from the host)."""
+        return qwen_vision.WindowLayout.build(image_grid_thw, self.model.model.visual.config).to(device)
+
+    def run_tower(self, pixel_values: Tensor, image_grid_thw: Tensor, grid_host=None, method=None,
+                  layout: Optional[qwen_vision.WindowLayout] = None) -> Tuple[List[Tensor], QwenVision]:
         """The vision tower on every image -> (merged features ``[N_i, D_llm]`` per image,
         `QwenVision`); with ``method`` needing tower statistics they are recorded (fused op)
-        and kept per image and merged token in ``QwenVision.statistics[(kind, block)]``."""
+        and kept per image and merged token in ``QwenVision.statistics[(kind, block)]``.
+        ``layout``: a ready `window_layout` (else built here from ``grid_host`` or the grid)."""
         visual = self.model.model.visual
-        layout = qwen_vision.WindowLayout.build(grid_host if grid_host is not None else image_grid_thw,
-                                                visual.config).to(pixel_values.device)
+        if layout is None:
+            layout = self.window_layout(grid_host if grid_host is not None else image_grid_thw, pixel_values.device)
         rec = attention.ScoreRecorder()
         kinds = sorted({k for n, k in TOWER_NEED_KIND.items() if method is not None and n in method.needs})
         wants_keys = method is not None and Need.KEYS in method.needs
@@ -134,21 +163,27 @@ class Qwen2VLAdapter(VLMAdapter):
 
     # -- the LLM inputs -----------------------------------------------------------------
     def prepare(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, image_grid_thw: Tensor,
-                mm_token_type_ids: Optional[Tensor] = None, grid_host: Optional[Sequence] = None, **_) -> Prepared:
+                mm_token_type_ids: Optional[Tensor] = None, grid_host: Optional[Sequence] = None,
+                layout: Optional[qwen_vision.WindowLayout] = None, **_) -> Prepared:
         """``grid_host``: the ``(t, h, w)`` grid per image as host ints when ``image_grid_thw``
-        is already on the device (the processor's CPU tensor needs none: no read-back)."""
+        is already on the device (the processor's CPU tensor needs none: no read-back);
+        ``layout``: a ready `window_layout` (then nothing moves between host and device here,
+        with one image per row)."""
         m = self.model
-        if mm_token_type_ids is None:
-            mm_token_type_ids = (input_ids == self.image_token).int()
-        pos, _deltas = m.model.get_rope_index(input_ids, image_grid_thw=image_grid_thw, video_grid_thw=None,
-                                              attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids)
         method = self.stage_method(Stage.PROJECTOR)
-        feats, info = self.run_tower(pixel_values, image_grid_thw, grid_host, method)
+        feats, info = self.run_tower(pixel_values, image_grid_thw, grid_host, method, layout)
         counts, merge = info.tokens_in, self.cfg.vision_config.spatial_merge_size
+        is_img = input_ids == self.image_token
+        if len(counts) == input_ids.shape[0]:      # one image per row: positions from device ops
+            pos = rope_positions(is_img, attention_mask, image_grid_thw, merge)
+        else:
+            if mm_token_type_ids is None:
+                mm_token_type_ids = is_img.int()
+            pos, _deltas = m.model.get_rope_index(input_ids, image_grid_thw=image_grid_thw, video_grid_thw=None,
+                                                  attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids)
         shapes = [(t, h // merge, w // merge) for t, h, w in info.grid]
         same = len(set(shapes)) == 1
         grid = shapes[0][1:] if same and shapes[0][0] == 1 else None
-        is_img = input_ids == self.image_token
         steps: List[Dict[str, Any]] = []
         size = None
         if method is not None:
@@ -165,11 +200,12 @@ class Qwen2VLAdapter(VLMAdapter):
                                 steps, info)
             n_img = keep[0]
         elif len(set(counts)) == 1:
-            n_img = self.count_image_tokens(is_img)
+            n_img = self.image_tokens if self.image_tokens is not None else counts[0]    # host counts
             feats_cat = torch.stack(feats)
-        else:   # different grids, no reduction: the model's own packed insertion
-            emb = m.get_input_embeddings()(input_ids)
-            emb = emb.masked_scatter(is_img.unsqueeze(-1), torch.cat(feats).to(emb.dtype))
+        else:   # different grids, no reduction: each row's image tokens take its image's features
+            K = max(counts)
+            feats_cat = torch.stack([F.pad(f, (0, 0, 0, K - f.shape[0])) for f in feats])
+            emb, attention_mask = self._insert_ragged(input_ids, attention_mask, is_img, feats_cat, None)
             return Prepared(emb, attention_mask, is_img, -1, pos, next_position(pos, attention_mask), None, steps,
                             info)
         emb, attention_mask, is_img = self.insert_image_features(input_ids, attention_mask, is_img, n_img, feats_cat,
@@ -275,13 +311,15 @@ class Qwen2VLAdapter(VLMAdapter):
         return input_ids, attention_mask, pos, is_img, tokens, size, sel
 
     def _insert_ragged(self, input_ids, attention_mask, is_img, tokens, size):
-        """Rows keeping different image-token counts: the i-th image token of a row gets its
-        i-th kept feature (``tokens`` ``[B, K, D]`` in sequence order, padding slots last);
+        """Rows holding different image-token counts: the i-th image token of a row gets its
+        i-th (kept) feature (``tokens`` ``[B, K, D]`` in sequence order, padding slots last);
         kept tokens of size 0 are masked. -> (inputs_embeds, attention_mask)."""
         emb = self.model.get_input_embeddings()(input_ids)
         K = tokens.shape[1]
         rank = (is_img.long().cumsum(1) - 1).clamp(0, K - 1)
         at = tokens.gather(1, rank.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])).to(emb.dtype)
         emb = torch.where(is_img.unsqueeze(-1), at, emb)
+        if size is None:
+            return emb, attention_mask
         empty = is_img & (size.gather(1, rank) <= 0)
         return emb, attention_mask * (~empty).to(attention_mask.dtype)
