@@ -10,7 +10,7 @@ from tokenreduce.models.adapters import (LlavaAdapter, LlavaNextAdapter, Qwen2VL
 
 VISION = {"tiny-clip": ("clip", True), "tiny-siglip": ("siglip", False), "tiny-dinov2": ("dinov2", True)}
 VLMS = {"tiny-llava": ("llava", LlavaAdapter), "tiny-llava-next": ("llava-next", LlavaNextAdapter),
-        "tiny-qwen2-vl": ("qwen2-vl", Qwen2VLAdapter)}
+        "tiny-qwen2-vl": ("qwen2-vl", Qwen2VLAdapter), "tiny-qwen2.5-vl": ("qwen2-vl", Qwen2VLAdapter)}
 
 
 @pytest.mark.parametrize("name", sorted(VISION))

