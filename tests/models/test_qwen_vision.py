@@ -76,34 +76,35 @@ def _eager_statistics(visual, grids, px):
     return feats, out
 
 
+@pytest.mark.parametrize("grids", [GRIDS, [(2, 8, 8), (1, 16, 4)]], ids=["images", "frames"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_fused_statistics_equal_eager_on_the_same_windows(models, arch):
+def test_fused_statistics_equal_eager_on_the_same_windows(models, arch, grids):
     visual = models(arch).model.visual
-    px = _pixels(GRIDS)
+    px = _pixels(grids)
     with torch.no_grad():
-        ref = visual(px, grid_thw=torch.tensor(GRIDS)).pooler_output          # transformers' sdpa path
-    feats, eager = _eager_statistics(visual, GRIDS, px)
+        ref = visual(px, grid_thw=torch.tensor(grids)).pooler_output          # transformers' sdpa path
+    feats, eager = _eager_statistics(visual, grids, px)
     torch.testing.assert_close(feats, ref, atol=1e-5, rtol=1e-4)
     qwen_vision.install(visual)
-    layout = qwen_vision.WindowLayout.build(torch.tensor(GRIDS), visual.config).to("cpu")
+    layout = qwen_vision.WindowLayout.build(torch.tensor(grids), visual.config).to("cpu")
     if arch == "tiny-qwen2.5-vl":       # windowed and full blocks differ
-        assert len(layout.window.lengths) > len(GRIDS) and layout.full_layers == {1, 3}
+        assert len(layout.window.lengths) > len(grids) and layout.full_layers == {1, 3}
     rec = attention.ScoreRecorder()
     for layer in range(len(visual.blocks)):
         rec.request("vision", layer, ["received", "cls", "keys", "values"])
     with torch.no_grad(), attention.recording(rec):
-        out = visual(px, grid_thw=torch.tensor(GRIDS), **qwen_vision.vision_kwargs(layout)).pooler_output
+        out = visual(px, grid_thw=torch.tensor(grids), **qwen_vision.vision_kwargs(layout)).pooler_output
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
     assert rec.calls["fused"] == len(visual.blocks) and not rec.fallbacks
-    counts = [t * h * w for t, h, w in GRIDS]
+    counts = [t * h * w for t, h, w in grids]
     for layer, (received, keys, values) in eager.items():
         got = rec.get("received", "vision", layer)
         torch.testing.assert_close(got[0], received, atol=1e-6, rtol=1e-4)
         assert torch.equal(rec.get("cls", "vision", layer), got)                # the [CLS] substitute
         torch.testing.assert_close(rec.get("keys", "vision", layer)[0], keys, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(rec.get("values", "vision", layer)[0], values, atol=1e-5, rtol=1e-4)
-        for part in qwen_vision.split_images(got, counts):
-            torch.testing.assert_close(part.sum(), torch.tensor(1.0), atol=1e-5, rtol=0)
+        for part, (t, _, _) in zip(qwen_vision.split_images(got, counts), grids):
+            torch.testing.assert_close(part.sum(), torch.tensor(float(t)), atol=1e-5, rtol=0)   # 1 per frame
         merged = qwen_vision.merge_groups(got, "received")
         torch.testing.assert_close(merged[0], received.view(-1, 4).sum(1), atol=1e-6, rtol=1e-4)
         mk = qwen_vision.merge_groups(rec.get("keys", "vision", layer), "keys")
