@@ -38,7 +38,7 @@ from . import register
 from .. import ops
 from ..errors import fail
 from .base import Budget, Context, Method, Need, Reduction, Stage
-from .helpers import int_option, keep_indices, need, topk_indices
+from .helpers import gather_tokens, int_option, keep_indices, need, topk_indices
 
 __all__ = ["VLAPruner", "temporal_guide", "dual_level_select"]
 
@@ -56,17 +56,24 @@ def temporal_guide(history: Tensor, gamma: float, order: str = "released") -> Te
 
 def dual_level_select(x: Tensor, semantic: Tensor, guide: Tensor, k: int) -> Tensor:
     """Dual-level selection: ``[B, k]`` image positions (in pick order) from the union of the top
-    ``k`` of ``semantic`` and of ``guide`` (``[B, N]`` each), min-redundancy over ``x`` ``[B, N, D]``."""
+    ``k`` of ``semantic`` and of ``guide`` (``[B, N]`` each), min-redundancy over ``x`` ``[B, N, D]``.
+    The union (at most 2k tokens, a data-dependent count) is gathered into a static ``[B, 2k]``
+    buffer, union members first in position order, the rest masked."""
     B, N, _ = x.shape
     union = torch.zeros(B, N, dtype=torch.bool, device=x.device)
     union = union.scatter(1, topk_indices(semantic, k), True).scatter(1, topk_indices(guide, k), True)
-    xn = F.normalize(x.float(), dim=-1)
-    dist = 1.0 - xn @ xn.transpose(1, 2)                                     # [B, N, N] cosine distance
-    eye = torch.eye(N, dtype=torch.bool, device=x.device)
-    nearest = dist.masked_fill(eye | ~union[:, :, None], float("inf")).amin(dim=1)   # nearest other member
-    first = nearest.masked_fill(~union, float("-inf")).argmax(dim=1)
-    index, _ = ops.kcenter(x.float(), k, metric="cosine", first=first, mask=union)
-    return index
+    m = min(2 * k, N)
+    ar = torch.arange(N, device=x.device)
+    pos = ((~union).long() * N + ar).sort(dim=1).values[:, :m] % N                # [B, m] members first
+    valid = union.gather(1, pos)
+    xu = gather_tokens(x, pos).float()
+    xn = F.normalize(xu, dim=-1)
+    dist = 1.0 - xn @ xn.transpose(1, 2)                                     # [B, m, m] cosine distance
+    eye = torch.eye(m, dtype=torch.bool, device=x.device)
+    nearest = dist.masked_fill(eye | ~valid[:, :, None], float("inf")).amin(dim=1)   # nearest other member
+    first = nearest.masked_fill(~valid, float("-inf")).argmax(dim=1)
+    index, _ = ops.kcenter(xu, k, metric="cosine", first=first, mask=valid)
+    return pos.gather(1, index)
 
 
 @register
@@ -194,7 +201,7 @@ class VLAPruner(Method):
         if self.warmup == "full" and self.frames < self.window:
             return keep_indices(ctx, torch.arange(N, device=x.device).expand(B, N))
         current = topk_indices(sem, k)
-        if self.history is None:
+        if self.history is None or self.frames < self.window:   # host-side: no stream's window is full yet
             return keep_indices(ctx, current)
         guide = temporal_guide(self.history, self.gamma, self.decay_order)
         dual = dual_level_select(x, sem, guide, k)
