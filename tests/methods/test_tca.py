@@ -194,3 +194,52 @@ def test_bad_input():
     with pytest.raises(TypeError, match="method must be a TCA"):
         from tokenreduce.models.tca_clip import TCAClassifier
         TCAClassifier(None, torch.zeros(2, 4), methods.build("tome", r=2))
+
+
+def _authors_block(layer, h, anchor, rate):
+    """ResidualAttentionBlock_Ours with a cls_token_cache on one transformers CLIP layer: the
+    anchor prepended to the block's attention (its row dropped), condensation, then the MLP."""
+    at = layer.self_attn
+    seq = torch.cat([anchor.unsqueeze(1), h], 1)
+    z = layer.layer_norm1(seq)
+    B, N, D = z.shape
+    H = at.num_heads
+    q, k, v = (p(z).view(B, N, H, D // H).transpose(1, 2) for p in (at.q_proj, at.k_proj, at.v_proj))
+    w = torch.softmax(q @ k.transpose(-1, -2) * at.scale, -1)
+    out = at.out_proj((w @ v).transpose(1, 2).reshape(B, N, D))
+    x1 = h + out[:, 1:]
+    cls_attn = w[:, :, 1, 1:].mean(1)
+    c = authors.condense_authors(x1, cls_attn, rate)
+    return c + layer.mlp(layer.layer_norm2(c))
+
+
+def test_anchor_block_matches_the_authors(tiny_clip):
+    """With active anchors, the tokens kept at a drop layer equal the authors' block (anchor as an
+    extra key / value of the block's attention); merged / fused tokens differ by design (they are
+    condensed after the MLP here, before it there)."""
+    m = methods.build("tca", rate=0.2)
+    m.reservoir = TCAReservoir(2, 12, 32)
+    g = torch.Generator().manual_seed(4)
+    m.reservoir.anchors = torch.randn(2, 12, 32, generator=g)
+    m.reservoir.active = torch.ones((), dtype=torch.bool)
+    layers = vit.vision_parts(tiny_clip).layers
+    seen = {}
+    hooks = [layers[i].register_forward_pre_hook(lambda mod, a, i=i: seen.__setitem__(i, a[0].clone()))
+             for i in (3, 4)]
+    try:
+        px = torch.randn(2, 3, 56, 56, generator=g)
+        vit.run_vision(vit.prepare(tiny_clip), px, m)
+    finally:
+        for h in hooks:
+            h.remove()
+    x3 = seen[3]                                   # [CLS], anchor, patches: the input of drop layer 3
+    cache = m.reservoir.anchors[:, 2]               # the authors' cls_token_cache[:, i - 1, :]
+    best = torch.argmax(torch.nn.functional.cosine_similarity(cache.unsqueeze(1), x3[:, :1].transpose(0, 1), dim=2), 0)
+    torch.testing.assert_close(x3[:, 1], cache[best])
+    h = torch.cat([x3[:, :1], x3[:, 2:]], 1)
+    want = _authors_block(layers[3], h, x3[:, 1], 0.2)
+    k = rate_plan(64, 0.2, 4)[0]
+    got = seen[4]
+    assert got.shape[1] == want.shape[1]
+    torch.testing.assert_close(got[:, :1 + k], want[:, :1 + k], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got[:, 1 + k:], want[:, 1 + k:])
