@@ -1,6 +1,9 @@
 """TCA: the condensation against the authors' block (Jo-wang/TCA, re-implemented in
 tokenreduce.testing.authors.tca), the reservoir against their runner's dict of lists, the
 anchors inside a tiny CLIP model, state / reset semantics, batches, bad input."""
+import os
+import sys
+
 import pytest
 import torch
 
@@ -243,3 +246,20 @@ def test_anchor_block_matches_the_authors(tiny_clip):
     assert got.shape[1] == want.shape[1]
     torch.testing.assert_close(got[:, :1 + k], want[:, :1 + k], rtol=1e-4, atol=1e-5)
     assert not torch.allclose(got[:, 1 + k:], want[:, 1 + k:])
+
+
+def test_anchor_path_and_reservoir_have_no_host_traffic():
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from host_traffic import DEVICE, no_host_traffic
+    m = methods.build("tca", keep=64)
+    m.reservoir = TCAReservoir(3, 12, 32, device=DEVICE)
+    x = torch.randn(2, 197, 32, device=DEVICE)
+    a = torch.rand(2, 198, device=DEVICE)
+    state = {}
+    with no_host_traffic():
+        red = m(Context(x=x, has_cls=True, layer=2, num_layers=12, state=state))            # anchor in
+        red = m(Context(x=red.tokens, has_cls=True, cls_attn={3: a}, layer=3, num_layers=12, state=state,
+                        size=red.size))
+        logits = m.reservoir.update(torch.zeros(2, dtype=torch.long, device=DEVICE), torch.rand(2, device=DEVICE),
+                                    torch.randn(2, 12, 32, device=DEVICE))
+    assert red.tokens.shape[1] < 197 and logits.shape == (2, 3)

@@ -161,3 +161,18 @@ def test_bad_input():
     last = methods.build("vla-pruner", keep=4, semantic="last")
     assert methods.Need.QUERY_ATTN in last.needs
     assert last(Context(x=torch.randn(1, 16, 4), query_attn={2: torch.rand(1, 16)}, layer=2)).tokens.shape == (1, 4, 4)
+
+
+def test_dual_level_path_has_no_host_traffic():
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from host_traffic import DEVICE, no_host_traffic
+    m = methods.build("vla-pruner", keep=64)
+    with no_host_traffic():
+        for _ in range(3):
+            for _ in range(4):
+                m.observe_decode(15, torch.rand(2, 256, device=DEVICE))
+            m.end_frame()
+        red = m(Context(x=torch.randn(2, 256, 32, device=DEVICE), attn_received={2: torch.rand(2, 256, device=DEVICE)},
+                        layer=2, num_layers=32))
+        m.reset(torch.ones(2, dtype=torch.bool, device=DEVICE))
+    assert red.tokens.shape == (2, 64, 32) and m.frames == 3
