@@ -176,3 +176,26 @@ def test_dual_level_path_has_no_host_traffic():
                         layer=2, num_layers=32))
         m.reset(torch.ones(2, dtype=torch.bool, device=DEVICE))
     assert red.tokens.shape == (2, 64, 32) and m.frames == 3
+
+
+def test_redundancy_on_the_llm_input_embeddings():
+    """Inside the LLM runner the redundancy pass reads the LLM's input at the image tokens (the
+    authors' inputs_embeds), not the hidden states of layer K-1."""
+    from tokenreduce.models import presets, vlm
+    model = presets.build("tiny-llava")
+    m = methods.build("vla-pruner", keep=4, layer=2, window=1)
+    batch, n = vlm_inputs("tiny-llava", model)
+    got = {}
+    inner = m.reduce
+
+    def reduce(ctx):
+        got["emb"], got["x"] = ctx.state.get("input_embeddings"), ctx.x
+        return inner(ctx)
+    m.reduce = reduce
+    for _ in range(2):
+        vlm.VLMRunner(model, m).generate(max_new_tokens=2, **batch)
+    r = vlm.VLMRunner(model, m)
+    p = r.prepare(**batch)
+    img = p.inputs_embeds[p.is_img].view(2, n, -1)
+    torch.testing.assert_close(got["emb"], img)
+    assert not torch.allclose(got["emb"], got["x"])

@@ -100,11 +100,16 @@ class VLAPruner(Method):
                    "use_prefil_attention, guide/current top-k, torch.unique, _redundancy_minization) and "
                    "modeling_prismatic.py predict_action / _extract_action_modality_attentions (av_hist "
                    "deque of window 3, decay 0.8, layer 15, mean over heads and action tokens)")
-    deviations = ("batched, one stream per batch row (theirs: one episode, sample 0); the redundancy pass "
-                  "on the hidden states at layer K-1 (theirs: the LLM input embeddings) with selected "
-                  "tokens excluded explicitly; the guide in float32 (theirs bf16); ties to the smaller "
-                  "index; warm-up frames keep the semantic top-k by default (theirs keep all: warmup='full'); "
-                  "the decode rows of a LLaVA-style VLM's generated tokens stand for the action tokens")
+    deviations = ("batched, one stream per batch row (theirs: one episode, sample 0); selected tokens are "
+                  "excluded explicitly in the redundancy pass (theirs: by their distance 0); without an LLM "
+                  "runner (ctx.state has no input_embeddings) the redundancy pass uses ctx.x; the guide in "
+                  "float32 (theirs bf16); ties to the smaller index; warm-up frames keep the semantic top-k "
+                  "by default (theirs keep all: warmup='full'); the decode rows of a LLaVA-style VLM's "
+                  "generated tokens stand for the action tokens")
+
+    # the LLM runner puts the LLM's input embeddings at the image tokens into ctx.state
+    # ["input_embeddings"] (the features of the authors' redundancy pass)
+    wants_input_embeddings = True
 
     def configure(self) -> None:
         if not self.budget.given:
@@ -204,6 +209,9 @@ class VLAPruner(Method):
         if self.history is None or self.frames < self.window:   # host-side: no stream's window is full yet
             return keep_indices(ctx, current)
         guide = temporal_guide(self.history, self.gamma, self.decay_order)
-        dual = dual_level_select(x, sem, guide, k)
+        feats = ctx.state.get("input_embeddings")     # the LLM's input at the image tokens (the authors')
+        if feats is None or tuple(feats.shape[:2]) != (B, N):
+            feats = x
+        dual = dual_level_select(feats, sem, guide, k)
         ready = (self.filled >= self.window)[:, None]
         return keep_indices(ctx, torch.where(ready, dual, current))

@@ -125,6 +125,8 @@ class LLMReducer:
                 if prefill:
                     self.rec.data.clear()
                     self.kw0 = {k: kwargs.get(k) for k in ("position_embeddings", "attention_mask")}
+                    if getattr(self.method, "wants_input_embeddings", False):   # VLA-Pruner's redundancy
+                        self.state["input_embeddings"] = gather_positions(h, self.img_pos, 1)
             if self.in_prefill:
                 kw = kwargs
                 if self.cur is not None:
