@@ -166,7 +166,8 @@ def cmd_profile(args: argparse.Namespace, console: Console) -> int:
                        opts=parse_opts(args.opt), batch=args.batch, device=args.device, dtype=args.dtype,
                        warmup=args.warmup, repeat=args.repeat, new_tokens=args.new_tokens, prompt=args.prompt,
                        layers=args.layers, random_weights=args.random_weights, images=args.images,
-                       image_size=args.image_size, threads=args.threads, memory=not args.no_memory)
+                       image_size=args.image_size, threads=args.threads, memory=not args.no_memory,
+                       frames=args.frames)
         with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console, transient=True) as bar:
             task = bar.add_task("loading the model", total=None)
@@ -332,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--image-size", type=int, default=None, metavar="PX", help="input size (default: the preset's)")
     pr.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads (default: torch's)")
     pr.add_argument("--no-memory", action="store_true", help="skip the peak-memory run of each configuration")
+    pr.add_argument("--frames", type=int, default=1, metavar="N",
+                    help="image streams: each timed call is frame N (frames 1..N-1 run first, untimed, to fill "
+                         "a stateful method's temporal state, e.g. vla-pruner; row b sees image b - t)")
     pr.add_argument("--json", metavar="PATH", help="write the report as JSON")
     pr.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
     pr.add_argument("--plot", metavar="PNG", help="plot time and fidelity against tokens kept per method")

@@ -30,8 +30,8 @@ from ..methods.base import Context, Method, Need, Stage
 from . import attention
 from .llm_scores import key_bias_of_mask, layer_scores
 from .positions import gather_positions, split_positions
-from .stages import CONTEXT_FIELD, LLM_NEED_KIND, NOMINAL_DEPTH, check_needs, check_reduction, plan_layers, \
-    request_scores
+from .stages import CONTEXT_FIELD, LLM_NEED_KIND, NOMINAL_DEPTH, LayerPlan, check_needs, check_reduction, \
+    plan_layers, request_scores, resolve_layer
 
 __all__ = ["LLMReducer"]
 
@@ -84,6 +84,17 @@ class LLMReducer:
                     self.own_at.setdefault(a, [])
                     self.own_at[a] += [k for k in own if k not in self.own_at[a]]
         self._requests = {k: v for k, v in self.rec.requests.items() if v}
+        # stateful methods (VLA-Pruner): the last query row's attention at decode_attention_layers,
+        # in the prefill and in every decoding step, handed to method.observe_decode
+        # (layer numbers that do not fit the plan's depth are read at the nominal LLM depth)
+        dec = getattr(method, "decode_attention_layers", None)
+        dec = [] if dec is None else dec(self.plan.Ln)
+        fits = all(-self.plan.Ln <= l < self.plan.Ln for l in dec)
+        dplan = self.plan if fits else LayerPlan(self.L, max(NOMINAL_DEPTH["llm"], self.L), [], [])
+        self.decode_at = {dplan.model_layer(resolve_layer(l, dplan.Ln, f"{method.name} decode")): l for l in dec}
+        self._decode_requests = {(part, a): {"query"} for a in self.decode_at}
+        for key, kinds in self._decode_requests.items():
+            self._requests[key] = self._requests.get(key, set()) | kinds
         self.rec.requests = dict(self._requests)
         cfg = getattr(lm, "config", None)
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_attention_heads", None)
@@ -100,6 +111,9 @@ class LLMReducer:
         self.steps = []
         self.in_prefill = False
         self.kw0: Dict[str, Any] = {}
+        end_frame = getattr(self.method, "end_frame", None)   # a stateful method: the last request is over
+        if end_frame is not None:
+            end_frame()
 
     def _pre_hook(self, j: int):
         def hook(module, args, kwargs):
@@ -107,10 +121,12 @@ class LLMReducer:
             if j == 0:
                 prefill = h.shape[1] == self.seq_len0 and not self.layer_pos and self.cur is None
                 self.in_prefill = prefill
-                self.rec.requests = dict(self._requests) if prefill else {}
+                self.rec.requests = dict(self._requests) if prefill else dict(self._decode_requests)
                 if prefill:
                     self.rec.data.clear()
                     self.kw0 = {k: kwargs.get(k) for k in ("position_embeddings", "attention_mask")}
+                    if getattr(self.method, "wants_input_embeddings", False):   # VLA-Pruner's redundancy
+                        self.state["input_embeddings"] = gather_positions(h, self.img_pos, 1)
             if self.in_prefill:
                 kw = kwargs
                 if self.cur is not None:
@@ -162,8 +178,26 @@ class LLMReducer:
             raise NotImplementedError("tokenreduce.models.vlm: per-layer-type mask dicts are not supported")
         return kw
 
+    def _observe(self, j: int) -> None:
+        """Hand the recorded last-row attention of layer ``j`` to the method, aligned with the
+        original image tokens ``[B, n_img]`` (tokens pruned before ``j`` get 0)."""
+        key = ("query", self.part, j)
+        v = self.rec.data.get(key) if self.in_prefill else self.rec.data.pop(key, None)
+        if v is None:
+            return
+        B = v.shape[0]
+        pos = self.layer_pos.get(j)
+        if pos is None:
+            pos = torch.arange(self.seq_len0, device=v.device).expand(B, self.seq_len0)
+        img = self.is_img0.gather(1, pos)
+        slot = (self.is_img0.long().cumsum(1) - 1).gather(1, pos).clamp_min(0)
+        a = v[:, :pos.shape[1]].float() * img
+        self.method.observe_decode(self.decode_at[j], a.new_zeros(B, self.n_img0).scatter_add(1, slot, a))
+
     def _post_hook(self, j: int):
         def hook(module, args, kwargs, out):
+            if j in self.decode_at:
+                self._observe(j)
             if not self.in_prefill or j not in self.reduce_at:
                 return None
             h = out[0] if isinstance(out, tuple) else out

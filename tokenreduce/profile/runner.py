@@ -196,6 +196,23 @@ class Probe:
 # workloads: what one timed call is, and how its output is compared with the baseline
 # ---------------------------------------------------------------------------------------
 
+def stream_frame(pixel_values: Tensor, t: int) -> Tensor:
+    """Frame ``t`` of the image streams (``--frames``): batch row b sees image ``(b - t) mod B`` of
+    ``[B, C, H, W]`` pixels; packed pixels (Qwen2-VL ``[sum N, D]``) repeat the same images."""
+    return pixel_values.roll(t, 0) if pixel_values.dim() == 4 and t else pixel_values
+
+
+def run_frames(method: Optional[Method], frames: int, call_frame: Callable[[int], Any]) -> None:
+    """``--frames N``: a stateful method (one with ``reset()``) is reset and runs frames 0 .. N-2
+    untimed (``call_frame(t)``), so that the timed call is frame N-1 of each stream with its
+    temporal state; the baseline and stateless methods run only that frame."""
+    if method is None or not callable(getattr(method, "reset", None)):
+        return
+    method.reset()
+    for t in range(frames - 1):
+        call_frame(t)
+
+
 @dataclass
 class CallResult:
     output: Any
@@ -211,7 +228,9 @@ class VisionWorkload:
     kind = "vision"
     stages = (Stage.VIT, Stage.PROJECTOR)
 
-    def __init__(self, model: nn.Module, inputs: VisionInputs, decoder: Optional[nn.Module] = None):
+    def __init__(self, model: nn.Module, inputs: VisionInputs, decoder: Optional[nn.Module] = None,
+                 frames: int = 1):
+        self.frames = frames
         self.model = vit.prepare(model)
         self.parts = model_parts(model)
         self.inputs = inputs
@@ -223,8 +242,10 @@ class VisionWorkload:
         self.probe = Probe(vision_layers=self.parts.vision_layers, images=self.batch)
 
     def call(self, method: Optional[Method], tl: Timeline) -> CallResult:
+        px = self.inputs.pixel_values
+        run_frames(method, self.frames, lambda t: vit.run_vision(self.model, stream_frame(px, t), method))
         self.probe.begin(tl)
-        out = vit.run_vision(self.model, self.inputs.pixel_values, method)
+        out = vit.run_vision(self.model, stream_frame(px, self.frames - 1), method)
         self.probe.end()
         kept = out.last_hidden_state.shape[1] - int(self.parts.has_cls)
         return CallResult(out, int(kept), tl.resolve(), self.probe.vision_tokens, [])
@@ -248,7 +269,8 @@ class VLMWorkload:
     kind = "vlm"
     stages = (Stage.VIT, Stage.PROJECTOR, Stage.LLM)
 
-    def __init__(self, model: nn.Module, inputs: VLMInputs, new_tokens: int = 4):
+    def __init__(self, model: nn.Module, inputs: VLMInputs, new_tokens: int = 4, frames: int = 1):
+        self.frames = frames
         if new_tokens < 1:
             raise ValueError(f"tokenreduce.profile: --new-tokens must be >= 1, got {new_tokens}")
         attention.register()
@@ -265,8 +287,13 @@ class VLMWorkload:
 
     def call(self, method: Optional[Method], tl: Timeline) -> CallResult:
         r = vlm.VLMRunner(self.model, method, image_tokens=self.image_tokens or None)
+        kw = self.inputs.kwargs()
+
+        def frame(t: int) -> Dict[str, Any]:
+            return {**kw, "pixel_values": stream_frame(kw["pixel_values"], t)}
+        run_frames(method, self.frames, lambda t: r.generate(max_new_tokens=self.new_tokens, **frame(t)))
         self.probe.begin(tl)
-        ids = r.generate(max_new_tokens=self.new_tokens, **self.inputs.kwargs())
+        ids = r.generate(max_new_tokens=self.new_tokens, **frame(self.frames - 1))
         self.probe.end()
         kept = r.last.n_img
         if r.llm_reducer is not None and r.llm_reducer.steps:

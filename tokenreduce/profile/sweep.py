@@ -61,6 +61,7 @@ class Spec:
     memory: bool = True
     seed: int = 0
     max_default_methods: int = MAX_DEFAULT
+    frames: int = 1                              # --frames: timed call = frame N of each image stream
 
 
 def budgets_of(spec: Spec) -> List[Budget]:
@@ -114,11 +115,11 @@ def load_workload(spec: Spec, device, dtype):
             from ..models.dinov2_onnx import load_dinov2_small
             decoder = load_dinov2_small()[1].to(device)
         inp = inputs.vision_inputs(preset.family, size, ims).to(device, dtype)
-        return runner.VisionWorkload(model, inp, decoder), info
+        return runner.VisionWorkload(model, inp, decoder, frames=spec.frames), info
     model = presets.build(spec.model, layers=spec.layers, dtype=dtype, device=None if preset.real else device)
     inp = inputs.vlm_inputs(model, preset.kind, size, ims, spec.prompt)
     model = model.to(device)
-    return runner.VLMWorkload(model, inp.to(device, dtype), spec.new_tokens), info
+    return runner.VLMWorkload(model, inp.to(device, dtype), spec.new_tokens, frames=spec.frames), info
 
 
 def _row(name: str, stage: str, budget: Budget, meas: runner.Measurement, base: Optional[runner.Measurement],
@@ -174,7 +175,8 @@ def check(spec: Spec) -> None:
 
     for flag, value, low in (("--batch", spec.batch, 1), ("--warmup", spec.warmup, 0), ("--repeat", spec.repeat, 1),
                              ("--new-tokens", spec.new_tokens, 1), ("--layers", spec.layers, 1),
-                             ("--threads", spec.threads, 1), ("--image-size", spec.image_size, 1)):
+                             ("--threads", spec.threads, 1), ("--image-size", spec.image_size, 1),
+                             ("--frames", spec.frames, 1)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
             bad(f"{flag} must be an int >= {low}, got {value!r}")
     if spec.device is not None:
@@ -298,7 +300,7 @@ def _run(spec: Spec, progress) -> Dict[str, Any]:
         "fidelity_meaningful": bool(info["real_weights"]),
         "device": str(device), "dtype": str(dtype).replace("torch.", ""), "batch": spec.batch,
         "warmup": spec.warmup, "repeat": spec.repeat, "new_tokens": spec.new_tokens if workload.kind == "vlm" else None,
-        "layers": spec.layers, "image_tokens": workload.image_tokens, "methods": names,
+        "layers": spec.layers, "frames": spec.frames, "image_tokens": workload.image_tokens, "methods": names,
         "budgets": [b.label() for b in budgets], "timer": "cuda events" if device.type == "cuda" else
         "time.perf_counter (CPU ops are synchronous)", "env": _env(device), "allocator": allocator,
         "baseline_totals_ms": {"start": base.times["total"] if base else None,
