@@ -14,6 +14,11 @@ It replaces LLaVA's 2-layer MLP and emits ``(G / s)^2`` tokens for a ``G x G`` p
    `tokenreduce.ops.region_attention` call between the attention's in- and out-projections;
 4. ``Linear, GELU, Linear`` to the LLM width.
 
+The levels are fused as the release fuses them: concatenated on channels before the key /
+value projections, so the attention sees one key level (``L = 1``) with ``s^2`` keys per
+query; `region_attention` also takes ``L > 1`` separate levels (``L s^2`` keys per query)
+for a per-level variant, which the released weights do not describe.
+
 `TokenPacker.from_released(folder)` reads the authors' checkpoint layout (the
 ``model.mm_projector.*`` tensors of a LLaVA checkpoint folder or of a stage-1
 ``mm_projector.bin``) and maps the released parameter names (`RELEASED_NAMES`; the packed
