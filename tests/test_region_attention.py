@@ -222,3 +222,54 @@ def test_launch_plan_binding():
     threads = int(re.search(r"constexpr int kRaThreads = (\d+);", plan).group(1))
     assert consts["RaThreads"] == threads and consts["RaWarps"] == threads // 32
     assert f"__launch_bounds__({threads})" in open(os.path.join(csrc, "region_attention_kernels.cuh")).read()
+
+
+def test_plan_binding_is_the_header(tmp_path):
+    """_C.plans.region_attention returns what region_attention_plan.h computes (compiled here)."""
+    import os
+    import shutil
+    import subprocess
+
+    from tokenreduce import _C
+
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("g++ not available")
+    cases = [(2, 144, 8, 1, 2, 4), (1, 64, 8, 4, 3, 8), (3, 7, 3, 2, 4, 4), (0, 5, 1, 1, 1, 4)]
+    src = ['#include <cstdio>', '#include "region_attention/region_attention_plan.h"',
+           "using namespace tokenreduce::cuda;", "int main() {"]
+    for c in cases:
+        src.append(f"  {{ auto p = make_region_attention_plan({', '.join(map(str, c))}); printf(\"%lld %lld %lld "
+                   "%lld %d %lld\\n\", p.keys, p.forward.grid_x, p.forward.grid_y, p.forward.grid_z, p.forward.block, "
+                   "p.forward.smem); }")
+    src.append("  return 0;\n}")
+    (tmp_path / "p.cpp").write_text("\n".join(src))
+    csrc = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "csrc")
+    subprocess.run([gxx, "-std=c++17", f"-I{csrc}", str(tmp_path / "p.cpp"), "-o", str(tmp_path / "p")], check=True)
+    out = subprocess.run([str(tmp_path / "p")], check=True, capture_output=True, text=True).stdout.splitlines()
+    for c, line in zip(cases, out):
+        p = _C.plans.region_attention(*c)
+        assert list(map(int, line.split())) == [p.keys, *p.forward.grid, p.forward.block, p.forward.smem]
+
+
+def test_nvrtc_path_launches_the_plan(monkeypatch):
+    """The NVRTC implementation launches the library's plan (launches recorded on CPU tensors)."""
+    import tokenreduce.nvrtc
+    from tokenreduce import _C
+    from tokenreduce.nvrtc import region_attention as nvrtc_region_attention
+
+    calls = []
+    monkeypatch.setattr(tokenreduce.nvrtc, "launch",
+                        lambda kernel, grid, block, args, shared_mem=0: calls.append((kernel, tuple(grid),
+                                                                                      tuple(block)[0], shared_mem,
+                                                                                      len(args))))
+    monkeypatch.setattr(nvrtc_region_attention, "get_kernel", lambda source, name, options=(): name)
+    monkeypatch.setattr(tokenreduce.nvrtc, "max_shared_memory_optin", lambda: 232448)
+    q, k, v = torch.randn(2, 6, 8), torch.randn(2, 3, 24, 8), torch.randn(2, 3, 24, 4)
+    out, lse = nvrtc_region_attention.region_attention_cuda(q, k, v, 2, 3, 2, 2, 0.5)
+    p = _C.plans.region_attention(2, 6, 2, 3, 2, 4)
+    assert out.shape == (2, 6, 4) and lse.shape == (2, 6, 2)
+    assert calls == [("tokenreduce::cuda::region_attention::ra_forward<float>", p.forward.grid, p.forward.block,
+                      p.forward.smem, 22)]
+    with pytest.raises(ValueError, match="^tokenreduce.region_attention: heads=3 must divide"):
+        nvrtc_region_attention.region_attention_cuda(q, k, v, 2, 3, 2, 3, 0.5)
