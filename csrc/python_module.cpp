@@ -13,6 +13,7 @@
 #include "common/launch_plan.h"
 #include "kcenter/kcenter_plan.h"
 #include "recycle/recycle_plan.h"
+#include "region_attention/region_attention_plan.h"
 
 namespace py = pybind11;
 
@@ -45,7 +46,7 @@ py::dict build_info() {
 // Constants of the plan headers, per op (names without the leading k).
 py::dict constants() {
   using namespace tokenreduce;
-  py::dict common, kcenter, bipartite_merge, recycle, attention, out;
+  py::dict common, kcenter, bipartite_merge, recycle, region_attention, attention, out;
   common["RowThreads"] = cuda::kRowThreads;
   common["RowsPerBlock"] = cuda::kRowsPerBlock;
   common["TileRows"] = cuda::kTileRows;
@@ -56,6 +57,8 @@ py::dict constants() {
   bipartite_merge["BmMergeThreads"] = cuda::kBmMergeThreads;
   recycle["RcPlanThreads"] = cuda::kRcPlanThreads;
   recycle["RcAggregateThreads"] = cuda::kRcAggregateThreads;
+  region_attention["RaThreads"] = cuda::kRaThreads;
+  region_attention["RaWarps"] = cuda::kRaWarps;
   attention["BQ"] = attn::kBQ;
   attention["BK"] = attn::kBK;
   attention["DvChunk"] = attn::kDvChunk;
@@ -68,6 +71,7 @@ py::dict constants() {
   out["kcenter"] = kcenter;
   out["bipartite_merge"] = bipartite_merge;
   out["recycle"] = recycle;
+  out["region_attention"] = region_attention;
   out["attention_with_scores"] = attention;
   return out;
 }
@@ -117,6 +121,13 @@ void bind_plans(py::module_& m) {
       .def_readonly("aggregate", &cuda::RecyclePlan::aggregate);
   m.def("recycle", &cuda::make_recycle_plan, py::arg("B"), py::arg("N"), py::arg("T"), py::arg("S"),
         py::arg("similarity"), "make_recycle_plan (csrc/recycle/recycle_plan.h)");
+
+  py::class_<cuda::RegionAttentionPlan>(m, "RegionAttentionPlan")
+      .def_readonly("keys", &cuda::RegionAttentionPlan::keys)
+      .def_readonly("forward", &cuda::RegionAttentionPlan::forward);
+  m.def("region_attention", &cuda::make_region_attention_plan, py::arg("B"), py::arg("M"), py::arg("heads"),
+        py::arg("L"), py::arg("region"), py::arg("acc_size"),
+        "make_region_attention_plan (csrc/region_attention/region_attention_plan.h)");
 
   py::class_<attn::Plan>(m, "AttentionPlan")
       .def_readonly("kc", &attn::Plan::kc)

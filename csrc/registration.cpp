@@ -28,5 +28,11 @@ TORCH_LIBRARY(tokenreduce, m) {
       "recycle(Tensor x, Tensor target, Tensor source, Tensor? weight, Tensor? assign, "
       "Tensor? features, str metric, bool include_target) "
       "-> (Tensor out, Tensor count, Tensor slot, Tensor weight_sum)");
+  // out [B, M, Cv] (dtype of q), lse [B, M, heads] (float32; float64 for float64 q): every
+  // query of a grid_h x grid_w grid attends to its own region x region window of each of
+  // the L key levels (k [B, L, N, C], N = (region grid_h) (region grid_w)).
+  m.def(
+      "region_attention(Tensor q, Tensor k, Tensor v, int grid_h, int grid_w, int region, int heads, "
+      "float scale) -> (Tensor out, Tensor lse)");
 }
 

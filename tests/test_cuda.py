@@ -1,4 +1,4 @@
-"""CUDA parity of the four ops (skipped without a GPU).
+"""CUDA parity of the ops (skipped without a GPU).
 
 Oracles: the CPU kernels (same algorithm, same tie rules) and the PyTorch references in
 float64. Every kcenter / bipartite_merge / recycle test runs twice: through the torch
@@ -410,3 +410,48 @@ def test_vector_and_scalar_row_paths(g, backend, offset):
     rout, rcount, rslot, rwsum = torch.ops.tokenreduce.recycle(x, target, source, None, None, None, "cosine", True)
     assert torch.equal(slot.cpu(), rslot)
     torch.testing.assert_close(out.cpu(), rout, **TOL[torch.bfloat16])
+
+
+# ----------------------------------------------------------------------------- region_attention
+def _region_attention(backend):
+    if backend == "dispatch":
+        return torch.ops.tokenreduce.region_attention
+    from tokenreduce.nvrtc.region_attention import region_attention_cuda
+    return region_attention_cuda
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("B,gh,gw,s,L,C,Cv,heads", [(1, 1, 1, 1, 1, 1, 1, 1), (2, 3, 5, 2, 2, 12, 6, 3),
+                                                    (2, 12, 12, 2, 1, 1024, 1024, 8), (1, 8, 8, 3, 4, 64, 96, 2),
+                                                    (3, 2, 7, 4, 1, 40, 33, 1)])
+def test_region_attention_matches_cpu(g, backend, dtype, B, gh, gw, s, L, C, Cv, heads):
+    N = gh * s * gw * s
+    q, k, v = rnd(g, B, gh * gw, C, dtype=dtype), rnd(g, B, L, N, C, dtype=dtype), rnd(g, B, L, N, Cv, dtype=dtype)
+    scale = (C // heads) ** -0.5
+    out, lse = _region_attention(backend)(q.to(DEV), k.to(DEV), v.to(DEV), gh, gw, s, heads, scale)
+    rout, rlse = torch.ops.tokenreduce.region_attention(q, k, v, gh, gw, s, heads, scale)
+    assert out.dtype == dtype and lse.dtype == rlse.dtype
+    torch.testing.assert_close(out.cpu(), rout, **TOL[dtype])
+    torch.testing.assert_close(lse.cpu(), rlse, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_region_attention_strided_and_bad_input(g, backend):
+    q = rnd(g, 9, 2, 20)[..., :16].transpose(0, 1).to(DEV)
+    k = rnd(g, 2, 36, 2, 16).transpose(1, 2).to(DEV)
+    v = rnd(g, 2, 2, 36, 32)[..., ::2].to(DEV)
+    out, _ = _region_attention(backend)(q, k, v, 3, 3, 2, 2, 0.25)
+    ref = reference.region_attention(q.cpu(), k.cpu(), v.cpu(), (3, 3), region=2, heads=2, scale=0.25)
+    torch.testing.assert_close(out.cpu(), ref, **TOL[torch.float32])
+    with pytest.raises(ValueError, match="^tokenreduce.region_attention: heads=3 must divide"):
+        _region_attention(backend)(q, k, v, 3, 3, 2, 3, 0.25)
+    with pytest.raises(ValueError, match="^tokenreduce.region_attention: q has M=9 queries"):
+        _region_attention(backend)(q, k, v, 3, 4, 2, 2, 0.25)
+
+
+def test_region_attention_gradients_cuda(g):
+    q, k, v = (rnd(g, *sh, dtype=torch.float64).to(DEV).requires_grad_()
+               for sh in ((2, 6, 4), (2, 2, 24, 4), (2, 2, 24, 6)))
+    assert torch.autograd.gradcheck(lambda q, k, v: ops.region_attention(q, k, v, (2, 3), region=2, heads=2),
+                                    (q, k, v))

@@ -1,4 +1,4 @@
-"""Differential fuzzing of the four ops against a float64 oracle, with fresh seeds every run.
+"""Differential fuzzing of the ops against a float64 oracle, with fresh seeds every run.
 
 Each case draws its shapes (1 to ~1k tokens), dtype, strides and options from a seeded
 generator; the oracle is `tokenreduce.reference` run in float64 on the same (rounded)
@@ -300,3 +300,29 @@ def test_recycle(op, i):
     assert torch.equal(count, ref_count), f"counts differ from the float64 oracle; {c.tag}"
     xmax = max(x.double().abs().max().item(), 1.0)
     _close(out, ref_out, 4 * EPS[dtype] * xmax + 1e-6 * (dtype != torch.float64), "out", c.tag)
+
+
+@pytest.mark.parametrize("op,i", cases("region_attention"))
+def test_region_attention(op, i):
+    c = Case(op, i)
+    dtype = c.rng.choice(DTYPES)
+    B, gh, gw, s, L = c.size(1, 3), c.size(1, 9), c.size(1, 9), c.size(1, 4), c.size(1, 4)
+    heads = c.size(1, 4)
+    C, Cv = heads * c.size(1, 40), heads * c.size(1, 40)
+    N = gh * s * gw * s
+    q = c.randn(B, gh * gw, C, dtype=dtype, strided=c.rng.random() < 0.3)
+    k = c.randn(B, L, N, C, dtype=dtype, strided=c.rng.random() < 0.3)
+    v = c.randn(B, L, N, Cv, dtype=dtype, strided=c.rng.random() < 0.3)
+    scale = c.rng.choice([None, c.rng.uniform(0.01, 2.0)])
+    out, lse = ops.region_attention(q, k, v, (gh, gw), region=s, heads=heads, scale=scale, return_lse=True)
+    assert out.shape == (B, gh * gw, Cv) and out.dtype == dtype, c.tag
+    ref, ref_lse = reference.region_attention(q.double(), k.double(), v.double(), (gh, gw), region=s, heads=heads,
+                                              scale=scale, return_lse=True)
+    # out is a convex combination of v rows: its error is the rounding of out and of the
+    # weights, whose logits carry the accumulation's rounding (float32 unless float64)
+    sc = (C // heads) ** -0.5 if scale is None else scale
+    logit_bound = sc * (C // heads) * q.double().abs().max().item() * k.double().abs().max().item()
+    acc_eps = EPS[torch.float64] if dtype == torch.float64 else EPS[torch.float32]
+    vmax = max(v.double().abs().max().item(), 1.0)
+    _close(out, ref, (4 * EPS[dtype] + 16 * acc_eps * (1 + logit_bound)) * vmax, "out", c.tag)
+    _close(lse, ref_lse, 16 * acc_eps * (1 + logit_bound), "lse", c.tag)

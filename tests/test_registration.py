@@ -106,9 +106,9 @@ def test_op_list_is_the_librarys():
 
 
 def test_ops_package_exports_exactly_the_ops():
-    from tokenreduce.ops import attention_with_scores, bipartite_merge, kcenter, recycle  # noqa: F401
+    from tokenreduce.ops import attention_with_scores, bipartite_merge, kcenter, recycle, region_attention  # noqa: F401
 
-    assert ops.__all__ == ["attention_with_scores", "kcenter", "bipartite_merge", "recycle"]
+    assert ops.__all__ == ["attention_with_scores", "kcenter", "bipartite_merge", "recycle", "region_attention"]
     assert all(callable(getattr(ops, n)) for n in ops.__all__)
     assert callable(tokenreduce.ops.kcenter)
 

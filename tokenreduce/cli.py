@@ -167,7 +167,7 @@ def cmd_profile(args: argparse.Namespace, console: Console) -> int:
                        warmup=args.warmup, repeat=args.repeat, new_tokens=args.new_tokens, prompt=args.prompt,
                        layers=args.layers, random_weights=args.random_weights, images=args.images,
                        image_size=args.image_size, threads=args.threads, memory=not args.no_memory,
-                       frames=args.frames)
+                       frames=args.frames, projector=args.projector, projector_weights=args.projector_weights)
         with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console, transient=True) as bar:
             task = bar.add_task("loading the model", total=None)
@@ -190,6 +190,10 @@ def cmd_profile(args: argparse.Namespace, console: Console) -> int:
     else:
         console.print(f"[dim]{report['published']}; images: {', '.join(report['images'])}; "
                       f"{report['wall_s']:.0f} s in all.[/]", highlight=False)
+    if report.get("projector_weights"):
+        console.print(f"[bold yellow]TokenPacker projector: {report['projector_weights']}[/]"
+                      if report["projector_weights"].startswith("random") else
+                      f"TokenPacker projector: {report['projector_weights']}", highlight=False)
     rc = 0
     for flag, fn, suffix in (("json", profile_report.write_json, ".json"), ("csv", profile_report.write_csv, ".csv"),
                              ("plot", profile_report.plot, ".png")):
@@ -315,6 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="budget: image tokens kept, repeatable")
     pr.add_argument("--ratio", action="extend", nargs="+", type=float, metavar="R",
                     help="budget: fraction of the image tokens kept, repeatable (default 0.5 0.25 0.11)")
+    pr.add_argument("--projector", default=None, choices=("mlp", "tokenpacker"),
+                    help="LLaVA-1.5: also run with TokenPacker's projector in place of the MLP at each --keep "
+                         "(576 -> 144 or 64), next to the methods with the MLP projector")
+    pr.add_argument("--projector-weights", default=None, metavar="DIR",
+                    help="TokenPacker's released checkpoint folder (model.mm_projector.* tensors); "
+                         "without it the projector has random weights")
     pr.add_argument("--opt", action="append", metavar="[METHOD.]NAME=VALUE",
                     help="method option (JSON value), for every method that declares it or METHOD only")
     pr.add_argument("--batch", "--n-images", dest="batch", type=int, default=4, metavar="B",

@@ -1,8 +1,8 @@
-"""Plain-PyTorch references of the four core ops.
+"""Plain-PyTorch references of the core ops.
 
 Each is written the way published code does it today (eager attention then a sum,
 DivPrune's distance matrix and Python loop, ToMe's gather/scatter merge, scatter_reduce
-recycling). They are the oracle of the tests and the baseline of the benchmarks, so they
+recycling, TokenPacker's unfold of the key windows). They are the oracle of the tests and the baseline of the benchmarks, so they
 favour clarity over speed; they compute in float32 (float64 for float64 input) and return
 the same dtypes as the ops.
 """
@@ -14,7 +14,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-__all__ = ["attention_with_scores", "kcenter", "bipartite_merge", "recycle"]
+__all__ = ["attention_with_scores", "kcenter", "bipartite_merge", "recycle", "region_attention"]
 
 
 def _acc(t: Tensor) -> torch.dtype:
@@ -242,3 +242,38 @@ def recycle(
     count = count.scatter_add(1, slot, keep.long())
     out = torch.where(den[..., None] != 0, num / den[..., None], torch.zeros_like(num))
     return out.to(x.dtype), count
+
+
+def region_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    grid: Tuple[int, int],
+    *,
+    region: int,
+    heads: int = 1,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Each query's window unfolded (``F.unfold``, a copy of k and v), then softmax attention.
+
+    q [B, M, C] on a grid_h x grid_w grid, k [B, L, N, C], v [B, L, N, Cv] on a
+    (region grid_h) x (region grid_w) grid -> out [B, M, Cv] (and lse [B, M, heads]).
+    """
+    acc = _acc(q)
+    grid_h, grid_w = grid
+    B, M, C = q.shape
+    L, Cv = k.shape[1], v.shape[3]
+    s = region
+    scale = (C // heads) ** -0.5 if scale is None else scale
+
+    def unfold(x: Tensor) -> Tensor:  # [B, L, N, Cx] -> [B, M, heads, L s^2, Cx / heads]
+        Cx = x.shape[-1]
+        img = x.to(acc).reshape(B * L, s * grid_h, s * grid_w, Cx).permute(0, 3, 1, 2)
+        cols = torch.nn.functional.unfold(img, kernel_size=s, stride=s)  # [B L, Cx s^2, M]
+        cols = cols.reshape(B, L, heads, Cx // heads, s * s, M).permute(0, 5, 2, 1, 4, 3)
+        return cols.reshape(B, M, heads, L * s * s, Cx // heads)
+
+    logits = torch.einsum("bmhd,bmhrd->bmhr", q.to(acc).reshape(B, M, heads, C // heads), unfold(k)) * scale
+    out = torch.einsum("bmhr,bmhre->bmhe", logits.softmax(-1), unfold(v)).reshape(B, M, Cv).to(q.dtype)
+    return (out, torch.logsumexp(logits, -1)) if return_lse else out

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Small CUDA cases of attention_with_scores, kcenter, bipartite_merge and recycle for compute-sanitizer.
+"""Small CUDA cases of attention_with_scores, kcenter, bipartite_merge, recycle and region_attention for
+compute-sanitizer.
 
     compute-sanitizer --tool memcheck  python tools/cuda_sanitize_cases.py
     compute-sanitizer --tool racecheck python tools/cuda_sanitize_cases.py
@@ -37,6 +38,13 @@ def backends():
     except Exception as e:  # no CuPy
         print(f"nvrtc path skipped: {e}")
     return out
+
+
+def region_attention_impl(backend):
+    if backend == "dispatch":
+        return torch.ops.tokenreduce.region_attention
+    from tokenreduce.nvrtc.region_attention import region_attention_cuda
+    return region_attention_cuda
 
 
 def main():
@@ -101,6 +109,14 @@ def main():
             bad[1, 0] = 50
             rc(x, bad, src, None, None, None, "cosine", True)
             rc(x, tgt, src[:, :0], None, None, None, "cosine", True)
+            # region_attention: 2x2 / 3x3 windows, levels, heads, odd widths, strided rows, empty grid
+            ra = region_attention_impl(name)
+            for (gh, gw, s, L, C, Cv, h) in ((12, 12, 2, 1, 64, 64, 2), (3, 5, 3, 4, 33, 20, 1), (1, 1, 1, 1, 1, 1, 1)):
+                N = gh * s * gw * s
+                ra(rnd(2, gh * gw, C, dt=dt), rnd(2, L, N, C, dt=dt), rnd(2, L, N, Cv, dt=dt), gh, gw, s, h, 0.3)
+            ra(rnd(2, 4, 20, dt=dt)[..., 2:18], rnd(2, 2, 16, 16, dt=dt), rnd(2, 2, 16, 32, dt=dt)[..., ::2],
+               2, 2, 2, 4, 0.3)
+            ra(rnd(2, 0, 8, dt=dt), rnd(2, 1, 0, 8, dt=dt), rnd(2, 1, 0, 8, dt=dt), 0, 3, 2, 2, 0.3)
             n += 1
         if name == "nvrtc":  # stream-mode kcenter kernels
             import tokenreduce.nvrtc.kcenter as nk

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The extension on the GPU machine (step "extension" of tools/gpu_validate.sh).
 # 1. prebuilt/gpu/ (tools/build_gpu_extension.sh on the CPU machine): used when its SOURCE_HASH
-#    equals tools/source_hash.sh here and it loads with all four CUDA kernels registered;
+#    equals tools/source_hash.sh here and it loads with every op's CUDA kernel registered;
 # 2. otherwise built here: setup.py build_ext --inplace with the carried prebuilt/bin/ninja, sm_90
 #    only, portable flags, CUDA_HOME = the toolkit whose include/ has cuda_runtime.h.
 # Writes tokenreduce/_C*.so and prints one line "extension: prebuilt|built ..." last.
@@ -9,10 +9,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export PATH="$PWD/prebuilt/bin:$PATH"
-check() {  # all four ops have a CUDA kernel in the loaded extension
+check() {  # every op has a CUDA kernel in the loaded extension
   "$PY" - <<'PY'
 import torch, tokenreduce  # noqa: F401
-ops = ("attention_with_scores", "kcenter", "bipartite_merge", "recycle")
+from tokenreduce.ops.registry import OPS as ops
 has = {op: torch._C._dispatch_has_kernel_for_dispatch_key(f"tokenreduce::{op}", "CUDA") for op in ops}
 from tokenreduce.nvrtc import backend_info
 print("CUDA kernels:", has, "| backends:", backend_info())

@@ -215,12 +215,39 @@ def attention_cls_row_case(quick: bool, dtype: torch.dtype = torch.float32) -> C
     )
 
 
+def region_attention_case(quick: bool, dtype: torch.dtype = torch.float32) -> Case:
+    """region_attention of TokenPacker's projector: q [B, M, C] on a 12 x 12 grid, k, v
+    [B, 1, 576, C] on 24 x 24, 2 x 2 windows, 8 heads (full: B=8 C=1024)."""
+    B, G, s, L, C, H = (2, 6, 2, 1, 64, 2) if quick else (8, 12, 2, 1, 1024, 8)
+    M, N = G * G, G * G * s * s
+    es = _element_size(dtype)
+
+    def make_inputs(seed: int) -> Inputs:
+        g = _gen(seed)
+        return _randn(g, B, M, C, dtype=dtype), _randn(g, B, L, N, C, dtype=dtype), _randn(g, B, L, N, C, dtype=dtype)
+
+    return Case(
+        op="region_attention",
+        shape=f"B={B} grid={G}x{G} region={s} L={L} C={C} heads={H}",
+        dtype=dtype,
+        make_inputs=make_inputs,
+        tokenreduce=lambda q, k, v: ops.region_attention(q, k, v, (G, G), region=s, heads=H),
+        reference=lambda q, k, v: reference.region_attention(q, k, v, (G, G), region=s, heads=H),
+        # read q, k, v; write out [B, M, C]
+        bytes_moved=(2 * B * M * C + 2 * B * L * N * C) * es,
+        target=3.0,
+        quick=quick,
+        peers=lambda: peers.region_attention_peers((G, G), s, H),
+    )
+
+
 # op name -> its case builder, in the order the cases run
 CASE_BUILDERS: Dict[str, Callable[[bool, torch.dtype], Case]] = {
     "kcenter": kcenter_case,
     "bipartite_merge": bipartite_merge_case,
     "recycle": recycle_case,
     "attention_with_scores": attention_with_scores_case,
+    "region_attention": region_attention_case,
 }
 
 

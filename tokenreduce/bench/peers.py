@@ -13,6 +13,8 @@ before timing (the output check), so compile time is never timed.
     recycle                 torch.compile of the scatter_reduce reference
     attention_with_scores   F.scaled_dot_product_attention alone (returns no scores), and
                             SDPA plus a separate pass for the scored rows' probabilities
+    region_attention        the windows gathered by reshape / permute (a copy of k and v),
+                            then F.scaled_dot_product_attention with one query per window
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ import torch.nn.functional as F
 from .. import reference
 
 __all__ = ["Peer", "attention_peers", "bipartite_merge_peers", "kcenter_gram_greedy",
-           "kcenter_peers", "recycle_peers", "sdpa_with_row_scores"]
+           "kcenter_peers", "recycle_peers", "region_attention_peers", "sdpa_with_row_scores",
+           "windowed_sdpa"]
 
 
 @dataclass(frozen=True)
@@ -146,3 +149,31 @@ def attention_peers(score_rows: Optional[torch.Tensor]) -> Tuple[Peer, ...]:
              target=1.2),
         Peer("SDPA (no scores)", sdpa, n_outputs=1),
     )
+
+
+# --------------------------------------------------------------------------------------
+# region_attention: windows by permutation, then SDPA
+# --------------------------------------------------------------------------------------
+
+
+def windowed_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Tuple[int, int], region: int,
+                  heads: int) -> torch.Tensor:
+    """q [B, M, C], k [B, L, N, C], v [B, L, N, Cv] -> out [B, M, Cv]: each window's keys
+    permuted into place (the windows tile the grid: a copy, no gather), then SDPA with one
+    query per (window, head)."""
+    (gh, gw), s = grid, region
+    B, M, C = q.shape
+    L, Cv = k.shape[1], v.shape[3]
+
+    def windows(x: torch.Tensor) -> torch.Tensor:  # [B, L, N, Cx] -> [B, M, heads, L s^2, Cx / heads]
+        Cx = x.shape[-1]
+        x = x.reshape(B, L, gh, s, gw, s, heads, Cx // heads).permute(0, 2, 4, 6, 1, 3, 5, 7)
+        return x.reshape(B, M, heads, L * s * s, Cx // heads)
+
+    out = F.scaled_dot_product_attention(q.reshape(B, M, heads, 1, C // heads), windows(k), windows(v))
+    return out.reshape(B, M, Cv)
+
+
+def region_attention_peers(grid: Tuple[int, int], region: int, heads: int) -> Tuple[Peer, ...]:
+    """Permuted windows + SDPA (no target: the best plain-torch formulation, for context)."""
+    return (Peer("windows + SDPA", lambda q, k, v: windowed_sdpa(q, k, v, grid, region, heads)),)

@@ -48,6 +48,13 @@ def recycle_names(t: str) -> dict:
     }
 
 
+_RA = "tokenreduce::cuda::region_attention::"
+
+
+def region_attention_names(t: str) -> dict:
+    return {"forward": f"{_RA}ra_forward<{t}>"}
+
+
 _AT = "tokenreduce::attn::"
 
 
@@ -64,6 +71,7 @@ SOURCES = {
     "kcenter/kcenter_kernels.cuh": kcenter_names,
     "bipartite_merge/bipartite_merge_kernels.cuh": bipartite_merge_names,
     "recycle/recycle_kernels.cuh": recycle_names,
+    "region_attention/region_attention_kernels.cuh": region_attention_names,
 }
 
 

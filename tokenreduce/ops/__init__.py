@@ -1,4 +1,4 @@
-"""The four core ops of tokenreduce.
+"""The core ops of tokenreduce.
 
 Each op is a real torch op (`torch.ops.tokenreduce.<name>`) with a C++ CPU kernel and a
 CUDA kernel (compiled, or the NVRTC fallback of `tokenreduce.nvrtc`) chosen by the torch
@@ -8,7 +8,8 @@ where an op is differentiable. Plain-PyTorch references of the same contracts ar
 `tokenreduce.reference`.
 
 Layout (one module per op, as pytorch3d's ``ops/`` and extension-cpp's ``ops.py``):
-  * ``attention_with_scores.py``, ``kcenter.py``, ``bipartite_merge.py``, ``recycle.py``:
+  * ``attention_with_scores.py``, ``kcenter.py``, ``bipartite_merge.py``, ``recycle.py``,
+    ``region_attention.py``:
     the public wrapper (arguments and shapes documented), the fake-kernel registration and
     the autograd registration of that op;
   * ``checks.py``: the Python argument checks (``need_float``, ``same_device``, ...);
@@ -30,5 +31,6 @@ from .attention_with_scores import attention_with_scores
 from .bipartite_merge import bipartite_merge
 from .kcenter import kcenter
 from .recycle import recycle
+from .region_attention import region_attention
 
-__all__ = ["attention_with_scores", "kcenter", "bipartite_merge", "recycle"]
+__all__ = ["attention_with_scores", "kcenter", "bipartite_merge", "recycle", "region_attention"]

@@ -9,7 +9,7 @@ from torch import Tensor
 from ..errors import fail
 
 __all__ = ["acc_dtype", "need_float", "need_long", "need_dim", "same_device", "need_int",
-           "need_scale", "rows_on_device"]
+           "need_scale", "need_grid", "rows_on_device"]
 
 
 def acc_dtype(t: Tensor) -> torch.dtype:
@@ -51,6 +51,15 @@ def need_int(op: str, name: str, v) -> None:
              TypeError)
     if not -(2**63) <= v < 2**63:
         fail(op, f"{name} = {v} does not fit in int64")
+
+
+def need_grid(op: str, name: str, grid) -> tuple:
+    """``(h, w)`` as two Python ints (TypeError otherwise): a grid's rows and columns."""
+    if isinstance(grid, (str, bytes)) or not isinstance(grid, (tuple, list)) or len(grid) != 2:
+        fail(op, f"{name} must be a pair of ints (rows, columns), got {grid!r}", TypeError)
+    for v in grid:
+        need_int(op, name, v)
+    return int(grid[0]), int(grid[1])
 
 
 def need_scale(op: str, scale, head_dim: int) -> float:

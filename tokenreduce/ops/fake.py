@@ -13,7 +13,8 @@ import torch
 from ..errors import fail
 from .checks import acc_dtype, need_dim, need_float, need_long, same_device
 
-__all__ = ["attention_with_scores_fake", "kcenter_fake", "bipartite_merge_fake", "recycle_fake"]
+__all__ = ["attention_with_scores_fake", "kcenter_fake", "bipartite_merge_fake", "recycle_fake",
+           "region_attention_fake"]
 
 
 def attention_with_scores_fake(q, k, v, scale, causal, key_bias, score_rows):
@@ -118,3 +119,33 @@ def recycle_fake(x, target, source, weight, assign, features, metric, include_ta
         x.new_empty((B, S), dtype=torch.long),
         x.new_empty((B, T), dtype=acc_dtype(x)),
     )
+
+
+def region_attention_fake(q, k, v, grid_h, grid_w, region, heads, scale):
+    """-> out ``[B, M, Cv]`` (dtype of q), lse ``[B, M, heads]`` (accumulation dtype)."""
+    op = "region_attention"
+    need_dim(op, "q", q, 3, "[B, M, C]")
+    need_dim(op, "k", k, 4, "[B, L, N, C]")
+    need_dim(op, "v", v, 4, "[B, L, N, Cv]")
+    need_float(op, "q", q)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        fail(op, f"q, k and v must share a dtype, got {q.dtype}, {k.dtype} and {v.dtype}", TypeError)
+    same_device(op, q, k=k, v=v)
+    if grid_h < 0 or grid_w < 0:
+        fail(op, f"grid_h and grid_w must be >= 0, got {grid_h} and {grid_w}")
+    if region < 1:
+        fail(op, f"region must be >= 1, got {region}")
+    if heads < 1:
+        fail(op, f"heads must be >= 1, got {heads}")
+    B, M, C = q.shape
+    if M != grid_h * grid_w:
+        fail(op, f"q has M={M} queries but the query grid is {grid_h} x {grid_w} = {grid_h * grid_w}")
+    N = (region * grid_h) * (region * grid_w)
+    if k.shape[0] != B or k.shape[1] < 1 or k.shape[2] != N or k.shape[3] != C:
+        fail(op, f"k must have shape [B, L, N, C] = [{B}, L >= 1, {N}, {C}] (N = (region grid_h) x "
+                 f"(region grid_w) = {region * grid_h} x {region * grid_w}), got {tuple(k.shape)}")
+    if v.shape[0] != B or v.shape[1] != k.shape[1] or v.shape[2] != N:
+        fail(op, f"v must have shape [B, L, N, Cv] = [{B}, {k.shape[1]}, {N}, Cv], got {tuple(v.shape)}")
+    if C % heads != 0 or v.shape[3] % heads != 0:
+        fail(op, f"heads={heads} must divide q's channels C={C} and v's channels Cv={v.shape[3]}")
+    return q.new_empty((B, M, v.shape[3])), q.new_empty((B, M, heads), dtype=acc_dtype(q))

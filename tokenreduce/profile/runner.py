@@ -20,6 +20,7 @@ the analytic FLOPs (`tokenreduce.profile.flops`) and KV-cache size come from tho
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -282,8 +283,28 @@ class VLMWorkload:
         self.vdims = flops.vision_dims(parts.vision_config)
         self.tdims = flops.text_dims(parts.text_config)
         self.elem_bytes = torch.finfo(model.dtype).bits // 8
-        self.probe = Probe(vision_layers=parts.vision_layers, lm_layers=parts.lm_layers, projector=parts.projector,
-                           lm=parts.lm, lm_head=parts.lm_head, images=self.batch)
+        self.probe = self._probe()
+
+    def _probe(self) -> Probe:
+        parts = model_parts(self.model)
+        return Probe(vision_layers=parts.vision_layers, lm_layers=parts.lm_layers, projector=parts.projector,
+                     lm=parts.lm, lm_head=parts.lm_head, images=self.batch)
+
+    @contextlib.contextmanager
+    def projector(self, module: nn.Module):
+        """Run with ``module`` in LLaVA's projector slot (``--projector``); the probe's marks
+        follow it; the model's own projector is back afterwards."""
+        inner = self.model.model
+        own = inner.multi_modal_projector
+        inner.multi_modal_projector = module.to(device=self.model.device, dtype=self.model.dtype)
+        self.probe.remove()
+        self.probe = self._probe()
+        try:
+            yield module
+        finally:
+            inner.multi_modal_projector = own
+            self.probe.remove()
+            self.probe = self._probe()
 
     def call(self, method: Optional[Method], tl: Timeline) -> CallResult:
         r = vlm.VLMRunner(self.model, method, image_tokens=self.image_tokens or None)

@@ -12,6 +12,7 @@ image tokens (1 warm-up + 5 repeats), on the GPU when there is one.
 """
 from __future__ import annotations
 
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -62,6 +63,8 @@ class Spec:
     seed: int = 0
     max_default_methods: int = MAX_DEFAULT
     frames: int = 1                              # --frames: timed call = frame N of each image stream
+    projector: Optional[str] = None              # "tokenpacker": also rows with that projector (LLaVA-1.5)
+    projector_weights: Optional[str] = None      # its released checkpoint folder (None: random weights)
 
 
 def budgets_of(spec: Spec) -> List[Budget]:
@@ -208,6 +211,7 @@ def check(spec: Spec) -> None:
         if cls.stage not in stages:
             bad(f"{name} runs at stage {cls.stage.value}; {spec.model} takes "
                 f"{', '.join(s.value for s in stages)}")
+    _check_projector(spec, preset, bad)
     chosen = names or default_methods("vision" if preset.kind == "vision" else "vlm", spec.max_default_methods)
     for meth, given in spec.opts.items():
         if meth == "*":
@@ -221,6 +225,59 @@ def check(spec: Spec) -> None:
         if unknown:
             bad(f"--opt {meth}.{unknown[0]}: {meth} has no option {unknown[0]!r}; "
                 f"known: {', '.join(sorted(methods.get(meth).options)) or 'none'}")
+
+
+def _check_projector(spec: Spec, preset, bad) -> None:
+    """``--projector`` / ``--projector-weights``: a known projector, a LLaVA-1.5 preset, keep
+    budgets that fit its grid, an existing checkpoint folder."""
+    from ..models import projectors
+
+    if spec.projector is None or spec.projector == "mlp":
+        if spec.projector_weights is not None:
+            bad("--projector-weights needs --projector tokenpacker")
+        return
+    if spec.projector not in projectors.PROJECTORS:
+        bad(f"unknown --projector {spec.projector!r}; known: {', '.join(projectors.PROJECTORS)}")
+    if preset.kind != "llava":
+        bad(f"--projector {spec.projector} replaces LLaVA-1.5's projector; {spec.model} is a {preset.kind} model")
+    if not spec.budgets or any(b.keep is None for b in spec.budgets):
+        bad(f"--projector {spec.projector} needs token counts: give --keep (e.g. --keep 144 64), not --ratio")
+    side = (spec.image_size or preset.image_size) // _patch(preset)
+    for b in spec.budgets:
+        projectors.tokenpacker_region(side * side, b.keep)
+    if spec.projector_weights is not None and not os.path.isdir(spec.projector_weights):
+        bad(f"--projector-weights {spec.projector_weights!r} is not a folder")
+
+
+def _projector_rows(spec: Spec, workload, base, budgets, progress, offset: int, total: int):
+    """(row, measurement, fidelity) per budget with ``spec.projector`` in the projector slot
+    and no method: TokenPacker's own reduction."""
+    from ..models import projectors
+
+    out = []
+    for j, budget in enumerate(budgets):
+        packer = projectors.tokenpacker_for_llava(workload.model, workload.image_tokens, budget.keep,
+                                                  spec.projector_weights)
+        random = packer.weights.startswith("random")
+        name = "tokenpacker (random weights)" if random else "tokenpacker"
+        if progress:
+            progress(offset + j, total, f"{name} {budget.label()}")
+        torch.manual_seed(spec.seed)
+        try:
+            with workload.projector(packer):
+                meas = runner.measure(workload, None, device=workload.model.device, warmup=spec.warmup,
+                                      repeat=spec.repeat, memory=spec.memory)
+            fid = workload.fidelity(base.first, meas.first)
+            row = _row(name, Stage.PROJECTOR.value, budget, meas, base, fid, workload)
+            row["projector_weights"] = packer.weights
+            out.append((row, meas, fid))
+        except Exception as e:   # say why, go on
+            out.append(({"method": name, "stage": Stage.PROJECTOR.value, "budget": budget.label(),
+                         "keep": budget.keep, "ratio": budget.ratio, "image_tokens": workload.image_tokens,
+                         "projector_weights": packer.weights, "error": f"{type(e).__name__}: {e}"}, None, None))
+        finally:
+            packer.remove()
+    return out
 
 
 def run(spec: Spec, progress: Optional[Callable[[int, int, str], None]] = None) -> Dict[str, Any]:
@@ -279,6 +336,14 @@ def _run(spec: Spec, progress) -> Dict[str, Any]:
             rows.append({"method": name, "stage": cls.stage.value, "budget": budget.label(),
                          "keep": budget.keep, "ratio": budget.ratio,
                          "image_tokens": workload.image_tokens, "error": f"{type(e).__name__}: {e}"})
+    projector_weights = None
+    if spec.projector not in (None, "mlp") and base is not None:
+        for row, meas, fid in _projector_rows(spec, workload, base, budgets, progress, len(configs),
+                                              len(configs) + len(budgets)):
+            rows.append(row)
+            projector_weights = row["projector_weights"]
+            if meas is not None:
+                timed.append((len(rows) - 1, row["method"], row["stage"], Budget(keep=row["keep"]), meas, fid))
     # the baseline once more at the end: machine state drifts over a sweep (the first timed
     # configuration of a process runs slow for a while), so the faster of the two baseline
     # medians is the reference, which can only make the reported speedups smaller
@@ -292,7 +357,8 @@ def _run(spec: Spec, progress) -> Dict[str, Any]:
                                         base.peak_mem_bytes, base.first, base_end.repeats, base_end.raw)
             rows[0] = _row("baseline", "-", Budget(), faster, None, rows_fid0, workload)
             for i, name, stage, budget, meas, fid in timed:
-                rows[i] = _row(name, stage, budget, meas, faster, fid, workload)
+                extra = {k: rows[i][k] for k in ("projector_weights",) if k in rows[i]}
+                rows[i] = {**_row(name, stage, budget, meas, faster, fid, workload), **extra}
     if progress:
         progress(len(configs), len(configs), "done")
     return {
@@ -306,4 +372,5 @@ def _run(spec: Spec, progress) -> Dict[str, Any]:
         "baseline_totals_ms": {"start": base.times["total"] if base else None,
                                "end": base_end.times["total"] if base_end else None},
         "wall_s": time.perf_counter() - t_start, "rows": rows,
+        "projector": spec.projector or "mlp", "projector_weights": projector_weights,
     }
