@@ -202,6 +202,11 @@ class Method:
     # methods are unaffected: kept tokens have size 1, log(1) = 0); a merging method whose
     # authors do not use it sets False. Padding slots (size 0) are masked (-inf) either way.
     proportional_attention: ClassVar[bool] = True
+    # The kept [CLS] goes on into the projector with the image tokens (VisionZip's LLaVA code
+    # feeds [CLS] + dominant + contextual to the projector): the LLM then receives
+    # ``keep_tokens(n) + 1`` tokens, and such a method counts [CLS] in its ``keep``
+    # (``keep_tokens(n) == keep - 1``). False: LLaVA's "default" feature select drops [CLS].
+    projects_cls: ClassVar[bool] = False
 
     def __init__(self, keep: Optional[int] = None, ratio: Optional[float] = None, *,
                  budget: Optional[Budget] = None, **opts: Any):
