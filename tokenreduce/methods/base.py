@@ -69,6 +69,13 @@ class Need(str, enum.Enum):
     # *without* RoPE, softmax over the image keys only (not the whole sequence), head mean:
     # FEATHER's score (attention_with_scores on (q_last, k_image) before rotary embedding).
     QUERY_ATTN_NOROPE = "query_attn_norope"
+    # ctx.rater_attn[layer]: [B, N] attention each image token receives from the "rater" text
+    # tokens, SparseVLM's text guidance: the text after the image whose relevance to the image
+    # (softmax over those text tokens of image-embedding x text-embedding products at the LLM
+    # input, mean over the image rows) exceeds its mean; per rater, the layer's causal softmax
+    # over the whole sequence (RoPE, fused attention_with_scores with one-hot image values),
+    # then the mean over heads and raters.
+    RATER_ATTN = "rater_attn"
 
 
 @dataclass
@@ -92,6 +99,7 @@ class Context:
     values: Dict[int, Tensor] = field(default_factory=dict)         # layer -> [B, N, Dv]
     visual_attn: Dict[int, Tensor] = field(default_factory=dict)    # layer -> [B, N] (Need.VISUAL_ATTN)
     query_attn_norope: Dict[int, Tensor] = field(default_factory=dict)  # layer -> [B, N] (Need.QUERY_ATTN_NOROPE)
+    rater_attn: Dict[int, Tensor] = field(default_factory=dict)     # layer -> [B, N] (Need.RATER_ATTN)
     text: Optional[Tensor] = None               # [B, T, D]
     pixels: Optional[Tensor] = None             # [B, C, H, W]
     size: Optional[Tensor] = None               # [B, N] tokens each input already stands for
