@@ -13,25 +13,26 @@ from .base import Context, Method, Need, Reduction, Stage
 from .helpers import check_x, gather_tokens, image_part, keep_indices, need
 
 
-def remove_duplicates(cand: Tensor, keep: int, step: int = 8) -> Tensor:
+def remove_duplicates(sim: Tensor, keep: int, step: int = 8) -> Tensor:
     """The authors' iterative matching and pruning on a candidate list, batched.
 
-    cand ``[B, R, D]``: the unit-norm features of the ``R`` candidates (in the authors' order,
-    by descending [CLS] attention). While more than ``keep`` remain: the list is split into
-    even (``a``) and odd (``b``) places, each ``a`` scores its best cosine match among the
-    ``b`` (``a @ b.T`` per round, as the authors compute it: the same rounding, so the same
-    order on near-ties), and the ``min(step, R - keep)`` highest-scoring ``a`` are dropped;
+    sim ``[B, R, R]``: cosine similarities of the ``R`` candidates (in the authors' order, by
+    descending [CLS] attention), computed once. While more than ``keep`` remain: the list is
+    split into even (``a``) and odd (``b``) places, each ``a`` scores its best match among the
+    ``b`` (read from ``sim``; the authors recompute ``a @ b.T`` every round: the same dot
+    products up to rounding), and the ``min(step, R - keep)`` highest-scoring ``a`` are dropped;
     the survivors are the other ``a`` (by descending score) followed by every ``b``. Returns
     the ``keep`` survivors' positions in ``[0, R)`` ``[B, keep]``. Shapes follow Python ints
     only (static)."""
-    B, R, _ = cand.shape
-    pos = torch.arange(R, device=cand.device).expand(B, R)
+    B, R, _ = sim.shape
+    pos = torch.arange(R, device=sim.device).expand(B, R)
+    rows = torch.arange(B, device=sim.device)[:, None, None]
     while pos.shape[1] - keep > 0:
         r = min(step, pos.shape[1] - keep)
-        t = gather_tokens(cand, pos)                                          # [B, R', D]
-        score = (t[:, ::2] @ t[:, 1::2].transpose(-1, -2)).amax(dim=-1)      # [B, ceil(R'/2)]
+        a, b = pos[:, ::2], pos[:, 1::2]
+        score = sim[rows, a[:, :, None], b[:, None, :]].amax(dim=-1)          # [B, ceil(R'/2)]
         rest = torch.sort(score, dim=1, descending=True, stable=True).indices[:, r:]
-        pos = torch.cat([pos[:, ::2].gather(1, rest), pos[:, 1::2]], dim=1)
+        pos = torch.cat([a.gather(1, rest), b], dim=1)
     return pos
 
 
@@ -63,8 +64,12 @@ class VisPruner(Method):
                    "llava/model/multimodal_encoder/clip_encoder.py feature_select ('patch': [CLS] "
                    "dropped, attentions[select_layer][:, :, 0, 1:])")
     deviations = ("ties go to the lower position / earlier place (the authors' argsort is unstable); "
-                  "similarities in float32 for fp16/bf16 inputs (the authors' model dtype); an odd "
-                  "candidate count, which "
+                  "similarities in float32 for fp16/bf16 inputs; the candidates' similarity matrix is "
+                  "computed once and read each round (the authors recompute a @ b.T per round: the same "
+                  "dot products up to float rounding; the rounds are rounding-chaotic, one near-tie swap "
+                  "changes every later even/odd split, so float32 picks can differ from theirs as their "
+                  "own differ between batch sizes; equal in float64, pinned by tests/methods/"
+                  "test_vispruner.py); an odd candidate count, which "
                   "the authors' indexing (expand to R // 2 - r) rejects, runs with ceil(R / 2) even places")
 
     def configure(self) -> None:
@@ -95,5 +100,5 @@ class VisPruner(Method):
         cand = gather_tokens(x, residual)
         cand = cand.to(torch.promote_types(cand.dtype, torch.float32))
         cand = cand / cand.norm(dim=-1, keepdim=True)                                    # [B, R, D]
-        survivors = remove_duplicates(cand, t_div)
+        survivors = remove_duplicates(cand @ cand.transpose(1, 2), t_div)
         return keep_indices(ctx, torch.cat([important, residual.gather(1, survivors)], dim=1))
