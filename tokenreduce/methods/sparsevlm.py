@@ -143,10 +143,9 @@ class SparseVLM(Method):
         if s == 0:
             ctx.state["sparsevlm_n0"] = v
         n0 = ctx.state.get("sparsevlm_n0", v)
-        sched = self.schedule(n0)
-        k = min(sched[s], v - 1)
         if v < 2:
             fail(self.where, f"stage {s} has {v} image token(s): nothing to prune")
+        k = min(self.schedule(n0)[s], v - 1)                                         # the authors' min(count, v - 1)
         p = v - k
         m = int(p * RECYCLE_SHARE) + 1
         c = int(m / CLUSTER_SIZE) + 1
