@@ -50,3 +50,14 @@ def test_visionzip_counts_cls():
     """VisionZip: visionzip(model, 54, 10) -> [CLS] + 53 + 10 into the projector (issue 14)."""
     m = build("visionzip", keep=64)
     assert m.projects_cls and m.keep_tokens(576) == 63
+
+
+def test_tome_parse_r_constant():
+    """ToMe: apply_patch + model.r = r -> parse_r(len(blocks), r) = [r] * L, each block merging
+    min(r, (t - protected) // 2) with [CLS] protected."""
+    m = build("tome", r=16)
+    assert m.keep_tokens(576) == 576 - 24 * 16
+    n = 576
+    for _ in range(24):
+        n -= min(200, n // 2)
+    assert build("tome", r=200).keep_tokens(576) == n
