@@ -43,6 +43,7 @@ def make_ctx(method, n_tokens: int, *, has_cls: bool, dtype, layer, L, seed=0, s
         query_attn={l: attn_row() for l in layers},
         visual_attn={l: attn_row() for l in layers},
         query_attn_norope={l: attn_row() for l in layers},
+        rater_attn={l: attn_row() for l in layers},
         values={l: torch.randn(B, N, DK, generator=g).to(dtype) for l in layers},
         text=torch.randn(B, T, D, generator=g).to(dtype),
         pixels=torch.rand(B, 3, 48, 48, generator=g).to(dtype),

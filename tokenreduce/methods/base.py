@@ -69,6 +69,13 @@ class Need(str, enum.Enum):
     # *without* RoPE, softmax over the image keys only (not the whole sequence), head mean:
     # FEATHER's score (attention_with_scores on (q_last, k_image) before rotary embedding).
     QUERY_ATTN_NOROPE = "query_attn_norope"
+    # ctx.rater_attn[layer]: [B, N] attention each image token receives from the "rater" text
+    # tokens, SparseVLM's text guidance: the text after the image whose relevance to the image
+    # (softmax over those text tokens of image-embedding x text-embedding products at the LLM
+    # input, mean over the image rows) exceeds its mean; per rater, the layer's causal softmax
+    # over the whole sequence (RoPE, fused attention_with_scores with one-hot image values),
+    # then the mean over heads and raters.
+    RATER_ATTN = "rater_attn"
 
 
 @dataclass
@@ -92,6 +99,7 @@ class Context:
     values: Dict[int, Tensor] = field(default_factory=dict)         # layer -> [B, N, Dv]
     visual_attn: Dict[int, Tensor] = field(default_factory=dict)    # layer -> [B, N] (Need.VISUAL_ATTN)
     query_attn_norope: Dict[int, Tensor] = field(default_factory=dict)  # layer -> [B, N] (Need.QUERY_ATTN_NOROPE)
+    rater_attn: Dict[int, Tensor] = field(default_factory=dict)     # layer -> [B, N] (Need.RATER_ATTN)
     text: Optional[Tensor] = None               # [B, T, D]
     pixels: Optional[Tensor] = None             # [B, C, H, W]
     size: Optional[Tensor] = None               # [B, N] tokens each input already stands for
@@ -202,6 +210,11 @@ class Method:
     # methods are unaffected: kept tokens have size 1, log(1) = 0); a merging method whose
     # authors do not use it sets False. Padding slots (size 0) are masked (-inf) either way.
     proportional_attention: ClassVar[bool] = True
+    # The kept [CLS] goes on into the projector with the image tokens (VisionZip's LLaVA code
+    # feeds [CLS] + dominant + contextual to the projector): the LLM then receives
+    # ``keep_tokens(n) + 1`` tokens, and such a method counts [CLS] in its ``keep``
+    # (``keep_tokens(n) == keep - 1``). False: LLaVA's "default" feature select drops [CLS].
+    projects_cls: ClassVar[bool] = False
 
     def __init__(self, keep: Optional[int] = None, ratio: Optional[float] = None, *,
                  budget: Optional[Budget] = None, **opts: Any):

@@ -16,8 +16,9 @@ _PRESETS = {64: (54, 10), 128: (108, 20), 192: (162, 30)}
 
 
 def split_budget(keep: int) -> Tuple[int, int]:
-    """(dominant, contextual) for a total of ``keep`` image tokens: the authors' LLaVA-1.5
-    splits 54+10 / 108+20 / 162+30, and the same 5/32 contextual share otherwise."""
+    """(dominant, contextual) for ``keep`` tokens into the LLM, as the authors' entry point
+    ``visionzip(model, dominant, contextual)`` takes them (dominant counts [CLS]): their
+    LLaVA-1.5 splits 54+10 / 108+20 / 162+30, and the same 5/32 contextual share otherwise."""
     if keep in _PRESETS:
         return _PRESETS[keep]
     c = int(round(keep * 5 / 32)) if keep >= 2 else 0
@@ -28,44 +29,58 @@ def split_budget(keep: int) -> Tuple[int, int]:
 class VisionZip(Method):
     """Dominant + contextual tokens (VisionZip).
 
-    dominant: the ``d`` image tokens with the highest [CLS] attention of ViT layer -2
+    As the authors' entry point: ``dominant=d`` counts [CLS] (``visionzip/main.py`` passes
+    ``dominant - 1`` on), and [CLS] goes on into the projector (`projects_cls`), so
+    ``keep=64`` (54 + 10) gives the LLM [CLS] + 53 dominant + 10 contextual = 64 tokens.
+    dominant: the ``d - 1`` image tokens with the highest [CLS] attention of ViT layer -2
     (head mean; the authors' head sum ranks the same), spatial order. contextual: the
     other ``R`` tokens in order; every ``max(1, R // c)``-th of them (the first ``c``) is
     a target, each remaining token joins its most key-similar target (cosine of the
     head-mean keys, `ops.recycle`), and a contextual token is ``target + mean(members)``.
-    x ``[B, 1 + n, D]`` -> ``[B, 1 + d + c, D]`` = [CLS], dominant, contextual.
+    x ``[B, 1 + n, D]`` -> ``[B, d + c, D]`` = [CLS], dominant, contextual.
     """
     name = "visionzip"
     paper = "Yang et al., VisionZip: Longer is Better but Not Necessary in Vision Language Models, CVPR 2025"
     code = "github.com/dvlab-research/VisionZip"
     stage = Stage.PROJECTOR
     needs = frozenset({Need.FEATURES, Need.KEYS, Need.CLS_ATTN})
-    options = {"dominant": "dominant tokens (with contextual=, instead of keep)",
+    options = {"dominant": "dominant tokens, [CLS] included as in the authors' visionzip() "
+                           "(with contextual=, instead of keep)",
                "contextual": "contextual tokens (with dominant=)",
                "layer": "ViT layer of the [CLS] attention and keys (default -2)"}
-    budgets = ("keep=K (split 54+10, 108+20, 162+30 for 64/128/192, else contextual = round(5K/32)) "
-               "or dominant=d, contextual=c")
-    faithful_to = ("dvlab-research/VisionZip visionzip/clip_encoder.py CLIPVisionTower_forward "
-                   "(topk of the head-summed [CLS] row of attentions[-2], masked_select, "
-                   "step = max(1, R // c) targets, argmax of normalised-key similarity, "
-                   "one-hot bmm mean, target + mean)")
+    budgets = ("keep=K tokens into the LLM, [CLS] included (split 54+10, 108+20, 162+30 for "
+               "64/128/192, else contextual = round(5K/32); [CLS] + K - 1 image tokens) or "
+               "dominant=d ([CLS] included), contextual=c")
+    faithful_to = ("dvlab-research/VisionZip @3151f6d visionzip/main.py visionzip() "
+                   "(dominant_num = dominant - 1), visionzip/clip_encoder.py CLIPVisionTower_forward "
+                   "(topk of the head-summed [CLS] row of attentions[-2], [CLS] + dominant by "
+                   "masked_select, step = max(1, R // c) targets, argmax of normalised-key similarity, "
+                   "one-hot bmm mean, target + mean), visionzip/llava_arch.py encode_images_visionzip "
+                   "(all of them, [CLS] included, into mm_projector)")
     deviations = ("ties go to the lower position (torch.topk unspecified); fp16/bf16 similarities "
                   "accumulate in float32")
+    projects_cls = True
 
     def configure(self) -> None:
         d, c = self.opts.get("dominant"), self.opts.get("contextual")
         if (d is None) != (c is None) or (d is not None and self.budget.given):
             fail(self.where, "give dominant= and contextual= together, or keep=/ratio= alone")
-        if d is not None and not (is_int_at_least(d, 0) and is_int_at_least(c, 0) and 1 <= d + c):
-            fail(self.where, f"dominant and contextual must be ints >= 0 with a positive sum, got {d}, {c}")
+        if d is not None and not (is_int_at_least(d, 1) and is_int_at_least(c, 0) and 2 <= d + c):
+            fail(self.where, f"dominant ([CLS] included) must be an int >= 1 and contextual an int >= 0 "
+                             f"with a sum >= 2, got {d}, {c}")
 
     def default_budget_ok(self) -> bool:
         return self.opts.get("dominant") is not None
 
     def _split(self, n: int) -> Tuple[int, int]:
+        """(dominant image tokens, contextual tokens) out of ``n``: the authors' ``dominant - 1``."""
         d, c = self.opts.get("dominant"), self.opts.get("contextual")
         if d is None:
-            d, c = split_budget(self.budget.resolve(n))
+            keep = self.budget.resolve(n)
+            if keep < 2:
+                fail(self.where, f"keep={keep} counts [CLS]: it leaves no image token; give keep >= 2")
+            d, c = split_budget(keep)
+        d -= 1                             # visionzip/main.py: dominant_num = dominant - 1 ([CLS])
         if d + c > n:
             fail(self.where, f"dominant + contextual = {d + c} exceeds the {n} image tokens")
         if c > n - d:

@@ -28,14 +28,14 @@ from torch import Tensor, nn
 
 from ..methods.base import Context, Method, Need, Stage
 from . import attention
-from .llm_scores import key_bias_of_mask, layer_scores
+from .llm_scores import key_bias_of_mask, layer_scores, rater_weights
 from .positions import gather_positions, split_positions
 from .stages import CONTEXT_FIELD, LLM_NEED_KIND, NOMINAL_DEPTH, LayerPlan, check_needs, check_reduction, \
     plan_layers, request_scores, resolve_layer
 
 __all__ = ["LLMReducer"]
 
-_OWN_KINDS = ("visual", "norope")   # not recordable by the attention function: computed in a pre-hook
+_OWN_KINDS = ("visual", "norope", "rater")   # not recordable by the attention function: computed in a pre-hook
 
 
 class LLMReducer:
@@ -127,6 +127,8 @@ class LLMReducer:
                     self.kw0 = {k: kwargs.get(k) for k in ("position_embeddings", "attention_mask")}
                     if getattr(self.method, "wants_input_embeddings", False):   # VLA-Pruner's redundancy
                         self.state["input_embeddings"] = gather_positions(h, self.img_pos, 1)
+                    if "rater" in self.kinds:     # SparseVLM's raters, from the LLM input
+                        self.rater_txt = rater_weights(h, self.img_pos, self.txt_pos)
             if self.in_prefill:
                 kw = kwargs
                 if self.cur is not None:
@@ -147,8 +149,11 @@ class LLMReducer:
 
     def _scores(self, layer: nn.Module, h: Tensor, kw: Dict[str, Any], kinds) -> Dict[str, Tensor]:
         kb = key_bias_of_mask(kw.get("attention_mask"), h.shape[0], h.shape[1], h.device)
+        raters = None
+        if "rater" in kinds:
+            raters = torch.zeros(h.shape[:2], device=h.device).scatter(1, self.txt_pos, self.rater_txt)
         return layer_scores(layer, h, kw.get("position_embeddings"), kb, self.img_pos, kinds,
-                            counter=self.rec.calls)
+                            counter=self.rec.calls, raters=raters)
 
     def _own_scores(self, module: nn.Module, h: Tensor, kw: Dict[str, Any], j: int) -> None:
         for kind, v in self._scores(module, h, kw, self.own_at[j]).items():

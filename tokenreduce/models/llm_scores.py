@@ -23,7 +23,11 @@ caller slices the image positions the same way for every kind:
   LLaVA-NeXT, Qwen2-VL);
 * ``"norope"``: last row vs image keys, q/k *before* RoPE, softmax over the image keys only;
 * ``"keys"``: head-mean keys after RoPE ``[B, N, Dh]``; ``"values"``: values, KV heads
-  concatenated ``[B, N, Hkv * Dv]``.
+  concatenated ``[B, N, Hkv * Dv]``;
+* ``"rater"`` (Need.RATER_ATTN, SparseVLM): with ``raters`` ``[B, N]`` (per-token weights, 0 but
+  on the rater text tokens, `rater_weights`), each of the last ``N - n`` rows' causal attention
+  (RoPE, key padding masked) to every image key, per head, as the *output* of the fused op with
+  one-hot image values (chunks of at most 256 columns), weighted by ``raters`` and head-meaned.
 """
 from __future__ import annotations
 
@@ -33,9 +37,10 @@ from typing import Dict, Iterable, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LLM_KINDS", "layer_scores", "key_bias_of_mask"]
+__all__ = ["LLM_KINDS", "layer_scores", "key_bias_of_mask", "rater_weights"]
 
-LLM_KINDS = ("query", "received", "visual", "norope", "keys", "values")
+LLM_KINDS = ("query", "received", "visual", "norope", "keys", "values", "rater")
+RATER_CHUNK = 256          # image columns per fused call of "rater" (the CUDA kernels' Dv limit)
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -72,6 +77,22 @@ def key_bias_of_mask(mask, B: int, N: int, device) -> Optional[Tensor]:
     return m.float()
 
 
+@torch.no_grad()
+def rater_weights(h: Tensor, img_pos: Tensor, txt_pos: Tensor) -> Tensor:
+    """SparseVLM's raters from the LLM input ``h`` ``[B, L, D]``: the text tokens after the image
+    run (``txt_pos`` ``[B, T]`` ascending, ``img_pos`` ``[B, n]``) whose relevance
+    ``softmax_t(v @ t^T).mean(image rows)`` exceeds the mean relevance of those text tokens.
+    Returns weights over the text tokens ``[B, T]`` float32: ``1 / #raters`` on the raters, else 0."""
+    v = _gather_rows(h, img_pos).float()                              # [B, n, D]
+    t = _gather_rows(h, txt_pos).float()                              # [B, T, D]
+    after = txt_pos > img_pos[:, -1:]                                 # [B, T] text after the image
+    logits = (v @ t.transpose(1, 2)).masked_fill(~after[:, None, :], float("-inf"))
+    rel = logits.softmax(dim=2).mean(dim=1)                           # [B, T], 0 off `after`
+    mean = rel.sum(1, keepdim=True) / after.sum(1, keepdim=True).clamp_min(1)
+    raters = after & (rel > mean)
+    return raters.float() / raters.sum(1, keepdim=True).clamp_min(1)
+
+
 def _gather_rows(t: Tensor, pos: Tensor) -> Tensor:
     """``t`` ``[B, N, C]`` at positions ``pos`` ``[B, R]`` -> ``[B, R, C]``."""
     return torch.gather(t, 1, pos.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
@@ -80,12 +101,13 @@ def _gather_rows(t: Tensor, pos: Tensor) -> Tensor:
 @torch.no_grad()
 def layer_scores(layer: nn.Module, h: Tensor, position_embeddings: Optional[Tuple[Tensor, Tensor]],
                  key_bias: Optional[Tensor], img_pos: Tensor, kinds: Iterable[str],
-                 counter=None) -> Dict[str, Tensor]:
+                 counter=None, raters: Optional[Tensor] = None) -> Dict[str, Tensor]:
     """Statistics ``kinds`` of decoder ``layer`` (``input_layernorm`` + ``self_attn`` with
     ``q_proj`` / ``k_proj`` / ``v_proj``) on hidden states ``h`` ``[B, N, D]`` (the layer's
     input). ``position_embeddings``: ``(cos, sin)`` ``[B|1, N, Dh]`` of these tokens;
     ``key_bias`` ``[B, N]`` masks padded keys; ``img_pos`` ``[B, n]`` ascending image positions.
-    ``counter``: a `collections.Counter` whose ``"fused"`` entry counts the fused-op calls."""
+    ``counter``: a `collections.Counter` whose ``"fused"`` entry counts the fused-op calls.
+    ``raters`` ``[B, N]``: the rater weights over these tokens (``"rater"`` only)."""
     from ..ops import attention_with_scores
     kinds = set(kinds)
     bad = kinds - set(LLM_KINDS)
@@ -143,6 +165,23 @@ def layer_scores(layer: nn.Module, h: Tensor, position_embeddings: Optional[Tupl
         k_img = torch.gather(k0, 2, img_pos[:, None, :, None].expand(-1, k0.shape[1], -1, hd))
         s = fused(q_rows(last, False), k_img)
         out["norope"] = torch.zeros(B, N, device=x.device).scatter(1, img_pos, s)
+    if "rater" in kinds:
+        if raters is None:
+            raise ValueError("tokenreduce.models.llm_scores: the rater kind needs the rater weights")
+        R = N - n                                                       # the text rows end the sequence
+        rows = torch.arange(N - R, N, device=x.device).expand(B, R)
+        q = q_rows(rows, True)
+        w = raters[:, N - R:].float()                                   # [B, R]
+        parts = []
+        for c0 in range(0, n, RATER_CHUNK):                             # one-hot values: out = P[rows, image]
+            cols = img_pos[:, c0:c0 + RATER_CHUNK]
+            onehot = torch.zeros(B, N, cols.shape[1], dtype=q.dtype, device=x.device)
+            onehot = onehot.scatter(1, cols[:, None, :], 1.0).unsqueeze(1).expand(-1, k.shape[1], -1, -1)
+            if counter is not None:
+                counter["fused"] += 1
+            p = attention_with_scores(q, k, onehot.contiguous(), scale=scale, causal=True, key_bias=key_bias)[0]
+            parts.append((p.float().mean(dim=1) * w[:, :, None]).sum(dim=1))   # [B, cols]
+        out["rater"] = torch.zeros(B, N, device=x.device).scatter(1, img_pos, torch.cat(parts, dim=1))
     if "keys" in kinds:
         out["keys"] = k.float().mean(dim=1)
     if "values" in kinds:

@@ -33,10 +33,10 @@ RECORDED_NEED_KIND = {Need.CLS_ATTN: "cls", Need.ATTN_RECEIVED: "received", Need
                       Need.VALUES: "values"}
 # need -> kind of the statistics an LLM-stage method is given (`tokenreduce.models.llm`)
 LLM_NEED_KIND = {Need.QUERY_ATTN: "query", Need.ATTN_RECEIVED: "received", Need.VISUAL_ATTN: "visual",
-                 Need.QUERY_ATTN_NOROPE: "norope", Need.VALUES: "values"}
+                 Need.QUERY_ATTN_NOROPE: "norope", Need.VALUES: "values", Need.RATER_ATTN: "rater"}
 # recorder kind -> the `Context` field (a dict keyed by layer) that holds it
 CONTEXT_FIELD = {"cls": "cls_attn", "received": "attn_received", "query": "query_attn", "values": "values",
-                 "visual": "visual_attn", "norope": "query_attn_norope"}
+                 "visual": "visual_attn", "norope": "query_attn_norope", "rater": "rater_attn"}
 
 
 def resolve_layer(layer: int, n: int, what: str) -> int:

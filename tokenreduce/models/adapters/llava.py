@@ -46,7 +46,8 @@ class LlavaAdapter(VLMAdapter):
         (features ``[B', K, D_llm]``, token sizes ``[B', K]`` or None without a reduction)."""
         feats = vis.features
         size = vis.reduction.size if vis.reduction is not None else None
-        if self.cfg.vision_feature_select_strategy == "default":
+        vm = self.stage_method(Stage.VIT, Stage.PROJECTOR)
+        if self.cfg.vision_feature_select_strategy == "default" and not (vm is not None and vm.projects_cls):
             feats = feats[:, 1:]
             size = size[:, 1:] if size is not None else None
         return self.model.model.multi_modal_projector(feats), size

@@ -37,6 +37,16 @@ def divprune(image_features: Tensor, k: int) -> Tensor:
     return torch.stack([divprune_select(f, k) for f in image_features])
 
 
+def divprune_entry(image_features: Tensor, subset_ratio: float) -> Tensor:
+    """The entry point: ``SUBSET_RATIO=r`` (LLaVA/llava/model/llava_arch.py
+    prepare_inputs_labels_for_multimodal, LAYER_INDEX=0) keeps ``threshold_terms =
+    int(round(r * n))`` of the projected image features (``[B, n, D]``, no [CLS]: LLaVA's
+    "default" select), then ``keep_indexs.sort()``: ``[B, k, D]`` in spatial order."""
+    k = int(round(subset_ratio * image_features.shape[1]))
+    picks = divprune(image_features, k).sort(dim=1).values
+    return image_features.gather(1, picks[..., None].expand(-1, -1, image_features.shape[-1]))
+
+
 def min_dist_objective(image_features: Tensor, picks: Tensor) -> Tensor:
     """k-center objective: the largest distance of a token to its nearest pick ``[B]``."""
     out = []

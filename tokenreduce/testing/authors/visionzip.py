@@ -1,5 +1,9 @@
-"""VisionZip as dvlab-research/VisionZip visionzip/clip_encoder.py does it: head-summed
-[CLS] row, boolean masks and masked_select, strided targets, one-hot bmm merge."""
+"""VisionZip as dvlab-research/VisionZip (@3151f6d) does it, from its entry point:
+``visionzip/main.py`` ``visionzip(model, dominant, contextual)`` hands ``dominant - 1`` to the
+encoder; ``visionzip/clip_encoder.py`` keeps [CLS] + the top ``dominant - 1`` (head-summed
+[CLS] row, boolean masks and masked_select) + ``contextual`` merged tokens (strided targets,
+one-hot bmm merge); ``visionzip/llava_arch.py`` ``encode_images_visionzip`` puts all of them,
+[CLS] included, through the projector: ``dominant + contextual`` tokens into the LLM."""
 from __future__ import annotations
 
 import torch
@@ -11,10 +15,18 @@ from . import MethodBenchCase
 from ..synthetic import clip_like
 
 
-def visionzip(hidden_states: Tensor, cls_heads: Tensor, metric: Tensor, dominant_num: int,
-              contextual_num: int) -> Tensor:
-    """hidden_states ``[B, 1 + n, D]``, cls_heads ``[B, H, 1 + n]`` (the [CLS] row of each
-    head), metric ``[B, 1 + n, C]`` (head-mean keys) -> ``[B, 1 + d + c, D]``."""
+def visionzip(hidden_states: Tensor, cls_heads: Tensor, metric: Tensor, dominant: int,
+              contextual: int) -> Tensor:
+    """The entry point ``visionzip(model, dominant=54, contextual=10)``: the tokens the
+    projector receives, ``[B, dominant + contextual, D]`` ([CLS] first)."""
+    return clip_encoder_forward(hidden_states, cls_heads, metric, dominant - 1, contextual)
+
+
+def clip_encoder_forward(hidden_states: Tensor, cls_heads: Tensor, metric: Tensor, dominant_num: int,
+                         contextual_num: int) -> Tensor:
+    """``CLIPVisionTower_VisionZip.forward`` after the tower: hidden_states ``[B, 1 + n, D]``,
+    cls_heads ``[B, H, 1 + n]`` (the [CLS] row of each head), metric ``[B, 1 + n, C]``
+    (head-mean keys) -> ``[B, 1 + dominant_num + contextual_num, D]``."""
     B, N, D = hidden_states.shape
     cls_attention_sum = cls_heads[:, :, 1:].sum(dim=1)
     topk_indices = cls_attention_sum.topk(dominant_num, dim=1).indices + 1
@@ -40,7 +52,7 @@ def visionzip(hidden_states: Tensor, cls_heads: Tensor, metric: Tensor, dominant
 
 
 def bench_cases(quick: bool):
-    # (dominant, contextual): the authors' LLaVA-1.5 split of 64 tokens; 14 + 2 of 16 (quick)
+    # (dominant, contextual) of visionzip(): the authors' LLaVA-1.5 split of 64 tokens; 14 + 2 (quick)
     n, D, (dom, ctx) = (64, 64, (14, 2)) if quick else (576, 1024, (54, 10))
 
     def case(B):
