@@ -174,7 +174,8 @@ def test_score_methods_run_and_generate_on_batches_of_different_sizes(models, ar
     info = r.last.vision
     counts = [24, 16, 24]
     assert info.tokens_in == counts
-    assert info.tokens_out == [meth.keep_tokens(n) for n in counts]
+    cls = int(meth.projects_cls)      # VisionZip: keep=K counts a [CLS]; Qwen has none, all K are image tokens
+    assert info.tokens_out == [meth.keep_tokens(n) + cls for n in counts]
     assert r.last.is_img.sum(1).tolist() == info.tokens_out
     rec = info.recorder
     assert not rec.fallbacks
@@ -266,4 +267,5 @@ def test_prepare_has_no_host_traffic(name, budget):
                               image_grid_thw=d["image_grid_thw"], layout=layout)
     assert p.inputs_embeds.device == DEVICE and p.position_ids.shape[:2] == (3, 2)
     if name:
-        assert p.vision.tokens_out == [methods.build(name, **budget).keep_tokens(n) for n in (24, 16)]
+        meth = methods.build(name, **budget)
+        assert p.vision.tokens_out == [meth.keep_tokens(n) + int(meth.projects_cls) for n in (24, 16)]

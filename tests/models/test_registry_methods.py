@@ -115,7 +115,9 @@ def test_method_runs_in_architecture(models, name, arch):
     else:
         per_tile = arch == "tiny-llava-next" and (meth.stage == Stage.VIT or meth.needs & (
             STATS | {Need.GRID, Need.PIXELS}))
-        cls = int(meth.projects_cls)        # [CLS] goes on into the projector (VisionZip)
+        # [CLS] goes on into the projector (VisionZip); on Qwen (no [CLS]) the same count
+        # is all image tokens (the authors' dominant - 1 is not applied there)
+        cls = int(meth.projects_cls)
         expect = 3 * (meth.keep_tokens(N_IMG) + cls) if per_tile else meth.keep_tokens(n) + cls
         assert p.n_img == expect and (p.is_img.sum(1) == expect).all()
         if p.vision is not None:

@@ -91,6 +91,7 @@ class Context:
     """
     x: Tensor                                   # [B, N, D]
     has_cls: bool = False                       # x[:, 0] is [CLS]: always kept, not in the budget
+    cls_synthetic: bool = False                 # that [CLS] is a stand-in the model lacks (Qwen): not projected
     grid: Optional[Tuple[int, int]] = None      # (h, w) with h * w == N - has_cls
     keys: Optional[Tensor] = None               # [B, N, Dk]
     cls_attn: Dict[int, Tensor] = field(default_factory=dict)       # layer -> [B, N]

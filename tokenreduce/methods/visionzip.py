@@ -72,15 +72,16 @@ class VisionZip(Method):
     def default_budget_ok(self) -> bool:
         return self.opts.get("dominant") is not None
 
-    def _split(self, n: int) -> Tuple[int, int]:
-        """(dominant image tokens, contextual tokens) out of ``n``: the authors' ``dominant - 1``."""
+    def _split(self, n: int, projected_cls: bool = True) -> Tuple[int, int]:
+        """(dominant image tokens, contextual tokens) out of ``n``: the authors' ``dominant - 1``
+        when [CLS] goes on into the projector (not on a model without one, e.g. Qwen)."""
         d, c = self.opts.get("dominant"), self.opts.get("contextual")
         if d is None:
             keep = self.budget.resolve(n)
             if keep < 2:
                 fail(self.where, f"keep={keep} counts [CLS]: it leaves no image token; give keep >= 2")
             d, c = split_budget(keep)
-        d -= 1                             # visionzip/main.py: dominant_num = dominant - 1 ([CLS])
+        d -= int(projected_cls)            # visionzip/main.py: dominant_num = dominant - 1 ([CLS])
         if d + c > n:
             fail(self.where, f"dominant + contextual = {d + c} exceeds the {n} image tokens")
         if c > n - d:
@@ -96,7 +97,7 @@ class VisionZip(Method):
     def reduce(self, ctx: Context) -> Reduction:
         check_x(ctx, self.where, cls=True)
         n = ctx.n_image
-        d, c = self._split(n)
+        d, c = self._split(n, not ctx.cls_synthetic)
         x = image_part(ctx, ctx.x)
         keys = image_part(ctx, need(ctx, self.where, "keys", dims=3))
         score = image_part(ctx, need(ctx, self.where, "cls_attn", self.opts.get("layer", -2)))

@@ -228,7 +228,7 @@ class Qwen2VLAdapter(VLMAdapter):
             first = v.mean(dim=1, keepdim=True) if fill == "mean" else torch.zeros_like(v[:, :1])
             return torch.cat([first, v], dim=1)
 
-        ctx = Context(x=torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) if cls else x, has_cls=cls,
+        ctx = Context(x=torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) if cls else x, has_cls=cls, cls_synthetic=cls,
                       grid=(gh, gw) if t == 1 else None, text=text, heads=self.cfg.vision_config.num_heads)
         if not set(TOWER_NEED_KIND) & method.needs and Need.KEYS not in method.needs:
             return ctx
