@@ -64,13 +64,11 @@ class CallStats:
     steps: List[Dict[str, Any]] = field(default_factory=list)
     fallbacks: Dict[str, int] = field(default_factory=dict)
 
-    @staticmethod
-    def _list(v) -> List[int]:
-        if isinstance(v, Tensor):
-            return [int(x) for x in v.tolist()]
-        if callable(v):
-            v = v()
-        return [int(x) for x in (v if isinstance(v, (list, tuple)) else [v])]
+    def _list(self, v) -> List[int]:
+        """Per-sample counts (a tensor read here, or one count for the whole batch)."""
+        out = [int(x) for x in v.tolist()] if isinstance(v, Tensor) else \
+            [int(x) for x in (v if isinstance(v, (list, tuple)) else [v])]
+        return out * self.batch if len(out) == 1 and self.batch > 1 else out
 
     @property
     def tokens_in(self) -> List[int]:
@@ -78,8 +76,7 @@ class CallStats:
 
     @property
     def tokens_out(self) -> List[int]:
-        out = self._list(self._out)
-        return out * self.batch if len(out) == 1 and self.batch > 1 else out
+        return self._list(self._out)
 
     def as_dict(self) -> Dict[str, Any]:
         return {"stage": self.stage, "method": self.method, "tokens_in": self.tokens_in,
