@@ -74,14 +74,15 @@ def _check_vlm(model: nn.Module, cls, method: Optional[Method]) -> None:
 
 def patch(model: nn.Module, method: Any = None, keep: Optional[int] = None, ratio: Optional[float] = None, *,
           nominal_layers: Optional[int] = None, vision_nominal_layers: Optional[int] = None,
-          **options: Any) -> PatchHandle:
+          image_tokens: Optional[int] = None, **options: Any) -> PatchHandle:
     """Install ``method`` on ``model`` (in place) and return its `PatchHandle`.
 
     ``method``: a registered name (built with ``keep=K`` tokens per image or ``ratio=r`` of
     each image's tokens, and ``**options``), a built `Method`, or None / ``"none"`` (no
     reduction, the same path: equals the unpatched model). ``nominal_layers`` /
     ``vision_nominal_layers``: the LLM / vision depth the method's layer numbers refer to
-    (see `tokenreduce.models.stages.LayerPlan`). Raises RuntimeError when ``model`` is
+    (see `tokenreduce.models.stages.LayerPlan`); ``image_tokens``: a VLM's image-token count
+    per sample when the caller knows it (host metadata: never read back from the device). Raises RuntimeError when ``model`` is
     already patched, TypeError for a model class not served (`SUPPORTED`), and a clear
     error naming method and model when the method needs what the model cannot give."""
     prev = getattr(model, ATTR, None)
@@ -100,7 +101,7 @@ def patch(model: nn.Module, method: Any = None, keep: Optional[int] = None, rati
     handle = PatchHandle(model, meth, cls.kind)
     try:
         _check_vlm(model, cls, meth)
-        runner = PatchedVLM(model, meth, handle, nominal_layers, vision_nominal_layers)
+        runner = PatchedVLM(model, meth, handle, nominal_layers, vision_nominal_layers, image_tokens)
     except (ValueError, NotImplementedError) as e:
         if meth is None:
             raise

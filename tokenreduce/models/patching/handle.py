@@ -91,12 +91,15 @@ class PatchHandle:
     ``"qwen2-vl"``, ``"clip"``, ...), ``handle.stats`` (a list of `CallStats`, one per patched
     call; ``handle.stats.clear()`` to reset), ``handle.last`` (the last call's inputs of the
     LLM, a `tokenreduce.models.adapters.Prepared`, or a vision encoder's `VisionOutput`),
-    ``handle.unpatch()``."""
+    ``handle.adapter`` / ``handle.reducer`` (a VLM's adapter and its `LLMReducer` for an
+    LLM-stage method, else None), ``handle.unpatch()``."""
 
     def __init__(self, model: nn.Module, method: Optional[Method], kind: str):
         self.model, self.method, self.kind = model, method, kind
         self.stats: List[CallStats] = []
         self.last: Any = None
+        self.adapter: Any = None
+        self.reducer: Any = None
         self.original_forward: Optional[Callable] = None
         self._hooks: List[Any] = []
         self._attn: List[Tuple[nn.Module, Any]] = []

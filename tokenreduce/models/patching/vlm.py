@@ -79,15 +79,18 @@ class PatchedVLM:
     """The forward installed on a VLM by `tokenreduce.patch` (see the module docstring)."""
 
     def __init__(self, model: nn.Module, method: Optional[Method], handle: PatchHandle,
-                 nominal_layers: Optional[int] = None, vision_nominal_layers: Optional[int] = None):
+                 nominal_layers: Optional[int] = None, vision_nominal_layers: Optional[int] = None,
+                 image_tokens: Optional[int] = None):
         cls = adapter_class(model)
         self.model, self.method, self.handle = model, method, handle
         self.adapter = cls(model, method, vision_nominal_layers)
+        self.adapter.image_tokens = image_tokens
         self.adapter.check_method()
         self.image_token = model.config.image_token_id
         lm = cls.parts(model).lm
         self.reducer = (LLMReducer(lm, method, nominal_layers=nominal_layers)
                         if method is not None and method.stage == Stage.LLM else None)
+        handle.adapter, handle.reducer = self.adapter, self.reducer
         self.state: Optional[PrefillState] = None
         self.signature: Optional[inspect.Signature] = None
 
