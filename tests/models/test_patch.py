@@ -176,3 +176,33 @@ def test_vision_encoder_returns_reduced_features_with_unmerge_map(name):
     assert back.shape == (2, 16, out.last_hidden_state.shape[-1])
     assert h.stats[0].tokens_in == [16, 16] and h.stats[0].tokens_out == [K, K] and h.stats[0].stage == meth.stage.value
     assert m.config._attn_implementation == "sdpa"
+
+
+def tiny_qwen25_vl():
+    """A tiny Qwen2.5-VL (windowed vision tower with one full-attention block), random weights."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    cfg = Qwen2_5_VLConfig(
+        image_token_id=300, video_token_id=301, vision_start_token_id=302, vision_end_token_id=303,
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                           fullatt_block_indexes=[1], hidden_act="silu"),
+        text_config=dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=128, vocab_size=320, max_position_embeddings=4096, rms_norm_eps=1e-6,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}))
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return Qwen2_5_VLForConditionalGeneration(cfg).eval()
+
+
+def test_qwen25_vl_projector_and_llm_stage_equal_the_runner():
+    from _vlm_inputs import qwen_inputs
+    m = tiny_qwen25_vl()
+    batch, n = qwen_inputs(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = m.generate(**batch, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+    got, h = patched_generate(m, None, batch)
+    assert torch.equal(got, ref[:, -NEW:]) and h.kind == "qwen2-vl"
+    for meth in (TopNormProjector(keep=5), TopQueryLLM(keep=5, at=1)):
+        got, h = patched_generate(m, meth, batch)
+        assert torch.equal(got, runner_reference(m, meth, batch)), meth.name
+        assert h.stats[-1].tokens_out == [5, 5]
