@@ -206,3 +206,12 @@ def test_qwen25_vl_projector_and_llm_stage_equal_the_runner():
         got, h = patched_generate(m, meth, batch)
         assert torch.equal(got, runner_reference(m, meth, batch)), meth.name
         assert h.stats[-1].tokens_out == [5, 5]
+
+
+def test_import_stays_light_and_patch_is_exported():
+    import subprocess
+    import sys
+    code = ("import sys, tokenreduce; assert 'transformers' not in sys.modules; "
+            "from tokenreduce import patch, unpatch, patched; assert callable(patch) and 'transformers' in sys.modules; "
+            "assert {'patch', 'unpatch', 'patched'} <= set(dir(tokenreduce))")
+    subprocess.run([sys.executable, "-c", code], check=True)
