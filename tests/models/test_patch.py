@@ -215,3 +215,17 @@ def test_import_stays_light_and_patch_is_exported():
             "from tokenreduce import patch, unpatch, patched; assert callable(patch) and 'transformers' in sys.modules; "
             "assert {'patch', 'unpatch', 'patched'} <= set(dir(tokenreduce))")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_scores_come_from_the_fused_attention():
+    """Statistics are recorded by the fused op (no eager attention, no output_attentions)."""
+    m = presets.build("tiny-llava")
+    batch, _ = vlm_inputs("tiny-llava", m)
+    with tokenreduce.patched(m, TopQueryLLM(keep=5, at=1)) as h:
+        assert m.config._attn_implementation == "tokenreduce"
+        m.generate(**batch, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert h.reducer.rec.calls["fused"] == 1 and not h.reducer.rec.fallbacks and not h.stats[-1].fallbacks
+    with tokenreduce.patched(m, TopClsProjector(keep=5)) as h:
+        m.generate(**batch, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert h.last.vision.recorder.calls["fused"] >= 1 and not h.last.vision.recorder.fallbacks
+    assert m.config._attn_implementation == "sdpa"
