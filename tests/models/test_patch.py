@@ -222,10 +222,14 @@ def test_scores_come_from_the_fused_attention():
     m = presets.build("tiny-llava")
     batch, _ = vlm_inputs("tiny-llava", m)
     with tokenreduce.patched(m, TopQueryLLM(keep=5, at=1)) as h:
-        assert m.config._attn_implementation == "tokenreduce"
+        assert m.model.language_model.config._attn_implementation == "tokenreduce"   # only where scores are read
+        assert m.model.vision_tower.config._attn_implementation == "sdpa"
         m.generate(**batch, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)
     assert h.reducer.rec.calls["fused"] == 1 and not h.reducer.rec.fallbacks and not h.stats[-1].fallbacks
     with tokenreduce.patched(m, TopClsProjector(keep=5)) as h:
+        assert m.model.vision_tower.config._attn_implementation == "tokenreduce"
+        assert m.model.language_model.config._attn_implementation == "sdpa"
         m.generate(**batch, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)
     assert h.last.vision.recorder.calls["fused"] >= 1 and not h.last.vision.recorder.fallbacks
-    assert m.config._attn_implementation == "sdpa"
+    assert {m.config._attn_implementation, m.model.vision_tower.config._attn_implementation,
+            m.model.language_model.config._attn_implementation} == {"sdpa"}

@@ -72,6 +72,15 @@ def _check_vlm(model: nn.Module, cls, method: Optional[Method]) -> None:
         check_needs(method, LLM_ONLY)
 
 
+def _fused_part(model: nn.Module, cls, method: Method) -> nn.Module:
+    """The sub-model whose attention records the method's statistics: the LLM for an
+    LLM-stage method, else the vision tower (the other part keeps its attention)."""
+    if method.stage == Stage.LLM:
+        return cls.parts(model).lm
+    inner = model.model
+    return inner.vision_tower if hasattr(inner, "vision_tower") else inner.visual
+
+
 def patch(model: nn.Module, method: Any = None, keep: Optional[int] = None, ratio: Optional[float] = None, *,
           nominal_layers: Optional[int] = None, vision_nominal_layers: Optional[int] = None,
           image_tokens: Optional[int] = None, **options: Any) -> PatchHandle:
@@ -107,7 +116,7 @@ def patch(model: nn.Module, method: Any = None, keep: Optional[int] = None, rati
             raise
         _refuse(meth, model, e)
     if needs_fused_attention(meth):
-        handle.switch_attention()
+        handle.switch_attention([_fused_part(model, cls, meth)])
     # generate would encode the images itself (``mm_encoder_outputs``) before the forward:
     # hidden, it passes the pixels, which the reduction needs
     handle.install(runner, runner.hooks(), hide=("mm_encoder_outputs",), methods=runner.overrides())

@@ -105,13 +105,16 @@ class PatchHandle:
         self._attn: List[Tuple[nn.Module, Any]] = []
         self.active = False
 
-    def switch_attention(self) -> None:
-        """Select the ``"tokenreduce"`` attention (remembering every sub-model's choice)."""
+    def switch_attention(self, parts: Optional[List[nn.Module]] = None) -> None:
+        """Select the ``"tokenreduce"`` attention in ``parts`` (default the whole model; a
+        VLM's vision tower for a VIT / PROJECTOR method, its LLM for an LLM-stage one, so the
+        other part keeps its own attention), remembering every sub-model's choice."""
         from transformers import PreTrainedModel
         attention.register()
         self._attn = [(m, m.config._attn_implementation) for m in self.model.modules()
                       if isinstance(m, PreTrainedModel)]
-        self.model.set_attn_implementation(attention.NAME)
+        for part in parts if parts is not None else [self.model]:
+            part.set_attn_implementation(attention.NAME)
 
     def install(self, forward: Callable, hooks: List[Any] = (), hide: Tuple[str, ...] = (),
                 methods: Dict[str, Callable] = None) -> None:

@@ -55,7 +55,7 @@ class PrefillState:
     """What the decoding steps of one request need from its prefill."""
     L0: int                          # prompt length as generate sees it
     Lp: int                          # prompt length in the cache (after a PROJECTOR / VIT reduction)
-    mask: Tensor                     # [B, L'] reduced prompt mask
+    mask: Optional[Tensor]           # [B, L'] reduced prompt mask (None: no padding, none was given)
     next_position: Tensor            # [B] position of the first generated token (reduced prompt)
     mrope: bool                      # Qwen2-VL: 3D positions
 
@@ -146,9 +146,8 @@ class PatchedVLM:
             fail("patch", "a patched VLM takes input_ids with pixel_values (not inputs_embeds): the image "
                           "placeholders are where the reduced features go")
         px = kw.pop("pixel_values")
-        am = kw.pop("attention_mask", None)
-        if am is None:
-            am = torch.ones_like(ids)
+        caller_mask = kw.pop("attention_mask", None)
+        am = caller_mask if caller_mask is not None else torch.ones_like(ids)
         extra = {k: kw.pop(k) for k in EXTRA_INPUTS if k in kw}
         extra = {k: v for k, v in extra.items() if v is not None}
         given_pos = kw.pop("position_ids", None)
@@ -167,7 +166,10 @@ class PatchedVLM:
             text_pos = generate_positions(p.attention_mask)
             pos = text_pos if given_pos is not None else None
             nxt, mrope = text_pos[:, -1] + 1, False
-        self.state = PrefillState(ids.shape[1], Lp, p.attention_mask, nxt, mrope)
+        mask = p.attention_mask
+        if caller_mask is None and bool(mask.all()):        # as generate drops an all-ones mask (one read)
+            mask = None
+        self.state = PrefillState(ids.shape[1], Lp, mask, nxt, mrope)
         if had_cache_position:
             kw["cache_position"] = torch.arange(Lp, device=ids.device)
         if self.reducer is not None:
@@ -175,7 +177,7 @@ class PatchedVLM:
                 fail("models.vlm", "the LLM stage needs the same image-token count per sample")
             self.reducer.begin(p.is_img, p.n_img, p.grid)
         with self._recording():
-            out = forward(inputs_embeds=p.inputs_embeds, attention_mask=p.attention_mask, position_ids=pos, **kw)
+            out = forward(inputs_embeds=p.inputs_embeds, attention_mask=mask, position_ids=pos, **kw)
         st.steps = [dict(s) for s in p.steps]
         if self.reducer is not None:
             st.steps += [dict(s) for s in self.reducer.steps]
@@ -202,8 +204,9 @@ class PatchedVLM:
             if new.shape[1] != t + q:
                 fail("patch", f"decoding mask of {am.shape[1]} columns for a prompt of {s.L0} tokens and "
                               f"{t + q} new ones: pass generate's own attention_mask")
-            kw["attention_mask"] = torch.cat([s.mask, new.to(s.mask.dtype)], dim=1)
-        elif am is None:
+            prompt = s.mask if s.mask is not None else am.new_ones(B, s.Lp)
+            kw["attention_mask"] = torch.cat([prompt, new.to(prompt.dtype)], dim=1)
+        elif am is None and s.mask is not None:
             kw["attention_mask"] = torch.cat([s.mask, s.mask.new_ones(B, t + q)], dim=1)
         step = torch.arange(q, device=s.next_position.device)
         nxt = (s.next_position + t)[:, None] + step[None, :]     # [B, q]
