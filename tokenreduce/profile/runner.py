@@ -31,7 +31,6 @@ from torch import Tensor, nn
 from ..methods.base import Method, Stage
 from ..models import attention, fidelity, vit, vlm
 from ..models.adapters import model_parts
-from ..models.patching import patched
 from . import flops
 from .inputs import VisionInputs, VLMInputs
 
@@ -208,7 +207,7 @@ class CallResult:
 
 
 class VisionWorkload:
-    """A vision encoder (patched: its forward runs ``run_vision``): VIT / PROJECTOR methods."""
+    """A vision encoder (``run_vision``): VIT / PROJECTOR methods."""
     kind = "vision"
     stages = (Stage.VIT, Stage.PROJECTOR)
 
@@ -224,11 +223,9 @@ class VisionWorkload:
         self.probe = Probe(vision_layers=self.parts.vision_layers, images=self.batch)
 
     def call(self, method: Optional[Method], tl: Timeline) -> CallResult:
-        with patched(self.model, method) as handle:     # the encoder's own forward runs the method
-            self.probe.begin(tl)
-            self.model(pixel_values=self.inputs.pixel_values)
-            self.probe.end()
-        out = handle.last
+        self.probe.begin(tl)
+        out = vit.run_vision(self.model, self.inputs.pixel_values, method)
+        self.probe.end()
         kept = out.last_hidden_state.shape[1] - int(self.parts.has_cls)
         return CallResult(out, int(kept), tl.resolve(), self.probe.vision_tokens, [])
 
