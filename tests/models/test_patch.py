@@ -127,9 +127,9 @@ def test_refusals_before_any_forward(monkeypatch):
     q = presets.build("tiny-qwen2-vl")
     calls = []
     monkeypatch.setattr(type(q), "forward", lambda *a, **k: calls.append(1))
-    with pytest.raises(ValueError, match=r"tokenreduce\.patch: cannot run visionzip on Qwen2VLForConditionalGeneration: "
-                                         r"visionzip needs cls_attn"):
-        tokenreduce.patch(q, "visionzip", keep=8)
+    with pytest.raises(ValueError, match=r"tokenreduce\.patch: cannot run vflowopt on Qwen2VLForConditionalGeneration: "
+                                         r"vflowopt needs "):
+        tokenreduce.patch(q, "vflowopt", keep=8)
     with pytest.raises(NotImplementedError, match=r"cannot run tome on Qwen2VLForConditionalGeneration"):
         tokenreduce.patch(q, "tome", keep=8)
     assert not calls and "forward" not in vars(q)
