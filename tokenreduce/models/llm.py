@@ -275,16 +275,27 @@ class LLMReducer:
                            "tokens_out": K})
         return h
 
-    @contextlib.contextmanager
-    def active(self, is_img: Tensor, n_img: int, grid=None):
-        """Install the hooks for one request (prefill + decoding steps)."""
+    def begin(self, is_img: Tensor, n_img: int, grid=None) -> None:
+        """Start one request (its prefill, then its decoding steps): ``is_img`` bool ``[B, L]``
+        of the prefill input, ``n_img`` image tokens per sample."""
+        self._begin(is_img, n_img, grid)
+
+    def install(self) -> List[Any]:
+        """Put the hooks on the decoder layers (they stay until each handle's ``remove()``);
+        `begin` starts each request, and the forwards run inside ``attention.recording(rec)``."""
         attention.register()
         attention.tag_layers(self.layers, self.part)
-        self._begin(is_img, n_img, grid)
         hs = []
         for j, layer in enumerate(self.layers):
             hs.append(layer.register_forward_pre_hook(self._pre_hook(j), with_kwargs=True))
             hs.append(layer.register_forward_hook(self._post_hook(j), with_kwargs=True))
+        return hs
+
+    @contextlib.contextmanager
+    def active(self, is_img: Tensor, n_img: int, grid=None):
+        """Install the hooks for one request (prefill + decoding steps)."""
+        self._begin(is_img, n_img, grid)
+        hs = self.install()
         try:
             with attention.recording(self.rec):
                 yield self

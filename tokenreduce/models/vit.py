@@ -36,7 +36,8 @@ from . import attention, compat
 from .stages import NOMINAL_DEPTH, LayerPlan, check_needs, check_reduction, fill_context_scores, plan_layers, \
     request_scores
 
-__all__ = ["VisionParts", "vision_parts", "Tracker", "VisionOutput", "run_vision", "prepare", "padding_bias"]
+__all__ = ["VisionParts", "vision_parts", "Tracker", "VisionOutput", "run_vision", "prepare", "padding_bias",
+           "unavailable_needs"]
 
 
 @dataclass
@@ -77,6 +78,20 @@ def vision_parts(model: nn.Module) -> VisionParts:
                            vm.config.patch_size, fin, vm.config)
     raise TypeError(f"tokenreduce.models.vit: unsupported vision encoder {type(model).__name__}; "
                     "supported: Dinov2Model, CLIPVisionModel/Transformer, SiglipVisionModel/Transformer")
+
+
+def unavailable_needs(parts: VisionParts, text: bool) -> Dict[Need, str]:
+    """What a vision encoder cannot give a VIT / PROJECTOR method (need -> why); ``text``:
+    the caller gives ``ctx.text`` (a VLM's text embeddings)."""
+    unavailable = {} if text else {Need.TEXT: f"a vision encoder ({parts.family}) alone has no text"}
+    unavailable.update({
+                   Need.QUERY_ATTN: f"a vision encoder ({parts.family}) has no text query",
+                   Need.QUERY_ATTN_NOROPE: f"a vision encoder ({parts.family}) has no text query",
+                   Need.VISUAL_ATTN: "visual_attn is an LLM-stage statistic",
+                   Need.LOOKAHEAD: "lookahead is an LLM-stage mechanism"})
+    if not parts.has_cls:
+        unavailable[Need.CLS_ATTN] = f"{parts.family} has no [CLS] token (no cls_attn to give)"
+    return unavailable
 
 
 def prepare(model: nn.Module) -> nn.Module:
@@ -185,15 +200,7 @@ def run_vision(model: nn.Module, pixel_values: Tensor, method: Optional[Method] 
     reduce_at: Dict[int, List[int]] = {}
     plan = None
     if method is not None:
-        unavailable = {} if text is not None else {Need.TEXT: f"a vision encoder ({parts.family}) alone has no text"}
-        unavailable.update({
-                       Need.QUERY_ATTN: f"a vision encoder ({parts.family}) has no text query",
-                       Need.QUERY_ATTN_NOROPE: f"a vision encoder ({parts.family}) has no text query",
-                       Need.VISUAL_ATTN: "visual_attn is an LLM-stage statistic",
-                       Need.LOOKAHEAD: "lookahead is an LLM-stage mechanism"})
-        if not parts.has_cls:
-            unavailable[Need.CLS_ATTN] = f"{parts.family} has no [CLS] token (no cls_attn to give)"
-        check_needs(method, unavailable)
+        check_needs(method, unavailable_needs(parts, text is not None))
         plan = plan_layers(method, L, nominal_layers=nominal_layers, default_nominal=NOMINAL_DEPTH["vision"],
                            reduce_top=n_run - 1 if method.stage == Stage.VIT else None)
         if (method.stage == Stage.VIT and nominal_layers is None and n_run < L and plan.reduce

@@ -13,8 +13,10 @@ Two places (the method's ``stage`` picks one):
   later layers see the kept tokens' original positions, and ``generate`` works after it.
 
 `VLMRunner` picks the architecture's adapter (`tokenreduce.models.adapters`: how its inputs
-are built and where its parts are) and runs the LLM; `greedy_generate` is the decoding loop
-for reduced M-RoPE positions.
+are built and where its parts are) and runs the LLM; its ``generate`` is transformers' own
+``generate`` on the model patched by `tokenreduce.models.patching.patch` (the one decoding path
+of the package: the profiler runs it); `greedy_generate` is a plain decoding loop for reduced
+M-RoPE positions, kept as the reference the patched path is tested against.
 
 Batches: every sample keeps the same number of image tokens (a static budget), so the batch
 stays rectangular. Inputs are left-padded (as ``generate`` wants); padding keys are masked by
@@ -53,6 +55,7 @@ from ..methods.base import Method, Need, Stage
 from . import attention
 from .adapters import Prepared, adapter_class
 from .llm import LLMReducer
+from .patching import patched
 from .positions import cut_image_tokens, split_positions
 
 __all__ = ["LLMReducer", "VLMRunner", "Prepared", "greedy_generate", "split_positions", "cut_image_tokens"]
@@ -105,7 +108,7 @@ class VLMRunner:
         sample when the caller knows it from the processor (host metadata): the input assembly
         then never reads it back from the device (no host sync inside a timed call)."""
         self.model, self.method = model, method
-        self.vision_nominal = vision_nominal_layers
+        self.nominal, self.vision_nominal = nominal_layers, vision_nominal_layers
         cls = adapter_class(model)
         if cls is None:
             raise TypeError(f"tokenreduce.models.vlm: unsupported model {type(model).__name__}")
@@ -147,14 +150,15 @@ class VLMRunner:
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, pixel_values, max_new_tokens: int = 8, **extra) -> Tensor:
-        """Greedy generation, ``[B, max_new_tokens]``. LLaVA uses transformers' ``generate``;
-        Qwen2-VL a plain greedy loop (`greedy_generate`) that carries the reduced M-RoPE positions."""
-        p = self.prepare(input_ids, attention_mask, pixel_values, **extra)
-        self.last = p
-        with self._ctx(p):
-            if p.position_ids is None:
-                return self.model.generate(inputs_embeds=p.inputs_embeds, attention_mask=p.attention_mask,
-                                           max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                                           do_sample=False, pad_token_id=0)
-            return greedy_generate(self.model, p.inputs_embeds, p.attention_mask, max_new_tokens,
-                                   position_ids=p.position_ids, next_position=p.next_position)
+        """Greedy generation, ``[B, max_new_tokens]``: transformers' ``generate`` on the model
+        patched with the method (`tokenreduce.models.patching.patch`) for this call; ``last``
+        and ``llm_reducer`` are then the patched call's."""
+        with patched(self.model, self.method, nominal_layers=self.nominal,
+                     vision_nominal_layers=self.vision_nominal, image_tokens=self.adapter.image_tokens) as h:
+            ids = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                                      **extra, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                      do_sample=False, pad_token_id=0)
+        self.last = h.last
+        if h.reducer is not None:
+            self.llm_reducer = h.reducer
+        return ids[:, -max_new_tokens:]
