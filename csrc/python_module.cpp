@@ -11,6 +11,7 @@
 #include "attention_with_scores/attention_with_scores_plan.h"
 #include "bipartite_merge/bipartite_merge_plan.h"
 #include "common/launch_plan.h"
+#include "dpp_select/dpp_select_plan.h"
 #include "kcenter/kcenter_plan.h"
 #include "recycle/recycle_plan.h"
 
@@ -45,7 +46,7 @@ py::dict build_info() {
 // Constants of the plan headers, per op (names without the leading k).
 py::dict constants() {
   using namespace tokenreduce;
-  py::dict common, kcenter, bipartite_merge, recycle, attention, out;
+  py::dict common, kcenter, bipartite_merge, recycle, attention, dpp_select, out;
   common["RowThreads"] = cuda::kRowThreads;
   common["RowsPerBlock"] = cuda::kRowsPerBlock;
   common["TileRows"] = cuda::kTileRows;
@@ -56,6 +57,7 @@ py::dict constants() {
   bipartite_merge["BmMergeThreads"] = cuda::kBmMergeThreads;
   recycle["RcPlanThreads"] = cuda::kRcPlanThreads;
   recycle["RcAggregateThreads"] = cuda::kRcAggregateThreads;
+  dpp_select["DppGreedyThreads"] = cuda::kDppGreedyThreads;
   attention["BQ"] = attn::kBQ;
   attention["BK"] = attn::kBK;
   attention["DvChunk"] = attn::kDvChunk;
@@ -69,6 +71,7 @@ py::dict constants() {
   out["bipartite_merge"] = bipartite_merge;
   out["recycle"] = recycle;
   out["attention_with_scores"] = attention;
+  out["dpp_select"] = dpp_select;
   return out;
 }
 
@@ -117,6 +120,12 @@ void bind_plans(py::module_& m) {
       .def_readonly("aggregate", &cuda::RecyclePlan::aggregate);
   m.def("recycle", &cuda::make_recycle_plan, py::arg("B"), py::arg("N"), py::arg("T"), py::arg("S"),
         py::arg("similarity"), "make_recycle_plan (csrc/recycle/recycle_plan.h)");
+
+  py::class_<cuda::DppSelectPlan>(m, "DppSelectPlan")
+      .def_readonly("norms", &cuda::DppSelectPlan::norms)
+      .def_readonly("greedy", &cuda::DppSelectPlan::greedy);
+  m.def("dpp_select", &cuda::make_dpp_select_plan, py::arg("B"), py::arg("N"), py::arg("D"), py::arg("k"),
+        py::arg("acc_size"), "make_dpp_select_plan (csrc/dpp_select/dpp_select_plan.h)");
 
   py::class_<attn::Plan>(m, "AttentionPlan")
       .def_readonly("kc", &attn::Plan::kc)

@@ -28,5 +28,7 @@ TORCH_LIBRARY(tokenreduce, m) {
       "recycle(Tensor x, Tensor target, Tensor source, Tensor? weight, Tensor? assign, "
       "Tensor? features, str metric, bool include_target) "
       "-> (Tensor out, Tensor count, Tensor slot, Tensor weight_sum)");
+  // index [B, k] int64, gains [B, k] float32 (float64 for float64 features)
+  m.def("dpp_select(Tensor features, int k, Tensor? relevance, Tensor? mask) -> (Tensor index, Tensor gains)");
 }
 

@@ -13,6 +13,10 @@ before timing (the output check), so compile time is never timed.
     recycle                 torch.compile of the scatter_reduce reference
     attention_with_scores   F.scaled_dot_product_attention alone (returns no scores), and
                             SDPA plus a separate pass for the scored rows' probabilities
+    dpp_select              the authors' CDPruner loop (Theia-4869/CDPruner encode_images:
+                            the [B, N, N] kernel, then the fast greedy MAP with einsum
+                            updates), and the fast greedy DPP as OpenVINO GenAI documents it
+                            (conditional kernel, then greedy MAP) on preallocated buffers
 """
 from __future__ import annotations
 
@@ -26,8 +30,9 @@ import torch.nn.functional as F
 
 from .. import reference
 
-__all__ = ["Peer", "attention_peers", "bipartite_merge_peers", "kcenter_gram_greedy",
-           "kcenter_peers", "recycle_peers", "sdpa_with_row_scores"]
+__all__ = ["Peer", "attention_peers", "bipartite_merge_peers", "cdpruner_loop", "dpp_fast_greedy",
+           "dpp_select_peers", "kcenter_gram_greedy", "kcenter_peers", "recycle_peers",
+           "sdpa_with_row_scores"]
 
 
 @dataclass(frozen=True)
@@ -145,4 +150,63 @@ def attention_peers(score_rows: Optional[torch.Tensor]) -> Tuple[Peer, ...]:
         Peer("SDPA + row pass", lambda q, k, v: sdpa_with_row_scores(q, k, v, score_rows),
              target=1.2),
         Peer("SDPA (no scores)", sdpa, n_outputs=1),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# dpp_select: the authors' loop and the OpenVINO-style fast greedy
+# --------------------------------------------------------------------------------------
+
+
+def cdpruner_loop(x: torch.Tensor, relevance: torch.Tensor, k: int) -> torch.Tensor:
+    """CDPruner's encode_images selection (Theia-4869/CDPruner llava_arch.py): the kernel
+    r_i S_ij r_j [B, N, N], then the fast greedy MAP -> the picks [B, k] in pick order."""
+    B, N, _ = x.shape
+    xn = (x / x.norm(dim=-1, keepdim=True)).float()
+    kernel = relevance.unsqueeze(2) * torch.matmul(xn, xn.transpose(1, 2)) * relevance.unsqueeze(1)
+    cis = torch.zeros((k, B, N))
+    di2s = torch.diagonal(kernel, dim1=1, dim2=2).clone()
+    select_idx = torch.empty((k, B), dtype=torch.long)
+    for i in range(k):
+        j = torch.argmax(di2s, dim=-1)
+        select_idx[i] = j
+        eis = (kernel[torch.arange(B), j] - torch.einsum("tb,tbn->bn", cis[:i, torch.arange(B), j], cis[:i])) \
+            / torch.sqrt(di2s[torch.arange(B), j]).unsqueeze(-1)
+        cis[i, :, :] = eis
+        di2s -= torch.square(eis)
+        di2s[torch.arange(B), j] = -float("inf")
+    return select_idx.t()
+
+
+def dpp_fast_greedy(x: torch.Tensor, relevance: torch.Tensor, k: int) -> torch.Tensor:
+    """The fast greedy DPP as OpenVINO GenAI documents CDPruner (pairwise similarity and
+    per-token relevance combined into a conditional kernel, then a greedy MAP), batched on
+    preallocated buffers: one bmm for the kernel, in-place updates, the Cholesky column
+    gathered per step -> the picks [B, k]."""
+    B, N, _ = x.shape
+    u = F.normalize(x.float(), dim=-1)
+    kernel = torch.bmm(u, u.transpose(1, 2))
+    r = relevance.float()
+    kernel.mul_(r.unsqueeze(2)).mul_(r.unsqueeze(1))
+    d2 = kernel.diagonal(dim1=1, dim2=2).clone()
+    chol = torch.zeros(B, k, N)
+    picks = torch.empty(B, k, dtype=torch.long)
+    rows = torch.arange(B)
+    for t in range(k):
+        j = d2.argmax(1)
+        picks[:, t] = j
+        e = kernel[rows, j] - torch.bmm(chol[rows, :t, j].unsqueeze(1), chol[:, :t]).squeeze(1)
+        e.div_(d2[rows, j].clamp_min(1e-12).sqrt().unsqueeze(1))
+        chol[:, t] = e
+        d2.sub_(e * e)
+        d2[rows, j] = -math.inf
+    return picks
+
+
+def dpp_select_peers(k: int) -> Tuple[Peer, ...]:
+    """The authors' loop (ours >= 5x, issue 14) and the OpenVINO-style fast greedy; both
+    return the picks only (checked against the reference's index)."""
+    return (
+        Peer("CDPruner authors' loop", lambda x, r: cdpruner_loop(x, r, k), target=5.0, n_outputs=1),
+        Peer("fast greedy DPP (OpenVINO-style)", lambda x, r: dpp_fast_greedy(x, r, k), n_outputs=1),
     )

@@ -48,6 +48,16 @@ def recycle_names(t: str) -> dict:
     }
 
 
+_DPP = "tokenreduce::cuda::dpp::"
+
+
+def dpp_select_names(t: str) -> dict:
+    return {
+        "norms": f"{_DPP}dpp_norms<{t}>",
+        "greedy": f"{_DPP}dpp_greedy<{t}>",
+    }
+
+
 _AT = "tokenreduce::attn::"
 
 
@@ -64,6 +74,7 @@ SOURCES = {
     "kcenter/kcenter_kernels.cuh": kcenter_names,
     "bipartite_merge/bipartite_merge_kernels.cuh": bipartite_merge_names,
     "recycle/recycle_kernels.cuh": recycle_names,
+    "dpp_select/dpp_select_kernels.cuh": dpp_select_names,
 }
 
 

@@ -1,4 +1,4 @@
-"""The four core ops of tokenreduce.
+"""The five core ops of tokenreduce.
 
 Each op is a real torch op (`torch.ops.tokenreduce.<name>`) with a C++ CPU kernel and a
 CUDA kernel (compiled, or the NVRTC fallback of `tokenreduce.nvrtc`) chosen by the torch
@@ -8,7 +8,8 @@ where an op is differentiable. Plain-PyTorch references of the same contracts ar
 `tokenreduce.reference`.
 
 Layout (one module per op, as pytorch3d's ``ops/`` and extension-cpp's ``ops.py``):
-  * ``attention_with_scores.py``, ``kcenter.py``, ``bipartite_merge.py``, ``recycle.py``:
+  * ``attention_with_scores.py``, ``kcenter.py``, ``bipartite_merge.py``, ``recycle.py``,
+    ``dpp_select.py``:
     the public wrapper (arguments and shapes documented), the fake-kernel registration and
     the autograd registration of that op;
   * ``checks.py``: the Python argument checks (``need_float``, ``same_device``, ...);
@@ -28,7 +29,8 @@ import torch  # noqa: F401  (libtorch first: the extension links against it)
 from .. import _C  # noqa: F401  (loads the native library and registers the ops)
 from .attention_with_scores import attention_with_scores
 from .bipartite_merge import bipartite_merge
+from .dpp_select import dpp_select
 from .kcenter import kcenter
 from .recycle import recycle
 
-__all__ = ["attention_with_scores", "kcenter", "bipartite_merge", "recycle"]
+__all__ = ["attention_with_scores", "kcenter", "bipartite_merge", "recycle", "dpp_select"]

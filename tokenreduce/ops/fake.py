@@ -13,7 +13,8 @@ import torch
 from ..errors import fail
 from .checks import acc_dtype, need_dim, need_float, need_long, same_device
 
-__all__ = ["attention_with_scores_fake", "kcenter_fake", "bipartite_merge_fake", "recycle_fake"]
+__all__ = ["attention_with_scores_fake", "kcenter_fake", "bipartite_merge_fake", "recycle_fake",
+           "dpp_select_fake"]
 
 
 def attention_with_scores_fake(q, k, v, scale, causal, key_bias, score_rows):
@@ -118,3 +119,25 @@ def recycle_fake(x, target, source, weight, assign, features, metric, include_ta
         x.new_empty((B, S), dtype=torch.long),
         x.new_empty((B, T), dtype=acc_dtype(x)),
     )
+
+
+def dpp_select_fake(features, k, relevance, mask):
+    """-> index int64 ``[B, k]``, gains ``[B, k]`` (accumulation dtype)."""
+    op = "dpp_select"
+    need_dim(op, "features", features, 3, "[B, N, D]")
+    need_float(op, "features", features)
+    B, N, _ = features.shape
+    if k < 0 or k > N:
+        fail(op, f"k={k} must lie in [0, N={N}]")
+    if relevance is not None:
+        need_float(op, "relevance", relevance)
+        same_device(op, features, relevance=relevance)
+        if tuple(relevance.shape) != (B, N):
+            fail(op, f"relevance must have shape [B, N] = [{B}, {N}], got {tuple(relevance.shape)}")
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            fail(op, f"mask must be a bool tensor, got {mask.dtype}", TypeError)
+        same_device(op, features, mask=mask)
+        if tuple(mask.shape) != (B, N):
+            fail(op, f"mask must have shape [B, N] = [{B}, {N}], got {tuple(mask.shape)}")
+    return features.new_empty((B, k), dtype=torch.long), features.new_empty((B, k), dtype=acc_dtype(features))
