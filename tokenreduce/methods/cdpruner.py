@@ -60,7 +60,9 @@ class CDPruner(Method):
                   "ctx.text is missing or its width differs from ctx.x (LLaVA: CLIP 1024 vs LLM 4096) the "
                   "relevance is 1, the unconditional DPP (the authors' ablation without the instruction); "
                   "min-max per sample (the authors: over the whole batch, the same for their batch of 1); "
-                  "unit rows with a 1e-12 norm floor, S in float32; when the gain reaches 0 (singular "
+                  "unit rows with a 1e-12 norm floor, S in float32 with S_ii = 1 exactly (the authors' Gram "
+                  "diagonal is 1 +- rounding, which breaks ties among equal relevances arbitrarily; here the lower "
+                  "position wins); when the gain reaches 0 (singular "
                   "kernel) the rest are the unpicked tokens of the largest r^2 (the authors' loop divides by "
                   "sqrt(0))")
 
