@@ -17,13 +17,14 @@ from .helpers import check_x, image_part, keep_indices
 def instruction_relevance(x: Tensor, text: Tensor, theta: Optional[float] = None) -> Tensor:
     """CDPruner's relevance of image tokens ``x`` ``[B, n, D]`` to the instruction ``text``
     ``[B, T, D]`` -> ``[B, n]`` float32: ``-mean_t cos(x_i, text_t)``, min-max normalised per
-    sample (``(r - min + 1e-6) / (max - min)``); with ``theta``, ``exp(theta / (2 (1 - theta)) r)``
+    sample (``(r - min + 1e-6) / (max - min)``; a zero row has cosine 0 and max = min divides
+    by 1e-12, where the authors' code gives NaN); with ``theta``, ``exp(theta / (2 (1 - theta)) r)``
     (the authors' commented-out variant)."""
-    img = x.float() / x.float().norm(dim=-1, keepdim=True)
-    txt = text.float() / text.float().norm(dim=-1, keepdim=True)
+    img = torch.nn.functional.normalize(x.float(), dim=-1)            # zero rows (padding) -> 0, not NaN
+    txt = torch.nn.functional.normalize(text.float(), dim=-1)
     rel = -(img @ txt.transpose(1, 2)).mean(-1)                        # [B, n]
     lo, hi = rel.amin(1, keepdim=True), rel.amax(1, keepdim=True)
-    rel = (rel - lo + 1e-6) / (hi - lo)
+    rel = (rel - lo + 1e-6) / (hi - lo).clamp_min(1e-12)
     if theta is not None:
         rel = torch.exp(theta / (2 * (1 - theta)) * rel)
     return rel
@@ -59,7 +60,8 @@ class CDPruner(Method):
                   "input embeddings of the prompt tokens, one per token) stands for the text embeds; when "
                   "ctx.text is missing or its width differs from ctx.x (LLaVA: CLIP 1024 vs LLM 4096) the "
                   "relevance is 1, the unconditional DPP (the authors' ablation without the instruction); "
-                  "min-max per sample (the authors: over the whole batch, the same for their batch of 1); "
+                  "min-max per sample (the authors: over the whole batch, the same for their batch of 1); ctx.text "
+                  "rows as given, padding included (zero rows count as cosine 0, the authors' division gives NaN); "
                   "unit rows with a 1e-12 norm floor, S in float32 with S_ii = 1 exactly (the authors' Gram "
                   "diagonal is 1 +- rounding, which breaks ties among equal relevances arbitrarily; here the lower "
                   "position wins); when the gain reaches 0 (singular "
