@@ -366,7 +366,8 @@ def test_dpp_select(op, i):
         zero = [t for t in range(k) if float(gains[b, t]) == 0.0]
         assert zero == list(range(zero[0], k)) if zero else True, f"a real pick after a fallback; {c.tag}"
         for t in sorted(set(range(min(k, 16))) | set(zero[:1]) | {k - 1}):  # the checks cost O(t^2 N) each
-            d2 = _dpp_gains64(x[b], r, picks[:t])
+            # after the first fallback the picked kernel is singular: the real picks span it
+            d2 = _dpp_gains64(x[b], r, picks[:min(t, zero[0]) if zero else t])
             cand = d2.masked_fill(~ok[b], -math.inf)
             cand[picks[:t]] = -math.inf
             best = float(cand.max()) if t < n_ok else 0.0
