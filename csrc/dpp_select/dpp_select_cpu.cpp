@@ -19,9 +19,10 @@
 // A row is computed only when the pick's row is not cached: then one GEMM computes the rows
 // of the pick and of the kCandidates - 1 next-best tokens by their current d2 (the likely
 // next picks), so the features stream through the core once per kCandidates picks at GEMM
-// speed. Batch rows run in parallel (at::parallel_for); with fewer rows than threads they run
-// one after the other and the GEMM takes the threads. Every S entry is the same GEMM dot
-// product whichever block computed it, so the picks do not depend on the thread count.
+// speed (at most kMaxCachedRows rows are kept; a miss beyond that clears them). Batch rows run
+// in parallel (at::parallel_for); with fewer rows than threads they run one after the other
+// and the GEMM takes the threads (tests/test_dpp_select.py checks that the picks do not
+// depend on the thread count).
 #include <torch/library.h>
 
 #include <algorithm>
@@ -35,6 +36,7 @@ namespace tokenreduce {
 namespace {
 
 constexpr int64_t kCandidates = 16;  // S rows per GEMM (the pick + the next-best by d2)
+constexpr int64_t kMaxCachedRows = 8 * kCandidates;  // a miss with this many cached rows clears the cache
 
 template <typename acc>
 constexpr acc degenerate_eps() {
@@ -43,7 +45,7 @@ constexpr acc degenerate_eps() {
 
 template <typename acc>
 struct Workspace {  // one thread's buffers, reused over its batch rows
-  std::vector<acc> u, diag, d2, rel, chol, rows, gathered, ej, cand_d2;
+  std::vector<acc> u, diag, d2, rel, chol, rows, gathered;
   std::vector<int64_t> slot, order;
   std::vector<uint8_t> picked, elig;
 };
@@ -83,6 +85,10 @@ void compute_rows(Workspace<acc>& W, int64_t N, int64_t D, int64_t j) {
   std::partial_sort(pool.begin(), pool.begin() + extra, pool.end(), better);
   cand.insert(cand.end(), pool.begin(), pool.begin() + extra);
   const int64_t m = int64_t(cand.size());
+  if (int64_t(W.rows.size()) / std::max<int64_t>(N, 1) + m > kMaxCachedRows) {  // bounded memory: start over
+    W.rows.clear();
+    std::fill(W.slot.begin(), W.slot.end(), int64_t(-1));
+  }
   W.gathered.resize(m * D);
   for (int64_t c = 0; c < m; ++c) std::copy_n(W.u.data() + cand[c] * D, D, W.gathered.data() + c * D);
   const int64_t first = int64_t(W.rows.size()) / std::max<int64_t>(N, 1);
@@ -99,7 +105,6 @@ void greedy_row(Workspace<acc>& W, int64_t N, int64_t D, int64_t k, int64_t* ind
   W.picked.assign(N, 0);
   W.rows.clear();
   W.chol.resize(std::max<int64_t>(k * N, 1));
-  W.ej.resize(N);
   acc maxdiag = 0;
   for (int64_t i = 0; i < N; ++i) {
     W.diag[i] = W.rel[i] * W.rel[i] * W.diag[i];  // L_ii
