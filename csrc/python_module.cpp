@@ -11,6 +11,7 @@
 #include "attention_with_scores/attention_with_scores_plan.h"
 #include "bipartite_merge/bipartite_merge_plan.h"
 #include "common/launch_plan.h"
+#include "dpp_select/dpp_select_plan.h"
 #include "kcenter/kcenter_plan.h"
 #include "recycle/recycle_plan.h"
 #include "region_attention/region_attention_plan.h"
@@ -46,7 +47,7 @@ py::dict build_info() {
 // Constants of the plan headers, per op (names without the leading k).
 py::dict constants() {
   using namespace tokenreduce;
-  py::dict common, kcenter, bipartite_merge, recycle, region_attention, attention, out;
+  py::dict common, kcenter, bipartite_merge, recycle, region_attention, attention, dpp_select, out;
   common["RowThreads"] = cuda::kRowThreads;
   common["RowsPerBlock"] = cuda::kRowsPerBlock;
   common["TileRows"] = cuda::kTileRows;
@@ -59,6 +60,7 @@ py::dict constants() {
   recycle["RcAggregateThreads"] = cuda::kRcAggregateThreads;
   region_attention["RaThreads"] = cuda::kRaThreads;
   region_attention["RaWarps"] = cuda::kRaWarps;
+  dpp_select["DppGreedyThreads"] = cuda::kDppGreedyThreads;
   attention["BQ"] = attn::kBQ;
   attention["BK"] = attn::kBK;
   attention["DvChunk"] = attn::kDvChunk;
@@ -73,6 +75,7 @@ py::dict constants() {
   out["recycle"] = recycle;
   out["region_attention"] = region_attention;
   out["attention_with_scores"] = attention;
+  out["dpp_select"] = dpp_select;
   return out;
 }
 
@@ -128,6 +131,11 @@ void bind_plans(py::module_& m) {
   m.def("region_attention", &cuda::make_region_attention_plan, py::arg("B"), py::arg("M"), py::arg("heads"),
         py::arg("L"), py::arg("region"), py::arg("acc_size"),
         "make_region_attention_plan (csrc/region_attention/region_attention_plan.h)");
+  py::class_<cuda::DppSelectPlan>(m, "DppSelectPlan")
+      .def_readonly("norms", &cuda::DppSelectPlan::norms)
+      .def_readonly("greedy", &cuda::DppSelectPlan::greedy);
+  m.def("dpp_select", &cuda::make_dpp_select_plan, py::arg("B"), py::arg("N"), py::arg("D"), py::arg("k"),
+        py::arg("acc_size"), "make_dpp_select_plan (csrc/dpp_select/dpp_select_plan.h)");
 
   py::class_<attn::Plan>(m, "AttentionPlan")
       .def_readonly("kc", &attn::Plan::kc)

@@ -34,5 +34,7 @@ TORCH_LIBRARY(tokenreduce, m) {
   m.def(
       "region_attention(Tensor q, Tensor k, Tensor v, int grid_h, int grid_w, int region, int heads, "
       "float scale) -> (Tensor out, Tensor lse)");
+  // index [B, k] int64, gains [B, k] float32 (float64 for float64 features)
+  m.def("dpp_select(Tensor features, int k, Tensor? relevance, Tensor? mask) -> (Tensor index, Tensor gains)");
 }
 

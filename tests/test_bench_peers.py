@@ -38,6 +38,7 @@ def test_variants_and_peers_of_the_cases():
     assert names["kcenter"] == ["batched Gram greedy", "batched Gram greedy (compiled step)"]
     assert names["attention_with_scores"] == ["SDPA (no scores)"]
     assert names["attention_with_scores-cls"] == ["SDPA + row pass", "SDPA (no scores)"]
+    assert names["dpp_select"] == ["CDPruner authors' loop", "fast greedy DPP (OpenVINO-style)"]
     assert all(p.compiled for c in full if c.op in ("bipartite_merge", "recycle")
                for p in c.peers())
 

@@ -418,6 +418,15 @@ def _region_attention(backend):
         return torch.ops.tokenreduce.region_attention
     from tokenreduce.nvrtc.region_attention import region_attention_cuda
     return region_attention_cuda
+# ------------------------------------------------------------------------------ dpp_select
+from test_dpp_select import assert_same_picks  # noqa: E402
+
+
+def _dpp_select(backend):
+    if backend == "dispatch":
+        return torch.ops.tokenreduce.dpp_select
+    from tokenreduce.nvrtc.dpp_select import dpp_select_cuda
+    return dpp_select_cuda
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -455,3 +464,37 @@ def test_region_attention_gradients_cuda(g):
                for sh in ((2, 6, 4), (2, 2, 24, 4), (2, 2, 24, 6)))
     assert torch.autograd.gradcheck(lambda q, k, v: ops.region_attention(q, k, v, (2, 3), region=2, heads=2),
                                     (q, k, v))
+@pytest.mark.parametrize("B,N,D,k", [(1, 1, 4, 1), (2, 65, 17, 20), (3, 576, 1024, 64), (2, 700, 33, 40)])
+def test_dpp_select_matches_cpu(backend, dtype, B, N, D, k):
+    g = torch.Generator().manual_seed(zlib.crc32(f"dpp{B}{N}{D}{k}{dtype}".encode()))
+    x = torch.randn(B, N, D, generator=g).to(dtype)
+    rel = torch.rand(B, N, generator=g) + 0.1
+    for r in (None, rel):
+        idx, gains = _dpp_select(backend)(x.to(DEV), k, None if r is None else r.to(DEV), None)
+        ridx, rgains = ops.dpp_select(x, k, relevance=r)
+        assert gains.dtype == rgains.dtype
+        assert_same_picks(x, r, idx.cpu(), gains.cpu(), ridx, rgains)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dpp_select_mask_ties_and_gain_zero(backend):
+    fn = _dpp_select(backend)
+    x = torch.eye(6).repeat(2, 1, 1)
+    rel = torch.tensor([[1.0, 2.0, 1.0, 2.0, 1.0, 2.0], [3.0, 3.0, 3.0, 3.0, 3.0, 3.0]])
+    idx, gains = fn(x.to(DEV), 6, rel.to(DEV), None)
+    assert idx.cpu().tolist() == [[1, 3, 5, 0, 2, 4], [0, 1, 2, 3, 4, 5]]
+    base = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [1.0, 1.0, 1.0]])
+    y = base.repeat(3, 1)[None]
+    r = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.5, 1.0, 2.0, 1.0, 1.0]])
+    idx, gains = fn(y.to(DEV), 6, r.to(DEV), None)
+    assert idx.cpu().tolist() == [[6, 1, 2, 0, 3, 5]] and (gains.cpu()[0, 3:] == 0).all()
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(3, 90, 12, generator=g)
+    mask = torch.rand(3, 90, generator=g) > 0.4
+    idx, _ = fn(z.to(DEV), 20, None, mask.to(DEV))
+    assert torch.equal(idx.cpu(), ops.dpp_select(z, 20, mask=mask)[0])
+    m2 = torch.zeros(1, 12, dtype=torch.bool)
+    m2[0, [2, 5, 7]] = True
+    w = torch.randn(1, 12, 8, generator=g)
+    idx, gains = fn(w.to(DEV), 6, None, m2.to(DEV))
+    assert torch.equal(idx.cpu(), ops.dpp_select(w, 6, mask=m2)[0])

@@ -326,3 +326,78 @@ def test_region_attention(op, i):
     vmax = max(v.double().abs().max().item(), 1.0)
     _close(out, ref, (4 * EPS[dtype] + 16 * acc_eps * (1 + logit_bound)) * vmax, "out", c.tag)
     _close(lse, ref_lse, 16 * acc_eps * (1 + logit_bound), "lse", c.tag)
+# --------------------------------------------------------------------------------------
+# dpp_select
+# --------------------------------------------------------------------------------------
+
+
+def _dpp_gains64(x: torch.Tensor, rel, picks) -> torch.Tensor:
+    """Float64 marginal gains d2 [N] of every token given the picked set (exact Schur
+    complement of L = diag(r) S diag(r) on the rounded inputs)."""
+    x = x.double()
+    n = x.norm(dim=-1, keepdim=True)
+    u = x / n.clamp_min(1e-12)
+    r = torch.ones(x.shape[0], dtype=torch.float64) if rel is None else rel.double()
+    L = r[:, None] * (u @ u.t()) * r[None, :]
+    diag = r * r * torch.where(n[:, 0] ** 2 >= 1e-24, torch.ones_like(r), (n[:, 0] / 1e-12) ** 2)
+    if not picks:
+        return diag
+    P = torch.tensor(picks)
+    Lyy = L[P][:, P]
+    Lyi = L[P]
+    sol = torch.linalg.lstsq(Lyy, Lyi).solution
+    return diag - (Lyi * sol).sum(0)
+
+
+@pytest.mark.parametrize("op,i", cases("dpp_select"))
+def test_dpp_select(op, i):
+    c = Case(op, i)
+    dtype = c.rng.choice(DTYPES)
+    B, N = c.size(1, 3), c.size(1, 600)
+    ties = c.rng.random() < 0.3
+    if ties:
+        x = c.onehot(B, N, c.size(1, 12), dtype)
+        rel = None if c.rng.random() < 0.5 else torch.tensor([0.5, 1.0, 2.0])[torch.randint(0, 3, (B, N), generator=c.gen)]
+    else:
+        D = c.size(1, 300)
+        x = c.randn(B, N, D, dtype=dtype, strided=c.rng.random() < 0.3)
+        rel = None if c.rng.random() < 0.4 else torch.rand(B, N, generator=c.gen) + 0.05
+    mask = None
+    if c.rng.random() < 0.4:
+        mask = torch.rand(B, N, generator=c.gen) < 0.7
+        mask[:, 0] = True
+    eligible = N if mask is None else int(mask.sum(1).min())
+    cap = eligible if ties else max(1, min(eligible, x.shape[-1] // 2))
+    k = c.rng.choice([0, 1, cap, c.size(1, cap), min(N, cap + c.size(1, 5))])
+
+    index, gains = ops.dpp_select(x, k, relevance=rel, mask=mask)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert index.shape == (B, k) and index.dtype == torch.long and gains.shape == (B, k) and gains.dtype == acc, c.tag
+    if k == 0:
+        return
+    if ties:  # one-hot rows: every similarity is exactly 0 or 1, so the float64 oracle is exact
+        ref_index, ref_gains = reference.dpp_select(x.double(), k, relevance=rel, mask=mask)
+        assert torch.equal(index, ref_index), f"picks differ from the float64 oracle; {c.tag}"
+    ok = torch.ones(B, N, dtype=torch.bool) if mask is None else mask
+    tol = 1e-8 if dtype == torch.float64 else 2e-3
+    for b in range(B):
+        picks = index[b].tolist()
+        assert len(set(picks)) == k, f"repeated picks {picks}; {c.tag}"
+        n_ok = int(ok[b].sum())
+        assert all(bool(ok[b, p]) for p in picks[:min(k, n_ok)]), f"a masked pick before the eligible; {c.tag}"
+        r = None if rel is None else rel[b]
+        scale = float(_dpp_gains64(x[b], r, []).masked_fill(~ok[b], 0).max().clamp_min(1e-300))
+        zero = [t for t in range(k) if float(gains[b, t]) == 0.0]
+        assert zero == list(range(zero[0], k)) if zero else True, f"a real pick after a fallback; {c.tag}"
+        for t in sorted(set(range(min(k, 16))) | set(zero[:1]) | {k - 1}):  # the checks cost O(t^2 N) each
+            # after the first fallback the picked kernel is singular: the real picks span it
+            d2 = _dpp_gains64(x[b], r, picks[:min(t, zero[0]) if zero else t])
+            cand = d2.masked_fill(~ok[b], -math.inf)
+            cand[picks[:t]] = -math.inf
+            best = float(cand.max()) if t < n_ok else 0.0
+            if float(gains[b, t]) == 0.0:  # fallback: nothing independent enough was left
+                assert best <= (1e-5 if acc == torch.float32 else 1e-10) * scale + tol * scale, \
+                    f"gain 0 at step {t} while {best:.3g} was available; {c.tag}"
+            else:
+                assert float(d2[picks[t]]) >= best - tol * scale, f"pick {t} is not the best; {c.tag}"
+                assert abs(float(gains[b, t]) - float(d2[picks[t]])) <= tol * scale, f"gain {t}; {c.tag}"

@@ -95,7 +95,8 @@ def test_constants_are_the_headers():
         m = re.search(rf"constexpr int k{name} = (\d+);", common)
         assert m and int(m.group(1)) == consts["common"][name], name
     for path, op, names in (("bipartite_merge/bipartite_merge_plan.h", "bipartite_merge", ("BmPlanThreads", "BmMergeThreads")),
-                            ("recycle/recycle_plan.h", "recycle", ("RcPlanThreads", "RcAggregateThreads"))):
+                            ("recycle/recycle_plan.h", "recycle", ("RcPlanThreads", "RcAggregateThreads")),
+                            ("dpp_select/dpp_select_plan.h", "dpp_select", ("DppGreedyThreads",))):
         text = header(path)
         for name in names:
             m = re.search(rf"constexpr int k{name} = (\d+);", text)
@@ -109,12 +110,14 @@ _CASES = {
     "kcenter": [(2, 577, 1024, 4, 0), (1, 10, 7, 8, 1), (65, 2048, 64, 4, 1), (64, 2048, 64, 4, 1), (3, 33, 5, 4, 1)],
     "bipartite_merge": [(3, 577, 100, 4), (1, 11, 1, 8), (2, 2, 1, 4)],
     "recycle": [(2, 576, 10, 500, 1), (2, 576, 10, 500, 0), (2, 576, 0, 0, 1), (1, 0, 3, 4, 1)],
+    "dpp_select": [(8, 576, 1024, 64, 4), (1, 1, 3, 1, 8), (3, 2000, 64, 500, 4)],
 }
 _STEPS = {"kcenter": ("sqnorm", "tiles", "nn", "select"),
           "bipartite_merge": ("inv_norm", "match", "plan", "merge"),
-          "recycle": ("inv_norm", "assign", "plan", "aggregate")}
+          "recycle": ("inv_norm", "assign", "plan", "aggregate"),
+          "dpp_select": ("norms", "greedy")}
 _MAKE = {"kcenter": "make_kcenter_plan", "bipartite_merge": "make_bipartite_merge_plan",
-         "recycle": "make_recycle_plan"}
+         "recycle": "make_recycle_plan", "dpp_select": "make_dpp_select_plan"}
 
 
 def test_binding_returns_what_the_headers_compute(tmp_path):
@@ -122,7 +125,8 @@ def test_binding_returns_what_the_headers_compute(tmp_path):
     if gxx is None:
         pytest.skip("g++ not available")
     lines = ["#include <cstdio>", '#include "kcenter/kcenter_plan.h"', '#include "bipartite_merge/bipartite_merge_plan.h"',
-             '#include "recycle/recycle_plan.h"', "using namespace tokenreduce::cuda;",
+             '#include "recycle/recycle_plan.h"', '#include "dpp_select/dpp_select_plan.h"',
+             "using namespace tokenreduce::cuda;",
              "static void pr(const KernelLaunch& l) { printf(\"%lld %lld %lld %d %lld \", l.grid_x, l.grid_y, "
              "l.grid_z, l.block, l.smem); }", "int main() {"]
     for op, cases in _CASES.items():

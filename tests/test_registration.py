@@ -27,6 +27,8 @@ def cases(g):
         (torch.ops.tokenreduce.recycle.default, (x, tgt, src, None, None, None, "cosine", True)),
         (torch.ops.tokenreduce.recycle.default, (xg, tgt, src, torch.rand(2, 21, generator=g), None, randn(g, 2, 21, 3), "cosine", False)),
         (torch.ops.tokenreduce.recycle.default, (xg, tgt, src, None, torch.randint(-1, 3, (2, 6), generator=g), None, "cosine", True)),
+        (torch.ops.tokenreduce.dpp_select.default, (x, 5, None, None)),
+        (torch.ops.tokenreduce.dpp_select.default, (x, 6, torch.rand(2, 21, generator=g), mask)),
     ]
 
 
@@ -36,7 +38,7 @@ def test_opcheck_every_op(gen):
 
 
 def test_registered_for_cpu():
-    for name in ("attention_with_scores", "kcenter", "bipartite_merge", "recycle"):
+    for name in ("attention_with_scores", "kcenter", "bipartite_merge", "recycle", "dpp_select"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"tokenreduce::{name}", "CPU")
         assert hasattr(tokenreduce.ops, name)
 
@@ -106,9 +108,11 @@ def test_op_list_is_the_librarys():
 
 
 def test_ops_package_exports_exactly_the_ops():
-    from tokenreduce.ops import attention_with_scores, bipartite_merge, kcenter, recycle, region_attention  # noqa: F401
+    from tokenreduce.ops import (attention_with_scores, bipartite_merge, dpp_select, kcenter,  # noqa: F401
+                                 recycle, region_attention)
 
-    assert ops.__all__ == ["attention_with_scores", "kcenter", "bipartite_merge", "recycle", "region_attention"]
+    assert ops.__all__ == ["attention_with_scores", "kcenter", "bipartite_merge", "recycle", "region_attention",
+                           "dpp_select"]
     assert all(callable(getattr(ops, n)) for n in ops.__all__)
     assert callable(tokenreduce.ops.kcenter)
 

@@ -14,7 +14,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-__all__ = ["attention_with_scores", "kcenter", "bipartite_merge", "recycle", "region_attention"]
+__all__ = ["attention_with_scores", "kcenter", "bipartite_merge", "recycle", "region_attention", "dpp_select"]
 
 
 def _acc(t: Tensor) -> torch.dtype:
@@ -277,3 +277,53 @@ def region_attention(
     logits = torch.einsum("bmhd,bmhrd->bmhr", q.to(acc).reshape(B, M, heads, C // heads), unfold(k)) * scale
     out = torch.einsum("bmhr,bmhre->bmhe", logits.softmax(-1), unfold(v)).reshape(B, M, Cv).to(q.dtype)
     return (out, torch.logsumexp(logits, -1)) if return_lse else out
+def dpp_select(
+    features: Tensor,
+    k: int,
+    *,
+    relevance: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """CDPruner's fast greedy MAP of the DPP with kernel ``L = diag(r) S diag(r)`` on the full
+    kernel ``[B, N, N]``, with the gain-0 rule of `tokenreduce.ops.dpp_select`.
+
+    features [B, N, D], relevance [B, N], mask bool [B, N] -> index [B, k] int64, gains [B, k]
+    (float32; float64 for float64 features).
+    """
+    B, N, _ = features.shape
+    acc = _acc(features)
+    dev = features.device
+    x = features.to(acc)
+    sq = x.pow(2).sum(-1)
+    u = x * sq.sqrt().clamp_min(1e-12).reciprocal().unsqueeze(-1)
+    r = torch.ones(B, N, dtype=acc, device=dev) if relevance is None else relevance.to(acc)
+    kernel = r.unsqueeze(2) * (u @ u.transpose(1, 2)) * r.unsqueeze(1)
+    diag = r * r * torch.where(sq >= 1e-24, torch.ones_like(sq), sq * 1e24)   # S_ii: 1 above the norm floor
+    eligible = torch.ones(B, N, dtype=torch.bool, device=dev) if mask is None else mask
+    tau = (1e-10 if acc == torch.float64 else 1e-5) * diag.masked_fill(~eligible, 0).amax(1).clamp_min(0)
+    d2 = diag.clone()
+    chol = torch.zeros(k, B, N, dtype=acc, device=dev)
+    picked = torch.zeros(B, N, dtype=torch.bool, device=dev)
+    degenerate = torch.zeros(B, dtype=torch.bool, device=dev)
+    rows = torch.arange(B, device=dev)
+    index = torch.empty(B, k, dtype=torch.long, device=dev)
+    gains = torch.empty(B, k, dtype=acc, device=dev)
+    for t in range(k):
+        cand = d2.masked_fill(~eligible | picked | d2.isnan(), -math.inf)
+        j = cand.argmax(1)
+        g = cand[rows, j]
+        degenerate = degenerate | ~(g > tau)
+        # the fallback: the eligible unpicked (the masked unpicked once none is left) with the
+        # largest L_ii, the smallest index among equals (argmax takes the first max)
+        pool = eligible & ~picked
+        pool = torch.where(pool.any(1, keepdim=True), pool, ~picked)
+        jf = diag.masked_fill(~pool, -math.inf).argmax(1)
+        j = torch.where(degenerate, jf, j)
+        index[:, t] = j
+        gains[:, t] = torch.where(degenerate, torch.zeros_like(g), g)
+        picked[rows, j] = True
+        e = (kernel[rows, j] - torch.einsum("tb,tbn->bn", chol[:t, rows, j], chol[:t])) / g.clamp_min(1e-30).sqrt()[:, None]
+        e = torch.where(degenerate[:, None], torch.zeros_like(e), e)
+        chol[t] = e
+        d2 = d2 - e * e
+    return index, gains

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Small CUDA cases of attention_with_scores, kcenter, bipartite_merge, recycle and region_attention for
 compute-sanitizer.
+"""Small CUDA cases of attention_with_scores, kcenter, bipartite_merge, recycle and dpp_select for compute-sanitizer.
 
     compute-sanitizer --tool memcheck  python tools/cuda_sanitize_cases.py
     compute-sanitizer --tool racecheck python tools/cuda_sanitize_cases.py
@@ -127,6 +128,18 @@ def main():
                 kc(rnd(2, 70, 16, dt=torch.bfloat16), 8, "l2", 0, None, False, None)
             finally:
                 nk.gram_budget_override = None
+        dpp = torch.ops.tokenreduce.dpp_select
+        if name == "nvrtc":
+            from tokenreduce.nvrtc.dpp_select import dpp_select_cuda as dpp
+        for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            # dpp_select: relevance, mask, k above the eligible count, duplicates (gain 0), edge sizes
+            x = rnd(3, 67, 19, dt=dt)
+            mask = torch.rand(3, 67, device=DEV, generator=g) > 0.3
+            dpp(x, 9, torch.rand(3, 67, device=DEV, generator=g), None)
+            dpp(x, 60, None, mask)
+            dpp(torch.cat([x[:, :5]] * 4, dim=1), 12, None, None)
+            dpp(rnd(2, 130, 33, dt=dt)[:, :, 1:], 40, None, None)
+            dpp(rnd(1, 1, 3, dt=dt), 1, None, None)
         torch.cuda.synchronize()
         print(f"{name}: {n} dtype rounds ran")
     return 0

@@ -122,6 +122,7 @@ using KcenterFn = std::tuple<Tensor, Tensor>(const Tensor&, int64_t, c10::string
                                              const OptT&, bool, const OptT&);
 using MergeFn = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, int64_t, const OptT&, const OptT&,
                                                    int64_t, c10::string_view);
+using DppSelectFn = std::tuple<Tensor, Tensor>(const Tensor&, int64_t, const OptT&, const OptT&);
 using RecycleFn = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&,
                                                              const Tensor&, const OptT&, const OptT&,
                                                              const OptT&, c10::string_view, bool);
@@ -143,6 +144,12 @@ std::tuple<Tensor, Tensor> kcenter(const Tensor& x, int64_t k, const std::string
                                    bool isolated = false, const OptT& mask = std::nullopt) {
   static auto h = op<KcenterFn>("tokenreduce::kcenter");
   return h.call(x, k, metric, first, first_index, isolated, mask);
+}
+
+std::tuple<Tensor, Tensor> dpp_select(const Tensor& x, int64_t k, const OptT& relevance = std::nullopt,
+                                      const OptT& mask = std::nullopt) {
+  static auto h = op<DppSelectFn>("tokenreduce::dpp_select");
+  return h.call(x, k, relevance, mask);
 }
 
 std::tuple<Tensor, Tensor, Tensor> bipartite_merge(const Tensor& x, int64_t r,
@@ -275,7 +282,8 @@ std::tuple<Tensor, Tensor, Tensor> grouped_mean(const Tensor& x, const Tensor& s
 TEST_CASE(ops_are_registered) {
   auto& d = c10::Dispatcher::singleton();
   for (const char* name : {"tokenreduce::attention_with_scores", "tokenreduce::kcenter",
-                           "tokenreduce::bipartite_merge", "tokenreduce::recycle"}) {
+                           "tokenreduce::bipartite_merge", "tokenreduce::recycle",
+                           "tokenreduce::dpp_select"}) {
     auto h = d.findSchema({name, ""});
     EXPECT_MSG(h.has_value(), name << " has no schema (library not loaded?)");
     if (h) EXPECT_MSG(h->hasKernelForDispatchKey(c10::DispatchKey::CPU), name << " has no CPU kernel");
@@ -585,6 +593,67 @@ TEST_CASE(recycle_explicit_assign) {
 }
 
 }  // namespace
+
+// The greedy MAP of the DPP with kernel r_i cos_ij r_j by determinants of the picked
+// submatrix (double, no Cholesky): each step the token whose addition gives the largest
+// det ratio, ties to the smallest index.
+std::vector<int64_t> dpp_ref(const Tensor& x2d, const Tensor& rel, int64_t k) {
+  Tensor u = x2d.to(at::kDouble);
+  u = u / u.norm(2, {1}, true);
+  Tensor r = rel.to(at::kDouble);
+  Tensor L = r.unsqueeze(1) * u.matmul(u.t()) * r.unsqueeze(0);
+  const int64_t N = x2d.size(0);
+  std::vector<int64_t> picks;
+  double prev = 1.0;
+  for (int64_t t = 0; t < k; ++t) {
+    int64_t best = -1;
+    double best_gain = -1.0;
+    for (int64_t i = 0; i < N; ++i) {
+      if (std::find(picks.begin(), picks.end(), i) != picks.end()) continue;
+      std::vector<int64_t> y = picks;
+      y.push_back(i);
+      Tensor idx = at::tensor(y, at::kLong);
+      const double det = at::linalg_det(L.index_select(0, idx).index_select(1, idx)).item<double>();
+      if (det / prev > best_gain) {
+        best_gain = det / prev;
+        best = i;
+      }
+    }
+    picks.push_back(best);
+    Tensor idx = at::tensor(picks, at::kLong);
+    prev = at::linalg_det(L.index_select(0, idx).index_select(1, idx)).item<double>();
+  }
+  return picks;
+}
+
+TEST_CASE(dpp_select_matches_determinant_greedy) {
+  at::manual_seed(6);
+  const int64_t B = 2, N = 30, D = 12, K = 6;
+  for (auto dtype : {at::kFloat, at::kDouble}) {
+    Tensor x = at::randn({B, N, D}, dtype);
+    Tensor rel = at::rand({B, N}) + 0.2;
+    auto [index, gains] = dpp_select(x, K, rel);
+    EXPECT(index.scalar_type() == at::kLong && index.sizes() == at::IntArrayRef({B, K}));
+    EXPECT(gains.scalar_type() == (dtype == at::kDouble ? at::kDouble : at::kFloat));
+    for (int64_t b = 0; b < B; ++b)
+      expect_equal(index[b], at::tensor(dpp_ref(x[b], rel[b], K), at::kLong),
+                   "dpp index " + std::string(c10::toString(dtype)) + " batch " + std::to_string(b));
+  }
+  // duplicates: the gain reaches 0, then the fallback (largest r^2, smallest index), gain 0
+  Tensor y = at::eye(2).repeat({2, 1}).unsqueeze(0);  // tokens 0..3: e0 e1 e0 e1
+  auto [idx, g] = dpp_select(y, 4);
+  expect_equal(idx[0], at::tensor(std::vector<int64_t>{0, 1, 2, 3}, at::kLong), "dpp duplicates");
+  EXPECT(g[0][2].item<float>() == 0.0f && g[0][3].item<float>() == 0.0f);
+}
+
+TEST_CASE(dpp_select_bad_arguments_throw) {
+  Tensor x = at::randn({2, 8, 4});
+  expect_error([&] { dpp_select(x, 9); }, {"tokenreduce.dpp_select", "k=9"}, "k > N");
+  expect_error([&] { dpp_select(x.select(2, 0), 3); }, {"tokenreduce.dpp_select", "[B, N, D]"}, "2-D features");
+  expect_error([&] { dpp_select(x, 3, at::ones({2, 7})); }, {"tokenreduce.dpp_select", "relevance"}, "relevance shape");
+  expect_error([&] { dpp_select(x, 3, std::nullopt, at::ones({2, 8})); }, {"tokenreduce.dpp_select", "mask"},
+               "float mask");
+}
 
 int main() {
   int passed = 0, failed = 0;

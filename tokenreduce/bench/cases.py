@@ -238,6 +238,26 @@ def region_attention_case(quick: bool, dtype: torch.dtype = torch.float32) -> Ca
         target=3.0,
         quick=quick,
         peers=lambda: peers.region_attention_peers((G, G), s, H),
+def dpp_select_case(quick: bool, dtype: torch.dtype = torch.float32) -> Case:
+    """dpp_select of x [B, N, D] with relevance [B, N] (full: B=8 N=576 D=1024 k=64, issue 14)."""
+    B, N, D, k = (2, 129, 128, 16) if quick else (8, 576, 1024, 64)
+
+    def make_inputs(seed: int) -> Inputs:
+        g = _gen(seed)
+        return _randn(g, B, N, D, dtype=dtype), torch.rand(B, N, generator=g) + 1e-6
+
+    return Case(
+        op="dpp_select",
+        shape=f"B={B} N={N} D={D} k={k}",
+        dtype=dtype,
+        make_inputs=make_inputs,
+        tokenreduce=lambda x, r: ops.dpp_select(x, k, relevance=r),
+        reference=lambda x, r: reference.dpp_select(x, k, relevance=r),
+        # read x and relevance; write index [B, k] int64 + gains [B, k] float32
+        bytes_moved=B * N * D * _element_size(dtype) + B * N * 4 + B * k * 12,
+        target=5.0,
+        quick=quick,
+        peers=lambda: peers.dpp_select_peers(k),
     )
 
 

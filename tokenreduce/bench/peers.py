@@ -15,6 +15,10 @@ before timing (the output check), so compile time is never timed.
                             SDPA plus a separate pass for the scored rows' probabilities
     region_attention        the windows gathered by reshape / permute (a copy of k and v),
                             then F.scaled_dot_product_attention with one query per window
+    dpp_select              the authors' CDPruner loop (Theia-4869/CDPruner encode_images:
+                            the [B, N, N] kernel, then the fast greedy MAP with einsum
+                            updates), and the fast greedy DPP as OpenVINO GenAI documents it
+                            (conditional kernel, then greedy MAP) on preallocated buffers
 """
 from __future__ import annotations
 
@@ -28,9 +32,9 @@ import torch.nn.functional as F
 
 from .. import reference
 
-__all__ = ["Peer", "attention_peers", "bipartite_merge_peers", "kcenter_gram_greedy",
-           "kcenter_peers", "recycle_peers", "region_attention_peers", "sdpa_with_row_scores",
-           "windowed_sdpa"]
+__all__ = ["Peer", "attention_peers", "bipartite_merge_peers", "cdpruner_loop", "dpp_fast_greedy",
+           "dpp_select_peers", "kcenter_gram_greedy", "kcenter_peers", "recycle_peers",
+           "region_attention_peers", "sdpa_with_row_scores", "windowed_sdpa"]
 
 
 @dataclass(frozen=True)
@@ -177,3 +181,59 @@ def windowed_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Tuple
 def region_attention_peers(grid: Tuple[int, int], region: int, heads: int) -> Tuple[Peer, ...]:
     """Permuted windows + SDPA (no target: the best plain-torch formulation, for context)."""
     return (Peer("windows + SDPA", lambda q, k, v: windowed_sdpa(q, k, v, grid, region, heads)),)
+# dpp_select: the authors' loop and the OpenVINO-style fast greedy
+# --------------------------------------------------------------------------------------
+
+
+def cdpruner_loop(x: torch.Tensor, relevance: torch.Tensor, k: int) -> torch.Tensor:
+    """CDPruner's encode_images selection (Theia-4869/CDPruner llava_arch.py): the kernel
+    r_i S_ij r_j [B, N, N], then the fast greedy MAP -> the picks [B, k] in pick order."""
+    B, N, _ = x.shape
+    xn = (x / x.norm(dim=-1, keepdim=True)).float()
+    kernel = relevance.unsqueeze(2) * torch.matmul(xn, xn.transpose(1, 2)) * relevance.unsqueeze(1)
+    cis = torch.zeros((k, B, N))
+    di2s = torch.diagonal(kernel, dim1=1, dim2=2).clone()
+    select_idx = torch.empty((k, B), dtype=torch.long)
+    for i in range(k):
+        j = torch.argmax(di2s, dim=-1)
+        select_idx[i] = j
+        eis = (kernel[torch.arange(B), j] - torch.einsum("tb,tbn->bn", cis[:i, torch.arange(B), j], cis[:i])) \
+            / torch.sqrt(di2s[torch.arange(B), j]).unsqueeze(-1)
+        cis[i, :, :] = eis
+        di2s -= torch.square(eis)
+        di2s[torch.arange(B), j] = -float("inf")
+    return select_idx.t()
+
+
+def dpp_fast_greedy(x: torch.Tensor, relevance: torch.Tensor, k: int) -> torch.Tensor:
+    """The fast greedy DPP as OpenVINO GenAI documents CDPruner (pairwise similarity and
+    per-token relevance combined into a conditional kernel, then a greedy MAP), batched on
+    preallocated buffers: one bmm for the kernel, in-place updates, the Cholesky column
+    gathered per step -> the picks [B, k]."""
+    B, N, _ = x.shape
+    u = F.normalize(x.float(), dim=-1)
+    kernel = torch.bmm(u, u.transpose(1, 2))
+    r = relevance.float()
+    kernel.mul_(r.unsqueeze(2)).mul_(r.unsqueeze(1))
+    d2 = kernel.diagonal(dim1=1, dim2=2).clone()
+    chol = torch.zeros(B, k, N)
+    picks = torch.empty(B, k, dtype=torch.long)
+    rows = torch.arange(B)
+    for t in range(k):
+        j = d2.argmax(1)
+        picks[:, t] = j
+        e = kernel[rows, j] - torch.bmm(chol[rows, :t, j].unsqueeze(1), chol[:, :t]).squeeze(1)
+        e.div_(d2[rows, j].clamp_min(1e-12).sqrt().unsqueeze(1))
+        chol[:, t] = e
+        d2.sub_(e * e)
+        d2[rows, j] = -math.inf
+    return picks
+
+
+def dpp_select_peers(k: int) -> Tuple[Peer, ...]:
+    """The authors' loop (ours >= 5x, issue 14) and the OpenVINO-style fast greedy; both
+    return the picks only (checked against the reference's index)."""
+    return (
+        Peer("CDPruner authors' loop", lambda x, r: cdpruner_loop(x, r, k), target=5.0, n_outputs=1),
+        Peer("fast greedy DPP (OpenVINO-style)", lambda x, r: dpp_fast_greedy(x, r, k), n_outputs=1),
+    )

@@ -53,6 +53,14 @@ _RA = "tokenreduce::cuda::region_attention::"
 
 def region_attention_names(t: str) -> dict:
     return {"forward": f"{_RA}ra_forward<{t}>"}
+_DPP = "tokenreduce::cuda::dpp::"
+
+
+def dpp_select_names(t: str) -> dict:
+    return {
+        "norms": f"{_DPP}dpp_norms<{t}>",
+        "greedy": f"{_DPP}dpp_greedy<{t}>",
+    }
 
 
 _AT = "tokenreduce::attn::"
@@ -72,6 +80,7 @@ SOURCES = {
     "bipartite_merge/bipartite_merge_kernels.cuh": bipartite_merge_names,
     "recycle/recycle_kernels.cuh": recycle_names,
     "region_attention/region_attention_kernels.cuh": region_attention_names,
+    "dpp_select/dpp_select_kernels.cuh": dpp_select_names,
 }
 
 

@@ -9,7 +9,7 @@ where an op is differentiable. Plain-PyTorch references of the same contracts ar
 
 Layout (one module per op, as pytorch3d's ``ops/`` and extension-cpp's ``ops.py``):
   * ``attention_with_scores.py``, ``kcenter.py``, ``bipartite_merge.py``, ``recycle.py``,
-    ``region_attention.py``:
+    ``region_attention.py``, ``dpp_select.py``:
     the public wrapper (arguments and shapes documented), the fake-kernel registration and
     the autograd registration of that op;
   * ``checks.py``: the Python argument checks (``need_float``, ``same_device``, ...);
@@ -29,8 +29,9 @@ import torch  # noqa: F401  (libtorch first: the extension links against it)
 from .. import _C  # noqa: F401  (loads the native library and registers the ops)
 from .attention_with_scores import attention_with_scores
 from .bipartite_merge import bipartite_merge
+from .dpp_select import dpp_select
 from .kcenter import kcenter
 from .recycle import recycle
 from .region_attention import region_attention
 
-__all__ = ["attention_with_scores", "kcenter", "bipartite_merge", "recycle", "region_attention"]
+__all__ = ["attention_with_scores", "kcenter", "bipartite_merge", "recycle", "region_attention", "dpp_select"]

@@ -14,7 +14,7 @@ from ..errors import fail
 from .checks import acc_dtype, need_dim, need_float, need_long, same_device
 
 __all__ = ["attention_with_scores_fake", "kcenter_fake", "bipartite_merge_fake", "recycle_fake",
-           "region_attention_fake"]
+           "region_attention_fake", "dpp_select_fake"]
 
 
 def attention_with_scores_fake(q, k, v, scale, causal, key_bias, score_rows):
@@ -149,3 +149,23 @@ def region_attention_fake(q, k, v, grid_h, grid_w, region, heads, scale):
     if C % heads != 0 or v.shape[3] % heads != 0:
         fail(op, f"heads={heads} must divide q's channels C={C} and v's channels Cv={v.shape[3]}")
     return q.new_empty((B, M, v.shape[3])), q.new_empty((B, M, heads), dtype=acc_dtype(q))
+def dpp_select_fake(features, k, relevance, mask):
+    """-> index int64 ``[B, k]``, gains ``[B, k]`` (accumulation dtype)."""
+    op = "dpp_select"
+    need_dim(op, "features", features, 3, "[B, N, D]")
+    need_float(op, "features", features)
+    B, N, _ = features.shape
+    if k < 0 or k > N:
+        fail(op, f"k={k} must lie in [0, N={N}]")
+    if relevance is not None:
+        need_float(op, "relevance", relevance)
+        same_device(op, features, relevance=relevance)
+        if tuple(relevance.shape) != (B, N):
+            fail(op, f"relevance must have shape [B, N] = [{B}, {N}], got {tuple(relevance.shape)}")
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            fail(op, f"mask must be a bool tensor, got {mask.dtype}", TypeError)
+        same_device(op, features, mask=mask)
+        if tuple(mask.shape) != (B, N):
+            fail(op, f"mask must have shape [B, N] = [{B}, {N}], got {tuple(mask.shape)}")
+    return features.new_empty((B, k), dtype=torch.long), features.new_empty((B, k), dtype=acc_dtype(features))

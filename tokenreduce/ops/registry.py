@@ -15,7 +15,7 @@ import torch
 __all__ = ["OPS", "has_kernel", "has_fake", "kernel_table"]
 
 #: the ops of the library, as ``torch.ops.tokenreduce.<name>``
-OPS = ("kcenter", "bipartite_merge", "recycle", "attention_with_scores", "region_attention")
+OPS = ("kcenter", "bipartite_merge", "recycle", "attention_with_scores", "region_attention", "dpp_select")
 
 
 def has_kernel(op: str, key: str) -> bool:
