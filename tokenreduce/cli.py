@@ -222,6 +222,43 @@ def cmd_profile(args: argparse.Namespace, console: Console) -> int:
 
 
 # --------------------------------------------------------------------------------------
+# show (tokenreduce.profile.show does the work)
+# --------------------------------------------------------------------------------------
+
+
+def cmd_show(args: argparse.Namespace, console: Console) -> int:
+    """The image with the tokens each method keeps, one panel per method, as a PNG."""
+    from .profile import show
+
+    try:
+        output_paths.check_writable("-o", args.output, "show")
+        budgets = budgets_of_args(args)
+        if len(budgets) not in (0, 1, len(args.method)):
+            raise ValueError(f"tokenreduce.show: give one budget (--keep / --ratio) for every method, or one for "
+                             f"all; got {len(budgets)} for {len(args.method)} methods")
+        opts = parse_opts(args.opt)
+        wanted = [(m, budgets[k] if len(budgets) > 1 else (budgets or [None])[0],
+                   {**opts.get("*", {}), **opts.get(m, {})}) for k, m in enumerate(args.method)]
+        from .methods import Budget
+        wanted = [(m, b if b is not None else Budget(), o) for m, b, o in wanted]
+        show.check(args.image, wanted)
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        path, maps = show.run(args.image, wanted, args.output, image_size=args.image_size)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        console.print(f"[red]show: {msg}[/]", highlight=False)
+        return 2
+    for m in maps:
+        s = m.summary()
+        console.print(f"{m.method} {m.budget}: {s['tokens']} tokens ({s['kept']} kept, {s['groups']} merged groups "
+                      f"of {s['merged_patches']} patches, {s['recycled']} recycled, {s['dropped']} of "
+                      f"{m.grid[0] * m.grid[1]} patches dropped)", highlight=False)
+    console.print(f"show: {path}", highlight=False)
+    return 0
+
+
+# --------------------------------------------------------------------------------------
 # methods
 # --------------------------------------------------------------------------------------
 
@@ -353,6 +390,23 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--wide", action="store_true",
                     help="every column (the per-stage times vision / reduce / projector too); by default "
                          "the table fits the terminal")
+    sh = sub.add_parser("show", help="an image with the tokens each method keeps (real DINOv2-S), one panel per "
+                                     "method, as a PNG",
+                        description="Run the real DINOv2-S/14 on IMAGE with each method (vit or projector "
+                                    "stage) and draw where every patch ended: kept patches as they are, "
+                                    "dropped ones darkened, merged groups coloured, recycled slots outlined.")
+    sh.add_argument("image", metavar="IMAGE", help="an image file")
+    sh.add_argument("--method", action="extend", nargs="+", required=True, metavar="NAME",
+                    help="methods to draw, repeatable (vit / projector stage)")
+    sh.add_argument("--keep", action="extend", nargs="+", type=int, metavar="K",
+                    help="image tokens kept: one for all methods, or one per method in order")
+    sh.add_argument("--ratio", action="extend", nargs="+", type=float, metavar="R",
+                    help="fraction of the image tokens kept (instead of --keep)")
+    sh.add_argument("--opt", action="append", metavar="[METHOD.]NAME=VALUE", help="method option (JSON value)")
+    sh.add_argument("--image-size", type=int, default=224, metavar="PX", help="input size (default 224: 16 x 16)")
+    sh.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads (default: torch's)")
+    sh.add_argument("-o", "--output", default="tokenreduce-show.png", metavar="PNG",
+                    help="the PNG to write (default tokenreduce-show.png)")
     mth = sub.add_parser("methods", help="the registered reduction methods (where they run, "
                                          "what they need, budgets, paper)",
                          description="List the reduction methods of tokenreduce.methods with "
@@ -371,7 +425,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.argv_ = argv[argv.index(args.command) + 1:] if args.command in argv else []
     # a log or a pipe gets a wide table rather than Rich's 80-column default
     console = Console() if sys.stdout.isatty() else Console(width=max(160, _env_columns()))
-    command = {"info": cmd_info, "bench": cmd_bench, "profile": cmd_profile, "methods": cmd_methods}[args.command]
+    command = {"info": cmd_info, "bench": cmd_bench, "profile": cmd_profile, "show": cmd_show,
+               "methods": cmd_methods}[args.command]
     try:
         return command(args, console)
     except KeyboardInterrupt:
