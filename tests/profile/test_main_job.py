@@ -47,6 +47,10 @@ def test_the_parts_show_each_method_where_it_saves_time():
         sweep.check(spec)                       # every argument is valid; nothing is loaded
     assert all(p.threads == 1 and p.device == "cpu" for p in main_job.specs(device="cpu", threads=1))
     assert not main_job.specs(memory=False)[0].memory
+    # the LLaVA part: bfloat16 on a CPU with bfloat16 matmuls unless a dtype is asked for
+    assert main_job.llava_dtype("cpu", "float32") == "float32" and main_job.specs(dtype="fp16")[1].dtype == "fp16"
+    assert main_job.llava_dtype("cpu", None) == ("bfloat16" if main_job.cpu_has_bf16_matmul() else None)
+    assert main_job.llava_dtype("cuda", None) is None and vision.dtype is None
 
 
 def test_main_job_writes_both_parts(tmp_path, capsys, monkeypatch):

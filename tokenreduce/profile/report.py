@@ -128,7 +128,7 @@ def table(report: Dict[str, Any], wide: bool = False) -> Table:
     cols += [c + mark for c in fid_cols]
     for c in cols:
         t.add_column(c, justify="left" if c in ("method", "stage", "budget") else "right",
-                     no_wrap=c in ("method", "budget", "total ms (IQR)"), overflow="fold",
+                     no_wrap=c in ("method", "budget", "total ms (IQR)", "speedup"), overflow="fold",
                      min_width=max(len(w) for w in c.split()))   # headers wrap, never "prefi…"
     prev = None
     for r in report["rows"]:
