@@ -8,6 +8,10 @@
 
 Exit codes of ``bench``: 0 normally; 1 with ``--check`` when a full-mode speed target is
 missed; 2 when an op's output does not match its reference (nothing is timed then).
+
+Why this module runs past 400 lines: every command's parser, its argument checks before a run
+and its one-line errors stay in one place, so the flags of all commands read as one table; the
+work itself is done below (bench, profile, profile.show, methods).
 """
 from __future__ import annotations
 
@@ -234,15 +238,7 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
 
     try:
         output_paths.check_writable("-o", args.output, "show")
-        budgets = budgets_of_args(args)
-        if len(budgets) not in (0, 1, len(args.method)):
-            raise ValueError(f"tokenreduce.show: give one budget (--keep / --ratio) for every method, or one for "
-                             f"all; got {len(budgets)} for {len(args.method)} methods")
-        opts = parse_opts(args.opt)
-        wanted = [(m, budgets[k] if len(budgets) > 1 else (budgets or [None])[0],
-                   {**opts.get("*", {}), **opts.get(m, {})}) for k, m in enumerate(args.method)]
-        from .methods import Budget
-        wanted = [(m, b if b is not None else Budget(), o) for m, b, o in wanted]
+        wanted = show.pair(args.method, budgets_of_args(args), parse_opts(args.opt))
         show.check(args.image, wanted)
         if args.threads is not None:
             torch.set_num_threads(args.threads)

@@ -31,7 +31,7 @@ from ..images import IMAGENET_MEAN, IMAGENET_STD
 from ..methods.base import Budget, Method, Stage
 from ..models import vit
 
-__all__ = ["TokenMap", "token_map", "to_rgb", "upscale", "paint", "panel_boxes", "draw", "check", "run", "PANEL", "DROPPED_SHADE"]
+__all__ = ["TokenMap", "token_map", "to_rgb", "upscale", "paint", "panel_boxes", "draw", "pair", "check", "run", "PANEL", "DROPPED_SHADE"]
 
 PANEL = 448                # panel side in PNG pixels
 _MARGIN, _TITLE = 16, 56   # pixels around a panel, and above it for its title
@@ -164,6 +164,17 @@ def draw(rgb: np.ndarray, maps: Sequence[TokenMap], path: str, title: Optional[s
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path, boxes
+
+
+def pair(names: Sequence[str], budgets: Sequence[Budget], opts: Dict[str, Dict[str, Any]]
+         ) -> List[Tuple[str, Budget, Dict[str, Any]]]:
+    """(method, budget, options) per method: one budget for all (or none: each method's own
+    default) or one per method in order; ``opts`` as `cli.parse_opts` gives them ({"*": ...})."""
+    if len(budgets) not in (0, 1, len(names)):
+        fail("show", f"give one budget (--keep / --ratio) for every method, or one for all; got "
+                     f"{len(budgets)} for {len(names)} methods")
+    return [(m, budgets[k] if len(budgets) > 1 else budgets[0] if budgets else Budget(),
+             {**opts.get("*", {}), **opts.get(m, {})}) for k, m in enumerate(names)]
 
 
 def check(image: str, wanted: Sequence[Tuple[str, Budget, Dict[str, Any]]]) -> None:
