@@ -128,7 +128,7 @@ def table(report: Dict[str, Any], wide: bool = False) -> Table:
     cols += [c + mark for c in fid_cols]
     for c in cols:
         t.add_column(c, justify="left" if c in ("method", "stage", "budget") else "right",
-                     no_wrap=c in ("method", "budget", "total ms (IQR)", "speedup"), overflow="fold",
+                     no_wrap=c in ("method", "budget", "kept", "total ms (IQR)", "speedup"), overflow="fold",
                      min_width=max(len(w) for w in c.split()))   # headers wrap, never "prefi…"
     prev = None
     for r in report["rows"]:
@@ -194,13 +194,13 @@ def table(report: Dict[str, Any], wide: bool = False) -> Table:
     return t
 
 
-def speedup_range(row: Dict[str, Any], base: Dict[str, Any]) -> Optional[tuple]:
-    """(low, high) speedup of ``row`` when each median moves by half its IQR against the
-    baseline's: the error bar of the plot (None without times)."""
-    t, bt = row.get("total_ms"), base.get("total_ms")
+def speedup_range(row: Dict[str, Any], base: Dict[str, Any], stage: str = "total") -> Optional[tuple]:
+    """(low, high) speedup of ``row``'s ``stage`` ("total", "prefill", ...) when each median
+    moves by half its IQR against the baseline's: the error bar of the plot (None without times)."""
+    t, bt = row.get(f"{stage}_ms"), base.get(f"{stage}_ms")
     if not t or not bt:
         return None
-    i, bi = (row.get("total_iqr_ms") or 0.0) / 2, (base.get("total_iqr_ms") or 0.0) / 2
+    i, bi = (row.get(f"{stage}_iqr_ms") or 0.0) / 2, (base.get(f"{stage}_iqr_ms") or 0.0) / 2
     return max(bt - bi, 0.0) / (t + i), (bt + bi) / max(t - i, 1e-9)
 
 
@@ -214,7 +214,9 @@ def pareto_front(points: List[tuple], higher_better: bool) -> List[tuple]:
 def plot(report: Dict[str, Any], path: str) -> str:
     """PNG: fidelity against speedup (Pareto), one panel per model, one curve per method over
     its budgets; IQR error bars on the speedup, the baseline (1x) with its own spread shaded,
-    the Pareto front dashed. A random-weight model says its fidelity is meaningless."""
+    the Pareto front dashed. The speedup is the whole call's for an encoder, the LLM prefill's
+    for a VLM (its tower runs the same in every configuration of projector / LLM methods).
+    A random-weight model says its fidelity is meaningless."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -225,24 +227,27 @@ def plot(report: Dict[str, Any], path: str) -> str:
     for ax, rep in zip(axes[0], ps):
         fkey = primary_fidelity(rep)
         higher = fkey != "kl"
-        rows = [r for r in rep["rows"] if not r.get("error") and r.get("speedup") is not None]
+        stage = "prefill" if rep.get("kind") == "vlm" else "total"
+        sp = "speedup_prefill" if stage == "prefill" else "speedup"
+        rows = [{**r, "x": 1.0 if r["method"] == "baseline" else r.get(sp)} for r in rep["rows"] if not r.get("error")]
+        rows = [r for r in rows if r["x"] is not None]
         base = next((r for r in rows if r["method"] == "baseline"), None)
-        if base is not None and base.get("total_ms"):
-            band = (base.get("total_iqr_ms") or 0.0) / base["total_ms"]
+        if base is not None and base.get(f"{stage}_ms"):
+            band = (base.get(f"{stage}_iqr_ms") or 0.0) / base[f"{stage}_ms"]
             ax.axvspan(1 - band, 1 + band, color="0.85", lw=0, label="baseline spread (IQR)")
             ax.axvline(1.0, color="k", ls=":", lw=1)
             if base.get(fkey) is not None:
                 ax.plot([1.0], [base[fkey]], "k*", ms=12, label="unreduced", zorder=5)
-        points = []
+        points = [(1.0, base[fkey])] if base is not None and base.get(fkey) is not None else []
         for m in [m for m in dict.fromkeys(r["method"] for r in rows) if m != "baseline"]:
-            rs = sorted((r for r in rows if r["method"] == m and r.get(fkey) is not None), key=lambda r: r["speedup"])
+            rs = sorted((r for r in rows if r["method"] == m and r.get(fkey) is not None), key=lambda r: r["x"])
             if not rs:
                 continue
-            x = [r["speedup"] for r in rs]
+            x = [r["x"] for r in rs]
             y = [r[fkey] for r in rs]
             err = None
             if base is not None:
-                rng = [speedup_range(r, base) or (r["speedup"], r["speedup"]) for r in rs]
+                rng = [speedup_range(r, base, stage) or (r["x"], r["x"]) for r in rs]
                 err = [[max(xi - lo, 0.0) for xi, (lo, _) in zip(x, rng)], [max(hi - xi, 0.0) for xi, (_, hi) in zip(x, rng)]]
             line = ax.errorbar(x, y, xerr=err, fmt="o-", capsize=3, label=m, zorder=4)
             for r, xi, yi in zip(rs, x, y):
@@ -256,7 +261,8 @@ def plot(report: Dict[str, Any], path: str) -> str:
         ylabel = {"saliency_corr": "saliency Pearson r (higher is better)", "pooled_cos": "[CLS] cosine (higher is better)",
                   "kl": "next-token KL (lower is better)"}.get(fkey, fkey)
         ax.set_ylabel(ylabel + ("" if real else "\nRANDOM weights: meaningless"))
-        ax.set_xlabel("speedup of the whole call (median; bars: IQR)")
+        ax.set_xlabel(("speedup of the LLM prefill" if stage == "prefill" else "speedup of the whole call")
+                      + " (median; bars: IQR)")
         cut = f", LLM {rep['layers']} layers" if rep.get("kind") == "vlm" and rep.get("layers") else ""
         ax.set_title(f"{rep['model']} ({'real' if real else 'RANDOM'} weights{cut}), {rep['device']}", fontsize=10)
         ax.grid(alpha=0.3)
