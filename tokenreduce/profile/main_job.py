@@ -36,7 +36,7 @@ LLAVA_LAYERS = 2
 # the one sweep it describes (argparse accepts unique prefixes, hence the startswith below)
 WORKLOAD_FLAGS = ("--model", "--method", "--keep", "--ratio", "--opt", "--batch", "--n-images", "--layers",
                   "--images", "--image-size", "--prompt", "--new-tokens", "--random-weights", "--warmup",
-                  "--repeat")
+                  "--repeat", "--frames", "--projector", "--projector-weights")   # the last three: flags on main
 
 
 def is_main_job(argv: Sequence[str]) -> bool:
