@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command from a fresh clone: create .venv, install torch and the tools, build the
 # native ops, then run the main job: `tokenreduce profile` on its embedded default (the real
-# DINOv2-S/14 on shipped images, several methods and budgets; `tokenreduce bench` runs the op benchmarks).
+# DINOv2-S/14 on shipped images with ViT-stage methods, then the LLaVA-1.5-7B architecture with a 2-layer LLM and
+# random weights with VisionZip and FastV; `tokenreduce bench` runs the op benchmarks).
 #
 #   ./setup.sh            install + build + `tokenreduce info` + `tokenreduce profile`
 #   ./setup.sh --no-run   install + build only (what CI uses)

