@@ -1,6 +1,7 @@
 """tests/vllm: the vLLM plugin and `tokenreduce serve`, in .venv-vllm (tools/vllm_venv.sh;
-run with tools/vllm_tests.sh). A module that needs vLLM starts with ``pytest.importorskip("vllm")``,
-so the main suite (no vLLM) skips it with that reason.
+run with tools/vllm_tests.sh). A module that needs vLLM starts with
+``pytest.importorskip("vllm.entrypoints")``, so the main suite (no vLLM) skips it with that reason
+(not ``"vllm"``: pytest puts tests/ on sys.path, where this folder is a namespace package ``vllm``).
 
 vLLM runs in-process and single-rank for speed (``LLM()`` takes 6-7 s instead of 45-65 s in its
 default multi-process mode) and OpenMP threads sleep instead of spin-waiting (~14 ms per kernel

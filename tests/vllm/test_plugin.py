@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-pytest.importorskip("vllm", reason="vLLM is not installed (tools/vllm_venv.sh makes .venv-vllm)")
+pytest.importorskip("vllm.entrypoints", reason="vLLM is not installed (tools/vllm_venv.sh makes .venv-vllm)")
 
 from _vllm_reference import reference_generate  # noqa: E402
 

@@ -14,7 +14,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-pytest.importorskip("vllm", reason="vLLM is not installed (tools/vllm_venv.sh makes .venv-vllm)")
+pytest.importorskip("vllm.entrypoints", reason="vLLM is not installed (tools/vllm_venv.sh makes .venv-vllm)")
 openai = pytest.importorskip("openai")
 
 STARTUP_S = 240
@@ -105,19 +105,3 @@ def test_serve_unreduced_and_sigterm(tiny_llava):
     finally:
         rc, log = stop(proc, signal.SIGTERM)
     assert rc == 0, log[-3000:]
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--method", "nope", "--keep", "64"], "tokenreduce serve: tokenreduce.vllm: unknown method 'nope'"),
-    (["--method", "visionzip", "--keep", "0"], "tokenreduce serve: tokenreduce.methods.visionzip: keep must be"),
-    (["--method", "fastv", "--keep", "64"], "tokenreduce serve: tokenreduce.vllm: fastv runs inside the LLM"),
-    (["--keep", "64"], "tokenreduce serve: tokenreduce.vllm: --keep / --ratio / --opt need --method"),
-])
-def test_bad_method_or_budget_refuses_to_start_with_one_line(tiny_llava, args, message):
-    t0 = time.time()
-    res = subprocess.run(serve_cmd(tiny_llava, *args), capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(message), res.stderr
-    assert res.stdout == ""
-    assert time.time() - t0 < 60          # refused before vLLM is imported

@@ -105,7 +105,8 @@ def main(argv: Sequence[str]) -> int:
     except (ValueError, TypeError) as e:
         print(f"tokenreduce serve: {e}", file=sys.stderr)
         return 2
-    if importlib.util.find_spec("vllm") is None:
+    spec_vllm = importlib.util.find_spec("vllm")
+    if spec_vllm is None or spec_vllm.origin is None:    # absent, or only a folder named vllm (namespace)
         print(f"tokenreduce serve: {INSTALL_HINT}", file=sys.stderr)
         return 1
     label = "unreduced" if spec is None else json.dumps(spec)

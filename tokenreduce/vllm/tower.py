@@ -75,7 +75,10 @@ class ScoredEncoderAttention(nn.Module):
 
     def _combine(self, rec: attention.ScoreRecorder) -> None:
         part, layer = getattr(self, "_tokenreduce_part", None), getattr(self, "_tokenreduce_layer", None)
-        for kind in rec.wanted(part, layer):
+        wanted = rec.wanted(part, layer)
+        # a fixed order: every rank must issue the same collectives in the same order (a set's
+        # iteration order follows the per-process string hash seed)
+        for kind in [k for k in attention.KINDS if k in wanted]:
             got = rec.get(kind, part, layer)
             if got is None:
                 continue
