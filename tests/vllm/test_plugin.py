@@ -111,6 +111,8 @@ def test_visionzip_keeps_image_dependent_tokens(tiny_llava, reduced):
 
 def test_unreduced_equals_plain_vllm_and_transformers(tiny_llava, reduced):
     prompts = batch(images(4))
+    # first: deleting a second in-process LLM tears down vLLM's (global) parallel state
+    reduced_tokens = [list(o.outputs[0].token_ids) for o in run(reduced, prompts)]
     llm = make_llm(tiny_llava)
     got = [list(o.outputs[0].token_ids) for o in run(llm, prompts)]
     lens = [len(o.prompt_token_ids) for o in run(llm, prompts)]
@@ -130,5 +132,4 @@ def test_unreduced_equals_plain_vllm_and_transformers(tiny_llava, reduced):
     plain, plain_lens = json.loads(line[0][7:])
     assert got == plain and lens == plain_lens
     assert lens[0] > N_IMG
-    reduced_tokens = [list(o.outputs[0].token_ids) for o in run(reduced, prompts)]
     assert reduced_tokens[1] == got[1] and reduced_tokens != got   # text-only equal; images reduced

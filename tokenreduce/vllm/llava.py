@@ -6,8 +6,9 @@ Without a ``tokenreduce`` entry in the model's config the class is vLLM's, uncha
 
 * the prompt holds K placeholders per image instead of N (`ReducedLlavaProcessingInfo.
   get_num_image_tokens`, which vLLM's prompt replacement, ``get_max_image_tokens``, the
-  encoder budget and the dummy profiling inputs all read): K = ``method.keep_tokens(N)`` is fixed
-  per image size; which tokens are kept depends on the image;
+  encoder budget and the dummy profiling inputs all read): K is fixed per config (the tower's
+  shape-only run on the meta device, `tokenreduce.vllm.tower.kept_count`: ToMe's count depends
+  on the depth); which tokens are kept depends on the image;
 * `_process_image_input` runs vLLM's CLIP tower through `tokenreduce.vllm.tower.reduced_features`
   (ViT-stage methods between its blocks, projector-stage methods on its features, statistics
   from the fused ``attention_with_scores``), then LLaVA's projector: ``[B, K, D_llm]`` per batch
@@ -32,9 +33,9 @@ from transformers import CLIPVisionConfig, PixtralVisionConfig
 
 from ..methods.base import Method
 from .config import method_of_spec, spec_of_config
-from .tower import reduced_features
+from .tower import kept_count, reduced_features
 
-__all__ = ["ReducedLlavaForConditionalGeneration", "ReducedLlavaProcessingInfo", "kept_tokens"]
+__all__ = ["ReducedLlavaForConditionalGeneration", "ReducedLlavaProcessingInfo", "kept_tokens_of"]
 
 
 @functools.lru_cache(maxsize=32)
@@ -48,11 +49,20 @@ def method_of(hf_config) -> Optional[Method]:
     return None if spec is None else _method(json.dumps(spec, sort_keys=True))
 
 
-def kept_tokens(method: Method, n: int, select_strategy: str) -> int:
-    """Placeholders of an image LLaVA feeds ``n`` features of (``"full"``: [CLS] + patches)."""
-    if select_strategy == "full":
-        return 1 + method.keep_tokens(n - 1)
-    return method.keep_tokens(n)
+@functools.lru_cache(maxsize=32)
+def _kept(spec_json: str, vision_json: str, feature_layer: int, select_strategy: str) -> int:
+    vision_config = CLIPVisionConfig.from_dict(json.loads(vision_json))
+    return kept_count(vision_config, _method(spec_json), feature_layer, select_strategy)
+
+
+def kept_tokens_of(hf_config) -> Optional[int]:
+    """Placeholders per image with the config's method (None: no method), from a shape-only run
+    of the tower (`tokenreduce.vllm.tower.kept_count`), once per config."""
+    spec = spec_of_config(hf_config)
+    if spec is None:
+        return None
+    return _kept(json.dumps(spec, sort_keys=True), hf_config.vision_config.to_json_string(),
+                 hf_config.vision_feature_layer, hf_config.vision_feature_select_strategy)
 
 
 class ReducedLlavaProcessingInfo(LlavaProcessingInfo):
@@ -60,9 +70,8 @@ class ReducedLlavaProcessingInfo(LlavaProcessingInfo):
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
         n = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
-        cfg = self.get_hf_config()
-        method = method_of(cfg)
-        return n if method is None else kept_tokens(method, n, cfg.vision_feature_select_strategy)
+        k = kept_tokens_of(self.get_hf_config())
+        return n if k is None else k
 
 
 def _build_info(ctx):
@@ -106,4 +115,8 @@ class ReducedLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             return super()._process_image_input(image_input)
         feats = reduced_features(self.vision_tower.vision_model, image_input["pixel_values"], method,
                                  self.config.vision_feature_layer, self.config.vision_feature_select_strategy)
+        want = kept_tokens_of(self.config)
+        if feats.shape[1] != want:
+            raise RuntimeError(f"tokenreduce.vllm: {method.name} kept {feats.shape[1]} tokens per image but the "
+                               f"prompt holds {want} placeholders")
         return self.multi_modal_projector(feats)

@@ -29,7 +29,8 @@ from ..methods.base import Method
 from ..models import attention
 from ..models.vit import run_vision
 
-__all__ = ["ScoredEncoderAttention", "combine_head_shards", "install_scored_attention", "reduced_features"]
+__all__ = ["ScoredEncoderAttention", "combine_head_shards", "install_scored_attention", "reduced_features",
+           "kept_count"]
 
 MEAN_KINDS = ("cls", "received", "query", "keys")   # head means: combined by a weighted all-reduce
 
@@ -119,3 +120,20 @@ def reduced_features(vision_model: nn.Module, pixel_values: Tensor, method: Meth
         raise ValueError(f"tokenreduce.vllm: {method.name} returned padding slots (size 0), which vLLM cannot "
                          "mask in the prompt; give a budget it fills")
     return feats
+
+
+def kept_count(vision_config, method: Method, feature_layer: int, select_strategy: str) -> int:
+    """Image features per image ``reduced_features`` returns for this tower config: the same
+    `run_vision` on a transformers `CLIPVisionModel` of the config on the ``meta`` device (shapes
+    only, about a second for CLIP-L; no weights, no data). A method's count can depend on the
+    tower's depth (ToMe / Turbo merge after every layer that runs), so it is not read from
+    ``method.keep_tokens`` alone. The caller caches it per config."""
+    from transformers import CLIPVisionModel
+
+    with torch.device("meta"):
+        tower = CLIPVisionModel(vision_config)
+    attention.register()
+    tower.set_attn_implementation(attention.NAME)
+    size = vision_config.image_size
+    vis = run_vision(tower, torch.empty(1, 3, size, size, device="meta"), method, feature_layer=feature_layer)
+    return vis.features.shape[1] - int(select_strategy == "default")
