@@ -1,6 +1,7 @@
-"""tensor_parallel_size=2 in vLLM on the CPU (two worker processes, one core set each): the
-tower's heads are sharded, the statistics combined across the ranks (`combine_head_shards`),
-and the reduced generation still equals transformers' (one process, every head) token for token."""
+"""vLLM runs in a fresh process: tensor_parallel_size=2 on the CPU (two worker processes, one core
+set each; the tower's heads are sharded and the statistics combined across the ranks by
+`combine_head_shards`), and a ViT-stage method (ToMe, merging between the tower's blocks). Both
+equal transformers (one process, every head) token for token."""
 import json
 import os
 import subprocess
@@ -19,9 +20,9 @@ sys.path.insert(0, {here!r})
 import test_plugin as t
 from vllm import LLM
 if __name__ == "__main__":
-    kw = {{"hf_overrides": {{"tokenreduce": t.VISIONZIP}}}}
-    llm = LLM({path!r}, tensor_parallel_size=2, distributed_executor_backend="mp", max_model_len=2048,
-              enforce_eager=True, seed=0, dtype="float32", limit_mm_per_prompt={{"image": 2}}, **kw)
+    llm = LLM({path!r}, tensor_parallel_size={tp}, distributed_executor_backend={backend!r}, max_model_len=2048,
+              enforce_eager=True, seed=0, dtype="float32", limit_mm_per_prompt={{"image": 2}},
+              hf_overrides={{"tokenreduce": {spec!r}}})
     outs = t.run(llm, t.batch(t.images(0)))
     print("RESULT", json.dumps([[list(o.outputs[0].token_ids) for o in outs], [len(o.prompt_token_ids) for o in outs]]))
 """
@@ -36,17 +37,36 @@ def core_sets():
     return "|".join(",".join(map(str, c)) for c in (cores[:half], cores[half:2 * half]))
 
 
-def test_tensor_parallel_2_equals_transformers(tiny_llava):
-    import test_plugin as t
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    env["VLLM_CPU_OMP_THREADS_BIND"] = core_sets()
-    script = os.path.join(os.path.dirname(tiny_llava), "tp2.py")
+def generate_in_subprocess(path, spec, tp):
+    env = dict(os.environ)
+    if tp > 1:
+        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+        env["VLLM_CPU_OMP_THREADS_BIND"] = core_sets()
+    script = os.path.join(os.path.dirname(path), f"run_{spec['method']}_tp{tp}.py")
     with open(script, "w") as f:
-        f.write(SCRIPT.format(here=HERE, path=tiny_llava))
+        f.write(SCRIPT.format(here=HERE, path=path, tp=tp, backend="mp" if tp > 1 else "uni", spec=spec))
     res = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=480)
     line = [l for l in res.stdout.splitlines() if l.startswith("RESULT ")]
     assert line, res.stderr[-4000:]
-    got, lens = json.loads(line[0][7:])
-    prompts = t.batch(t.images(0))
-    assert got == reference_generate(tiny_llava, prompts, t.VISIONZIP, t.NEW_TOKENS)
+    return json.loads(line[0][7:])
+
+
+def test_tensor_parallel_2_equals_transformers(tiny_llava):
+    import test_plugin as t
+    got, lens = generate_in_subprocess(tiny_llava, t.VISIONZIP, tp=2)
+    assert got == reference_generate(tiny_llava, t.batch(t.images(0)), t.VISIONZIP, t.NEW_TOKENS)
     assert lens[0] < 100 and lens[2] < 200          # K = 64 placeholders per image, not 576
+
+
+def test_vit_stage_tome_equals_transformers(tiny_llava):
+    import test_plugin as t
+    from tokenreduce.vllm.config import method_of_spec
+    from tokenreduce.vllm.tower import kept_count
+    from _vllm_reference import load
+    spec = {"method": "tome", "keep": 64}
+    cfg = load(tiny_llava)[0].config
+    k = kept_count(cfg.vision_config, method_of_spec(spec), cfg.vision_feature_layer,
+                   cfg.vision_feature_select_strategy)
+    got, lens = generate_in_subprocess(tiny_llava, spec, tp=1)
+    assert got == reference_generate(tiny_llava, t.batch(t.images(0)), spec, t.NEW_TOKENS)
+    assert lens[1] == 5 and lens[0] == k + 5 and lens[2] == 2 * k + 3 and 64 < k < 576
