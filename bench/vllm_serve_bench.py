@@ -50,7 +50,7 @@ def free_port() -> int:
 def start_server(model: str, port: int, extra: List[str], log_path: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "tokenreduce", "serve", model, "--port", str(port), *extra,
            "--dtype", "bfloat16", "--max-model-len", "2048", "--no-enable-prefix-caching",
-           "--max-num-seqs", "64", "--limit-mm-per-prompt", '{"image": 1}']
+           "--max-num-seqs", "64", "--limit-mm-per-prompt", '{"image": 1}', "--distributed-executor-backend", "uni"]
     log = open(log_path, "w")
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -130,6 +130,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("KMP_BLOCKTIME", "0")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")   # GiB; 32 x ~600 tokens need ~0.7 GiB here
     workdir = tempfile.mkdtemp(prefix="tokenreduce-vllm-bench-")
     model = args.model
     if model is None:

