@@ -12,7 +12,7 @@ LAYERS = [
     {"ops", "reference", "backends", "triton", "nvrtc"},
     {"methods"},
     {"models", "images"},
-    {"profile", "bench", "measure", "output_paths", "testing"},
+    {"profile", "bench", "measure", "output_paths", "testing", "vllm"},
     {"cli", "__main__", "__init__"},
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -5,6 +5,7 @@
     tokenreduce profile  the unreduced model vs. reduction methods: stage times, memory, FLOPs,
                          fidelity (default: the real DINOv2-S, then the LLaVA-1.5-7B architecture)
     tokenreduce show     an image with the tokens each method keeps, one panel per method (PNG)
+    tokenreduce serve    vLLM's OpenAI-compatible server with a method (tokenreduce.vllm.serve)
 
 Exit codes of ``bench``: 0 normally; 1 with ``--check`` when a full-mode speed target is
 missed; 2 when an op's output does not match its reference (nothing is timed then).
@@ -432,17 +433,29 @@ def build_parser() -> argparse.ArgumentParser:
     mth.add_argument("--markdown", action="store_true", help="print the README methods table")
     mth.add_argument("-v", "--verbose", action="store_true",
                      help="also print each method's summary, faithful-to and deviations")
+    srv = sub.add_parser("serve", add_help=False, help="vLLM's OpenAI-compatible server with a reduction method "
+                                                       "(MODEL --method NAME --keep K [vLLM serve options])")
+    srv.add_argument("serve_args", nargs=argparse.REMAINDER)
     return parser
+
+
+def cmd_serve(args: argparse.Namespace, console: Optional[Console]) -> int:
+    """tokenreduce.vllm.serve does the work (its own options; the rest goes to `vllm serve`)."""
+    from .vllm import serve
+
+    return serve.main(args.serve_args)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:   # its own parser (options starting with - included) and vLLM's options
+        return cmd_serve(argparse.Namespace(serve_args=argv[1:]), None)
     args = build_parser().parse_args(argv)
     args.argv_ = argv[argv.index(args.command) + 1:] if args.command in argv else []
     # a log or a pipe gets a wide table rather than Rich's 80-column default
     console = Console() if sys.stdout.isatty() else Console(width=max(160, _env_columns()))
     command = {"info": cmd_info, "bench": cmd_bench, "profile": cmd_profile, "show": cmd_show,
-               "methods": cmd_methods}[args.command]
+               "methods": cmd_methods, "serve": cmd_serve}[args.command]
     try:
         return command(args, console)
     except KeyboardInterrupt:

@@ -1,0 +1,60 @@
+"""What the vLLM plugin must reproduce: transformers running the same model with the same
+reduction, greedy. The one function the tests compare with (`reference_generate`); switch its
+body to ``tokenreduce.patch`` once that lands (same arguments, same result).
+
+Today it runs tokenreduce's transformers path piece by piece, per image: the LLaVA adapter's
+tower run (`LlavaAdapter.run_tower`: VIT / PROJECTOR method, fused statistics) and projector
+(`LlavaAdapter.project`), the features placed at the image tokens of a prompt that holds K of
+them per image (vLLM's layout: every image of a prompt reduced on its own), then
+transformers' greedy ``generate``. `VLMRunner.generate` (one image per prompt) is the same
+computation; tests/vllm/test_plugin.py checks that too.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from tokenreduce.models.adapters.llava import LlavaAdapter
+from tokenreduce.vllm.config import method_of_spec
+
+_MODELS: Dict[str, Any] = {}
+
+
+def load(path: str):
+    """(transformers model float32, processor), cached per path."""
+    if path not in _MODELS:
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+        _MODELS[path] = (model, AutoProcessor.from_pretrained(path))
+    return _MODELS[path]
+
+
+@torch.no_grad()
+def reference_generate(path: str, prompts: Sequence[Dict[str, Any]], spec: Optional[Dict[str, Any]],
+                       max_new_tokens: int) -> List[List[int]]:
+    """Greedy token ids per prompt (``{"prompt": str with one "<image>" per image,
+    "images": [PIL images]}``) of the model at ``path`` with the ``tokenreduce`` entry ``spec``
+    (None: unreduced)."""
+    model, proc = load(path)
+    method = method_of_spec(spec) if spec is not None else None
+    adapter = LlavaAdapter(model, method)
+    tok = proc.tokenizer
+    image_token = model.config.image_token_id
+    out = []
+    for p in prompts:
+        images = p.get("images") or []
+        feats = None
+        if images:
+            px = proc.image_processor(images, return_tensors="pt")["pixel_values"]
+            feats, _ = adapter.project(adapter.run_tower(px, None))          # [n_images, K, D]
+        k = feats.shape[1] if feats is not None else 0
+        text = p["prompt"].replace("<image>", " ".join(["<image>"] * k)) if k else p["prompt"]
+        ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+        emb = model.get_input_embeddings()(ids)
+        if feats is not None:
+            emb[ids == image_token] = feats.reshape(-1, feats.shape[-1]).to(emb.dtype)
+        gen = model.generate(inputs_embeds=emb, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=3)
+        out.append(gen[0].tolist())
+    return out
