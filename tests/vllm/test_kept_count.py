@@ -6,10 +6,10 @@ import torch
 
 from tokenreduce.methods import available, get
 from tokenreduce.methods.base import Stage
-from tokenreduce.vllm.config import method_of_spec
+from tokenreduce.vllm.config import REFUSED_NEEDS, method_of_spec
 from tokenreduce.vllm.tower import kept_count
 
-ACCEPTED = [n for n in available() if get(n).stage != Stage.LLM]
+ACCEPTED = [n for n in available() if get(n).stage != Stage.LLM and not set(REFUSED_NEEDS) & get(n).needs]
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from ..errors import fail
 from ..methods import available, build
 from ..methods.base import Method, Need, Stage
 
-__all__ = ["KEY", "method_of_spec", "spec_of_config", "spec_label"]
+__all__ = ["KEY", "REFUSED_NEEDS", "method_of_spec", "spec_of_config", "spec_label"]
 
 KEY = "tokenreduce"        # the config attribute / hf_overrides key
 WHERE = "vllm"

@@ -113,7 +113,7 @@ def reduced_features(vision_model: nn.Module, pixel_values: Tensor, method: Meth
     vis = run_vision(vision_model, pixel_values.to(vision_model.dtype), method, feature_layer=feature_layer)
     feats = vis.features
     size = vis.reduction.size if vis.reduction is not None else None
-    if select_strategy == "default":
+    if drops_cls(method, select_strategy):
         feats = feats[:, 1:]
         size = size[:, 1:] if size is not None else None
     if size is not None and bool((size <= 0).any()):
@@ -136,4 +136,10 @@ def kept_count(vision_config, method: Method, feature_layer: int, select_strateg
     tower.set_attn_implementation(attention.NAME)
     size = vision_config.image_size
     vis = run_vision(tower, torch.empty(1, 3, size, size, device="meta"), method, feature_layer=feature_layer)
-    return vis.features.shape[1] - int(select_strategy == "default")
+    return vis.features.shape[1] - int(drops_cls(method, select_strategy))
+
+
+def drops_cls(method: Method, select_strategy: str) -> bool:
+    """LLaVA's ``"default"`` feature select drops [CLS], except for a method whose released code
+    sends it on into the projector (VisionZip: ``projects_cls``), as the transformers adapter."""
+    return select_strategy == "default" and not getattr(method, "projects_cls", False)
