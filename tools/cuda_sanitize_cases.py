@@ -1,7 +1,6 @@
 #!/usr/bin/env python3
-"""Small CUDA cases of attention_with_scores, kcenter, bipartite_merge, recycle and region_attention for
-compute-sanitizer.
-"""Small CUDA cases of attention_with_scores, kcenter, bipartite_merge, recycle and dpp_select for compute-sanitizer.
+"""Small CUDA cases of attention_with_scores, kcenter, bipartite_merge, recycle, region_attention and
+dpp_select for compute-sanitizer.
 
     compute-sanitizer --tool memcheck  python tools/cuda_sanitize_cases.py
     compute-sanitizer --tool racecheck python tools/cuda_sanitize_cases.py
