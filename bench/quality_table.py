@@ -30,10 +30,10 @@ RATIOS = (0.5, 0.25, 0.11)
 BASELINES = ("random", "uniform", "pool")
 
 
-@methods.register
 class CDPrunerNoText(CDPruner):
     """CDPruner on a bare encoder: no text to condition on, so relevance 1 (CDPruner's own
-    fallback without ctx.text, the authors' ablation without the instruction): the plain DPP MAP."""
+    fallback without ctx.text, the authors' ablation without the instruction): the plain DPP MAP.
+    Registered by `main` only when it runs (never on import, so the registry stays as it was)."""
     name = "cdpruner-dpp"
     needs = frozenset({Need.FEATURES})
 
@@ -126,6 +126,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = "python bench/quality_table.py" + ("" if not argv else " " + " ".join(argv))
     names = args.methods or vision_methods()
+    if CDPrunerNoText.name in names and CDPrunerNoText.name not in methods.available():
+        methods.register(CDPrunerNoText)
     batch = args.batch or len(images.shipped_images())
     spec = sweep.Spec(model="dinov2-s-real", methods=names, budgets=[methods.Budget(ratio=r) for r in RATIOS], batch=batch,
                    warmup=1, repeat=args.repeat, threads=args.threads, memory=False)
