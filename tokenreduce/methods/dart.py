@@ -47,7 +47,10 @@ class DART(Method):
                    "on the normed hidden states, taken tokens removed from the candidates")
     deviations = ("pivots are visited in ascending position (the authors iterate a Python set, "
                   "an order set by hashing); the per-pivot counts are spread so the total is "
-                  "exactly keep (the authors: the same TOKEN_TOPK for every pivot); the text "
+                  "exactly keep (the authors: the same TOKEN_TOPK = ceil((M or N (1 - R)) // 8) for every "
+                  "pivot, so their scripts/v1_5/eval/<bench>.sh R M hands on 4 + 8 TOKEN_TOPK image "
+                  "tokens: `0.778 128` -> 132, R alone 0.667/0.778/0.889 -> 188/124/60; keep=132 "
+                  "reproduces `0.778 128` with 16 per pivot, the keep=128 preset gives 4 of the 8 pivots 15); the text "
                   "pivots are ranked by the L1 norm of ctx.text (the context carries image keys "
                   "only); image pivots rank the L1 norm of ctx.keys (the authors: all KV heads "
                   "concatenated - pass those as ctx.keys to match); similarities use ctx.x / ctx.text as given (the authors apply the "

@@ -58,7 +58,10 @@ class FlowCut(Method):
     deviations = ("static pruning counts: prune_num = round((n - K) / sqrt(rpl) * (1 - rho^2)) with a fixed "
                   "rho (entropy_ratio) instead of the per-batch [CLS]-attention entropy (a host sync and "
                   "data-dependent shapes); the last point still reaches the budget exactly; "
-                  "ties go to the smaller index")
+                  "ties go to the smaller index; keep=K is the authors' flowcut(model, target_num=K) on LLaVA-1.5 "
+                  "(target K + 1 with [CLS] in the ViT, [CLS] dropped after); their anyres path (LLaVA-NeXT: "
+                  "int(K / 2) per crop in the ViT, then a prune to K at LLM layer 1) is not followed: keep "
+                  "applies per crop row in the ViT only")
 
     def configure(self) -> None:
         self.heads = int_option(self, "heads", 16, rule="a positive int")

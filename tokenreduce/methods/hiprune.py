@@ -39,7 +39,9 @@ class HiPrune(Method):
                    "deep top-k over the rest)")
     deviations = ("batched: one top-k of deep + 2*mask instead of unique + a second top-k (same set); "
                   "neighbours +-1 wrap across grid rows as the authors' flat indexing does; "
-                  "ties go to the smaller index")
+                  "ties go to the smaller index; keep=K is per image row, while the authors' HIPRUNE_RETENTION=R "
+                  "is the budget of the whole concatenated batch, int(R / B) per row (LLaVA-1.5: B = 1, "
+                  "keep = R; LLaVA-NeXT's crops: pass keep = R // crops)")
 
     def configure(self) -> None:
         self.alpha = float(self.opts.get("alpha", 0.1))

@@ -63,7 +63,9 @@ class VFlowOpt(Method):
                   "authors' default), i.e. plain attention received: a per-sample row subset is not "
                   "expressible by the fused op; empty cells give padding slots (the authors' count varies); "
                   "negative pixels wrap when cast to 8 bits as torch's CPU cast does; only the ViT-side "
-                  "stage (the LLM-side stage of iLLaVA/VFlowOpt is not here); ties to the smaller index")
+                  "stage (the LLM-side stage of iLLaVA/VFlowOpt is not here); ties to the smaller index; on "
+                  "LLaVA-OneVision's anyres input the authors count L over base + crops together (N = every "
+                  "image token of the image) with cells on each grid; here L and the cells are per batch row")
 
     def configure(self) -> None:
         self.a = float(self.opts.get("a", 17.386981849158786))

@@ -36,7 +36,9 @@ class VisionDrop(LLMStages):
         "schedule": "((dominant, contextual), ...) per stage (authors' default ((30, 5), (22, 4), (16, 3)))",
         "contextual_frac": "share of contextual tokens when the schedule comes from keep/ratio (default 0.15)",
     }
-    budgets = ("default: the authors' schedule ((30,5),(22,4),(16,3)) after 48 = 42+6 ViT tokens; keep=K or "
+    budgets = ("default: the authors' schedule ((30,5),(22,4),(16,3)) after 48 ViT tokens (their scripts: "
+               "visionzip(model, dominant=42, contextual=6) = [CLS] + 41 + 6, i.e. visionzip "
+               "dominant=42, contextual=6 here); keep=K or "
                "ratio=r: stage totals shrink geometrically to K; LLaVA-1.5 presets keep=192 / 128 / 64 (ViT stage "
                "by visionzip)")
     faithful_to = ("Ruixxxx/VisionDrop llava/model/modeling_llama_visiondrop.py visiondrop_rank_drop @f7a9444 "

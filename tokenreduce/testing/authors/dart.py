@@ -1,8 +1,12 @@
 """DART as ZichenWen1/DART get_retained_image_token does it (LLaVA): L1-norm pivots,
 then for each pivot in the iteration order of a Python set, the TOKEN_TOPK least
-cosine-similar remaining image tokens. Batch 1 in the authors: looped per sample."""
+cosine-similar remaining image tokens. Batch 1 in the authors: looped per sample.
+The DART repository itself was not fetchable here (README only: `<bench>.sh R M`); the
+entry arithmetic (dart_token_topk) is read from LightCompress's port (llmc
+token_reduction dart.py, the same get_retained_image_token)."""
 from __future__ import annotations
 
+import math
 from typing import List
 
 import torch
@@ -12,6 +16,23 @@ from torch.nn.functional import cosine_similarity
 from tokenreduce.methods import Context, build
 
 from . import MethodBenchCase
+
+
+def dart_token_topk(image_token_length: int, reduction_ratio: float, max_num_trunction=None,
+                    pivot_image: int = 4, pivot_text: int = 4) -> int:
+    """TOKEN_TOPK of get_retained_image_token (the neighbours every pivot selects):
+    ceil((MAX_NUM_TRUNCTION or N (1 - reduction_ratio)) // (pivot_image + pivot_text))."""
+    total = max_num_trunction if max_num_trunction is not None else image_token_length * (1 - reduction_ratio)
+    return math.ceil(total // (pivot_image + pivot_text))
+
+
+def dart_entry_keep(image_token_length: int, reduction_ratio: float, max_num_trunction=None,
+                    pivot_image: int = 4, pivot_text: int = 4) -> int:
+    """Image tokens the authors' ``scripts/v1_5/eval/<bench>.sh R M`` hands on: the image pivots
+    plus TOKEN_TOPK neighbours for each of the pivot_image + pivot_text pivots (text pivots are
+    dropped from the set afterwards, their neighbours stay)."""
+    topk = dart_token_topk(image_token_length, reduction_ratio, max_num_trunction, pivot_image, pivot_text)
+    return pivot_image + (pivot_image + pivot_text) * topk
 
 
 def dart_one(states: Tensor, img_k: Tensor, txt_k: Tensor, image_start: int, image_len: int,

@@ -19,6 +19,17 @@ from . import MethodBenchCase
 from ..synthetic import llm_inputs
 
 
+def feather_entry_counts(n: int, fastv_ratio: float = 0.7, stride: int = 3, overlap: int = 0):
+    """FastVLlamaModel (fastv_predefined_mask='no_rope_s=S', fastv_k=[8, 16]): kept share
+    ``1 - fastv_ratio``; stage 1 = unique(top int(n r) + the [::S, ::S] grid) (``overlap`` =
+    top tokens that fall on the grid), stage 2 = top int(n1 r * r) of the n1 left
+    (image_indices is re-set to the kept tokens after stage 1)."""
+    r = 1 - fastv_ratio
+    g = int(math.sqrt(n))
+    n1 = int(n * r) + len(range(0, g, stride)) ** 2 - overlap
+    return n1, int(n1 * (r * r))
+
+
 def feather_attention(q: Tensor, k: Tensor, image_idx: Tensor) -> Tensor:
     """calculate_attention_weight without RoPE, one sample: q/k [H, T, Dh] -> [n]."""
     qt = q[:, -1:, :].float()

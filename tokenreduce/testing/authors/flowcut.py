@@ -18,6 +18,16 @@ from . import MethodBenchCase
 from ..synthetic import vit_layers_qkv
 
 
+def flowcut_entry_target(target_num: int, select_feature: str = "patch", anyres: bool = False) -> int:
+    """The authors' entry ``flowcut(model, target_num)`` (flowcut/main.py): the ``target`` handed to
+    the CLIP encoder, [CLS] included ('patch': + 1, dropped by feature_select afterwards); anyres
+    (LLaVA-NeXT): int(target_num / 2) per crop in the ViT, then the LLM prunes to target_num at
+    layer 1."""
+    if anyres:
+        return int(target_num / 2) + 1 if select_feature == "patch" else int(target_num / 2)
+    return target_num + 1 if select_feature == "patch" else target_num
+
+
 def compute_score(cls_attn: Tensor, semantic_attn: Tensor, value: Tensor) -> Tensor:
     rel = cls_attn / cls_attn.sum(dim=-1, keepdim=True)
     sem = semantic_attn / semantic_attn.sum(dim=-1, keepdim=True)

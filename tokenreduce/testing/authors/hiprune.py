@@ -17,6 +17,14 @@ from ..synthetic import vit_layer_qkv
 from .eager_attention import eager_vit_probs
 
 
+def hiprune_entry(features: Tensor, shallow_probs: Tensor, deep_probs: Tensor, retention: int,
+                  alpha: float = 0.1) -> Tensor:
+    """The authors' entry (llava_arch.py encode_images): ``HIPRUNE_RETENTION=R`` is the budget of
+    the whole concatenated batch, ``visual_token_num = int(R / B)`` per image row (LLaVA-NeXT: the
+    crops of one image are the B rows; LLaVA-1.5: B = 1, keep = R). Returns [B, int(R / B)]."""
+    return hiprune_authors(features, shallow_probs, deep_probs, int(int(retention) / features.shape[0]), alpha)
+
+
 def hiprune_authors(features: Tensor, shallow_probs: Tensor, deep_probs: Tensor, keep: int,
                     alpha: float = 0.1) -> Tensor:
     """features [B, N, C] (patch tokens), *_probs [B, H, 1+N, 1+N] -> kept positions [B, keep] sorted."""

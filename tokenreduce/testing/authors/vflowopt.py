@@ -20,6 +20,13 @@ from ..synthetic import vit_layer_qkv
 from .eager_attention import eager_vit_probs
 
 
+def vflowopt_entry_counts(image_token_length: int, illava_vit_r: float, illava_vit_m: float):
+    """llava_qwen_training_free.py: ``reduce_tokens = round(N (1 - illava_vit_r))``,
+    ``num_merged_tokens = int(N / (m * m))``; the lowest reduce + merged tokens go to recycling.
+    Returns (reduce_tokens, num_merged_tokens)."""
+    return round(image_token_length * (1 - illava_vit_r)), int(image_token_length / (illava_vit_m * illava_vit_m))
+
+
 def vflowopt_importance_authors(probs: Tensor, t: float = 0.0, entropy: Optional[Tensor] = None,
                                 alpha_v: float = 0.0) -> Tensor:
     """probs [B, H, N, N] (eager) -> [B, N] combined attention map (+ entropy term)."""
