@@ -58,3 +58,34 @@ def reference_generate(path: str, prompts: Sequence[Dict[str, Any]], spec: Optio
                              min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=3)
         out.append(gen[0].tolist())
     return out
+
+
+@torch.no_grad()
+def patched_generate(path: str, prompts: Sequence[Dict[str, Any]], spec: Optional[Dict[str, Any]],
+                     max_new_tokens: int) -> List[List[int]]:
+    """The same as `reference_generate` through the user-facing path: ``tokenreduce.patch`` on
+    the transformers model, then HF's own greedy ``generate`` on the processor's unreduced
+    prompt (N placeholders per image; the patch cuts them to K). Prompts with at most one image."""
+    import tokenreduce
+
+    model, proc = load(path)
+    tok = proc.tokenizer
+    out = []
+    with tokenreduce.patched(model, method_of_spec(spec) if spec is not None else None):
+        for p in prompts:
+            images = p.get("images") or []
+            if len(images) > 1:
+                raise ValueError("patched_generate: one image per prompt")
+            if images:
+                px = proc.image_processor(images, return_tensors="pt")["pixel_values"]
+                n = model.config.vision_config.image_size // model.config.vision_config.patch_size
+                text = p["prompt"].replace("<image>", " ".join(["<image>"] * (n * n)))
+                ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+                kw = {"pixel_values": px}
+            else:
+                ids = torch.tensor([tok(p["prompt"], add_special_tokens=False)["input_ids"]])
+                kw = {}
+            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=3, **kw)
+            out.append(gen[0, ids.shape[1]:].tolist())
+    return out

@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("vllm.entrypoints", reason="vLLM is not installed (tools/vllm_venv.sh makes .venv-vllm)")
 
-from _vllm_reference import reference_generate  # noqa: E402
+from _vllm_reference import patched_generate, reference_generate  # noqa: E402
 
 NEW_TOKENS = 8
 N_IMG = 576     # CLIP 336/14
@@ -68,6 +68,14 @@ def test_reduced_generation_equals_transformers(tiny_llava, reduced):
     got = [list(o.outputs[0].token_ids) for o in outs]
     assert got == want
     assert len({tuple(g) for g in got}) > 1       # outputs depend on the prompt / image
+
+
+def test_reduced_generation_equals_transformers_with_tokenreduce_patch(tiny_llava, reduced):
+    """The plugin against the user-facing transformers path: tokenreduce.patch + HF generate
+    (prompts with 0 or 1 image: the patched LLaVA reduces each prompt's one image)."""
+    prompts = [p for p in batch(images(5)) if len(p["images"]) <= 1]
+    got = [list(o.outputs[0].token_ids) for o in run(reduced, prompts)]
+    assert got == patched_generate(tiny_llava, prompts, VISIONZIP, NEW_TOKENS)
 
 
 def test_prompt_tokens_drop_from_n_to_k_per_image(tiny_llava, reduced):
