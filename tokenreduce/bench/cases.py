@@ -238,6 +238,9 @@ def region_attention_case(quick: bool, dtype: torch.dtype = torch.float32) -> Ca
         target=3.0,
         quick=quick,
         peers=lambda: peers.region_attention_peers((G, G), s, H),
+    )
+
+
 def dpp_select_case(quick: bool, dtype: torch.dtype = torch.float32) -> Case:
     """dpp_select of x [B, N, D] with relevance [B, N] (full: B=8 N=576 D=1024 k=64, issue 14)."""
     B, N, D, k = (2, 129, 128, 16) if quick else (8, 576, 1024, 64)
