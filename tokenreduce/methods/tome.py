@@ -1,6 +1,8 @@
 """ToMe: bipartite soft matching inside the ViT, r tokens merged per block."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -11,15 +13,25 @@ from .helpers import check_x, need
 from .merge_schedule import MergeSchedule
 
 
-def representative(source: Tensor, K: int) -> Tensor:
+def representative(source: Tensor, K: int, rank: Optional[Tensor] = None) -> Tensor:
     """Per output slot, the input position that stands for it: the B-set (odd) member
-    of a merged slot, or the slot's only member. source ``[B, N]`` -> ``[B, K]``."""
+    of a merged slot, or the slot's only member. source ``[B, N]`` -> ``[B, K]``.
+    ``rank``: a `position_rank` of at least N positions on source's device (reused across
+    blocks: its first N entries serve)."""
     B, N = source.shape
-    pos = torch.arange(N, device=source.device).expand(B, N)
-    key = pos + (N + 1) * (pos % 2)
+    if rank is None or rank.shape[0] < N:
+        rank = position_rank(N, source.device)
     best = torch.full((B, K), -1, dtype=torch.long, device=source.device)
-    best = best.scatter_reduce(1, source, key, reduce="amax", include_self=True)
-    return best % (N + 1)
+    best = best.scatter_reduce_(1, source, rank[:N].expand(B, N), reduce="amax", include_self=True)
+    return best.remainder_(rank.shape[0] + 1)
+
+
+def position_rank(n: int, device) -> Tensor:
+    """int64 ``[n]``: position ``p`` plus ``n + 1`` at the odd (B-set) positions, so the
+    largest rank in a slot is its odd member, or else its only member; rank % (n + 1) = p."""
+    rank = torch.arange(n, device=device)
+    rank[1::2].add_(n + 1)
+    return rank
 
 
 @register
@@ -65,4 +77,11 @@ class ToMe(MergeSchedule):
         r = self.r_at(ctx)
         merged, size_out, source = ops.bipartite_merge(ctx.x, r, metric=keys, size=size,
                                                        protect=int(ctx.has_cls), order="tome")
-        return Reduction(merged, representative(source, merged.shape[1]), source, size_out.float())
+        rank = ctx.state.get("tome.rank")   # built once per forward, at the largest N
+        if rank is None or rank.shape[0] < source.shape[1] or rank.device != source.device \
+                or type(rank) is not type(source):
+            rank = ctx.state["tome.rank"] = position_rank(source.shape[1], source.device)
+        index = representative(source, merged.shape[1], rank)
+        if size_out.dtype != torch.float32:
+            size_out = size_out.float()
+        return Reduction(merged, index, source, size_out)

@@ -40,7 +40,7 @@ import contextlib
 import contextvars
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Iterator, Optional, Set, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -64,12 +64,21 @@ class ScoreRecorder:
     ``request(part, layer, kinds)`` before the forward; after it, ``get(kind, part, layer)``.
     ``fallbacks`` counts the calls that could not use the fused op and why; ``calls``
     counts attention calls per path (``"fused"``, ``"sdpa"``).
+
+    ``reindex_later`` records a reduction without gathering: the stored statistics of the
+    part catch up when read (`get`, `layers`) or at `resolve`, with one gather per statistic
+    through the composed index (the same values as a gather per reduction). ``data`` holds
+    values behind those reductions until `resolve`.
     """
     requests: Dict[Tuple[str, int], Set[str]] = field(default_factory=dict)
     data: Dict[Tuple[str, str, int], Tensor] = field(default_factory=dict)
     key_bias: Dict[str, Tensor] = field(default_factory=dict)
     fallbacks: Counter = field(default_factory=Counter)
     calls: Counter = field(default_factory=Counter)
+    # per part, the reductions not yet applied (raw index [B, K]); per statistic, how many
+    # of them its stored value already follows (absent: none)
+    deferred: Dict[str, List[Tensor]] = field(default_factory=dict, repr=False)
+    applied: Dict[Tuple[str, str, int], int] = field(default_factory=dict, repr=False)
 
     def request(self, part: str, layer: int, kinds: Iterable[str]) -> None:
         kinds = set(kinds)
@@ -84,32 +93,84 @@ class ScoreRecorder:
         return self.requests.get((part, layer), set())
 
     def put(self, kind: str, part: str, layer: int, value: Tensor) -> None:
-        self.data[(kind, part, layer)] = value
+        key = (kind, part, layer)
+        self.data[key] = value
+        pending = self.deferred.get(part)
+        if pending:
+            self.applied[key] = len(pending)
+        else:
+            self.applied.pop(key, None)
 
     def get(self, kind: str, part: str, layer: int) -> Optional[Tensor]:
-        return self.data.get((kind, part, layer))
+        key = (kind, part, layer)
+        if part in self.deferred and key in self.data:
+            self._catch_up([key])
+        return self.data.get(key)
 
     def layers(self, kind: str, part: str) -> Dict[int, Tensor]:
+        if part in self.deferred:
+            self._catch_up([key for key in self.data if key[0] == kind and key[1] == part])
         return {l: v for (k, p, l), v in self.data.items() if k == kind and p == part}
 
     def reindex(self, part: str, index: Tensor) -> None:
         """After a reduction of ``part``'s tokens, keep the stored per-token statistics
         aligned with the new tokens: ``index`` ``[B, K]`` = each new token's source
         position (its representative; -1 -> position 0)."""
+        self.resolve(part)
         idx = index.clamp_min(0)
         for key, v in list(self.data.items()):
             if key[1] != part:
                 continue
-            if v.dim() == 2:
-                self.data[key] = torch.gather(v, 1, idx)
-            else:
-                self.data[key] = torch.gather(v, 1, idx.unsqueeze(-1).expand(-1, -1, v.shape[-1]))
+            self.data[key] = _gather_tokens(v, idx)
+
+    def reindex_later(self, part: str, index: Tensor) -> None:
+        """`reindex`, deferred until the statistics are read or `resolve`d (no tensor op now)."""
+        self.deferred.setdefault(part, []).append(index)
+
+    def resolve(self, part: str) -> None:
+        """Apply ``part``'s deferred reductions to every stored statistic of the part."""
+        if part in self.deferred:
+            self._catch_up([key for key in self.data if key[1] == part])
+            self.deferred.pop(part)
+            for key in [key for key in self.applied if key[1] == part]:
+                del self.applied[key]
+
+    def _catch_up(self, keys) -> None:
+        """Bring the statistics ``keys`` (one part) up to date: one gather each, through the
+        deferred indices composed from the last back (each composition shared)."""
+        if not keys:
+            return
+        steps = self.deferred[keys[0][1]]
+        n = len(steps)
+        start = {key: self.applied.get(key, 0) for key in keys}
+        todo = sorted({a for a in start.values() if a < n})
+        if todo:
+            composed: Dict[int, Tensor] = {}
+            q = steps[n - 1].clamp_min(0)          # new token -> its position before step n - 1
+            for a in range(n - 1, todo[0] - 1, -1):
+                if a < n - 1:
+                    q = torch.gather(steps[a].clamp_min(0), 1, q)
+                composed[a] = q
+            for key, a in start.items():
+                if a < n:
+                    self.data[key] = _gather_tokens(self.data[key], composed[a])
+        for key in keys:
+            self.applied[key] = n
 
     def clear(self) -> None:
         self.data.clear()
         self.key_bias.clear()
         self.fallbacks.clear()
         self.calls.clear()
+        self.deferred.clear()
+        self.applied.clear()
+
+
+def _gather_tokens(v: Tensor, idx: Tensor) -> Tensor:
+    """Rows ``idx`` ``[B, K]`` (>= 0) of a per-token statistic ``[B, N]`` or ``[B, N, C]``."""
+    if v.dim() == 2:
+        return torch.gather(v, 1, idx)
+    return torch.gather(v, 1, idx.unsqueeze(-1).expand(-1, -1, v.shape[-1]))
 
 
 def current_recorder() -> Optional[ScoreRecorder]:
@@ -179,6 +240,11 @@ def _key_bias_from_mask(mask: Optional[Tensor], B: int, Nk: int) -> Tuple[bool, 
     return True, m.float()
 
 
+def _float(t: Tensor) -> Tensor:
+    """``t`` as float32 (itself when it already is: no op)."""
+    return t if t.dtype == torch.float32 else t.float()
+
+
 def _add_bias(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
     if a is None:
         return b
@@ -222,9 +288,15 @@ def _sdpa(module, query, key, value, mask, bias, causal, dropout, scaling, kwarg
     if mask is None and bias is None:
         return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
                                       is_causal=causal, **kwargs)[0]
+    if mask is None and not causal:
+        # a key bias alone (ToMe's log(size)): used as it is, [B, 1, 1, Nk]
+        m = _float(bias)
+        m = (m if m.is_contiguous() else m.contiguous()).view(bias.shape[0], 1, 1, Nk)
+        return sdpa_attention_forward(module, query, key, value, m if m.dtype == query.dtype else m.to(query.dtype),
+                                      dropout=dropout, scaling=scaling, is_causal=False, **kwargs)[0]
     m = torch.zeros((), dtype=torch.float32, device=query.device)
     if bias is not None:
-        m = m + bias.float()[:, None, None, :]
+        m = m + _float(bias)[:, None, None, :]
     if mask is not None:
         m = m + (torch.zeros(mask.shape, device=query.device).masked_fill(~mask, float("-inf"))
                  if mask.dtype == torch.bool else mask.float())
@@ -257,7 +329,7 @@ def tokenreduce_attention(module: nn.Module, query: Tensor, key: Tensor, value: 
         expressible, mask_bias = _key_bias_from_mask(attention_mask, B, Nk)
 
     if "keys" in wanted:
-        rec.put("keys", part, layer, key.float().mean(dim=1))
+        rec.put("keys", part, layer, _float(key).mean(dim=1))
     if "values" in wanted:
         rec.put("values", part, layer, value.transpose(1, 2).reshape(B, Nk, -1))
 
@@ -292,7 +364,7 @@ def tokenreduce_attention(module: nn.Module, query: Tensor, key: Tensor, value: 
     from ..ops import attention_with_scores
     rec.calls["fused"] += 1
     bias = _add_bias(mask_bias, extra_bias)
-    bias_f = bias.float() if bias is not None else None
+    bias_f = _float(bias) if bias is not None else None
     main = row_kinds[0]
     rows = {"received": None, "cls": [0], "query": [-1]}[main]
     out, scores = attention_with_scores(query, key, value, scale=scale, causal=causal, key_bias=bias_f,

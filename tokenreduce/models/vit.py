@@ -115,8 +115,8 @@ class Tracker:
 
     def apply(self, red: Reduction) -> None:
         s = torch.gather(red.source, 1, self.source.clamp_min(0))
-        self.source = torch.where(self.source >= 0, s, torch.full_like(s, -1))
-        self.size = red.size.float()
+        self.source = torch.where(self.source >= 0, s, -1)
+        self.size = _float32(red.size)
 
     def drop_first(self) -> None:
         """The current first token (e.g. [CLS]) is removed: shift the slots."""
@@ -158,9 +158,14 @@ class VisionOutput:
 def padding_bias(size: Tensor, proportional: bool) -> Tensor:
     """Key bias ``[B, N]`` float32 of the current tokens: ``log(size)`` (proportional
     attention) or 0, and ``-inf`` on padding slots (size 0)."""
-    size = size.float()
-    b = size.clamp_min(1e-30).log() if proportional else torch.zeros_like(size)
-    return b.masked_fill(size <= 0, float("-inf"))
+    size = _float32(size)
+    b = size.clamp_min(1e-30).log_() if proportional else torch.zeros_like(size)
+    return b.masked_fill_(size <= 0, float("-inf"))
+
+
+def _float32(t: Tensor) -> Tensor:
+    """``t`` as float32; itself (no op) when it already is."""
+    return t if t.dtype == torch.float32 else t.float()
 
 
 def _feature_layers(feature_layer: Optional[int], L: int) -> int:
@@ -249,12 +254,13 @@ def run_vision(model: nn.Module, pixel_values: Tensor, method: Optional[Method] 
                 steps.append({"stage": "vit", "layer": i, "tokens_in": h.shape[1], "tokens_out": red.tokens.shape[1]})
                 h = red.tokens
                 tracker_full.apply(red)
-                rec.reindex(part, red.index)
-                size = red.size.float()
+                rec.reindex_later(part, red.index)   # the statistics catch up when read
+                size = tracker_full.size
                 rec.key_bias[part] = padding_bias(size, getattr(method, "proportional_attention", True))
             if i == n_feat - 1:
                 h_feat = h
         rec.key_bias.pop(part, None)
+        rec.resolve(part)
         h = h_feat
         final_h = h
         last = pooled = None
