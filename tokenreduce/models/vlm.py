@@ -132,18 +132,25 @@ class VLMRunner:
         return self.adapter.prepare(input_ids, attention_mask, pixel_values, **extra)
 
     # -- running ------------------------------------------------------------------------
-    def _ctx(self, p: Prepared):
+    def llm_context(self, p: Prepared):
+        """The context to run the LLM on ``p`` in: the LLM-stage hooks of the method, and the
+        adapter's (Qwen3-VL: the DeepStack features of the kept tokens, on the prefill call)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.adapter.llm_context(p))
         if self.llm_reducer is None:
-            return contextlib.nullcontext()
+            return stack
         if p.n_img < 0:
+            stack.close()
             raise ValueError("tokenreduce.models.vlm: the LLM stage needs the same image-token count per sample")
-        return self.llm_reducer.active(p.is_img, p.n_img, p.grid)
+        stack.enter_context(self.llm_reducer.active(p.is_img, p.n_img, p.grid))
+        return stack
+
 
     @torch.no_grad()
     def next_token_logits(self, input_ids, attention_mask, pixel_values, **extra) -> Tensor:
         p = self.prepare(input_ids, attention_mask, pixel_values, **extra)
         self.last = p
-        with self._ctx(p):
+        with self.llm_context(p):
             out = self.model(inputs_embeds=p.inputs_embeds, attention_mask=p.attention_mask,
                              position_ids=p.position_ids, use_cache=False, logits_to_keep=1)
         return out.logits[:, -1].float()

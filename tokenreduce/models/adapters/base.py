@@ -9,6 +9,7 @@ picks the adapter for the model class and runs the LLM (with `LLMReducer` for St
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -78,6 +79,10 @@ class VLMAdapter:
 
     def prepare(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, **extra) -> Prepared:
         raise NotImplementedError
+
+    def llm_context(self, p: Prepared):
+        """A context to run the LLM on ``p`` in (Qwen3-VL: its DeepStack features); none here."""
+        return contextlib.nullcontext()
 
     # -- shared by the adapters --------------------------------------------------------
     def stage_method(self, *stages: Stage) -> Optional[Method]:

@@ -98,9 +98,9 @@ class PatchedVLM:
         return self.reducer.install() if self.reducer is not None else []
 
     def overrides(self) -> Dict[str, Any]:
-        """Qwen2-VL: ``generate``'s input expansion (beams, ``num_return_sequences``) repeats
+        """Qwen2-VL / Qwen3-VL: ``generate``'s input expansion (beams, ``num_return_sequences``) repeats
         each image's packed patches as a whole (the generic one repeats every patch row)."""
-        if self.adapter.kind != "qwen2-vl":
+        if self.adapter.kind not in ("qwen2-vl", "qwen3-vl"):
             return {}
         original = self.model._expand_inputs_for_generation
 
@@ -176,7 +176,7 @@ class PatchedVLM:
             if p.n_img < 0:
                 fail("models.vlm", "the LLM stage needs the same image-token count per sample")
             self.reducer.begin(p.is_img, p.n_img, p.grid)
-        with self._recording():
+        with self._recording(), self.adapter.llm_context(p):
             out = forward(inputs_embeds=p.inputs_embeds, attention_mask=mask, position_ids=pos, **kw)
         st.steps = [dict(s) for s in p.steps]
         if self.reducer is not None:
