@@ -98,6 +98,36 @@ def test_reduced_generate_equals_the_runner_token_for_token(model, shape, name, 
     assert [e.shape for e in p.vision.deepstack_embeds] == [(n_vis, 64)] * 2        # two DeepStack layers
 
 
+def test_llm_stage_after_the_deepstack_layers(model):
+    """DeepStack adds after LLM layers 0 and 1: a reduction after layer 2 runs (patch + generate
+    equals the runner path; at its full budget it equals the unpatched model)."""
+    batch = _batch(**SAME, seed=3)
+    with torch.no_grad():
+        ref = model.generate(**batch, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    got, h = _generate(model, TopQueryLLM(keep=N, at=2), batch)
+    assert torch.equal(got, ref[:, -NEW:])
+    meth = TopQueryLLM(keep=5, at=2)
+    got, h = _generate(model, meth, batch)
+    assert h.stats[-1].tokens_out == [5, 5] and h.stats[-1].steps[-1]["stage"] == "llm"
+    assert torch.equal(got, _runner(model, meth, batch)[0])
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_beams_and_sampling_run(model):
+    batch = _batch(**RAGGED, seed=4)
+    with tokenreduce.patched(model, "divprune", keep=4) as h:
+        beams = model.generate(**batch, max_new_tokens=NEW, min_new_tokens=NEW, num_beams=2, do_sample=False,
+                               pad_token_id=0)
+        outs = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            outs.append(model.generate(**batch, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=True, top_k=5,
+                                       pad_token_id=0))
+    assert beams.shape == (3, batch["input_ids"].shape[1] + NEW)
+    assert h.stats[0].tokens_in == [24, 24, 16, 16, 24, 24] and h.stats[0].tokens_out == [4] * 6
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_kept_deepstack_features_are_the_kept_tokens_own(model):
     """Independent of the adapter's hook: transformers' own forward on the cut prompt, given the
     kept features and the kept tokens' DeepStack features (``mm_encoder_outputs``) and the
@@ -194,11 +224,12 @@ def test_refusals_name_method_and_model_before_any_forward(model, monkeypatch):
         tokenreduce.patch(model, "vflowopt", keep=8)
     with pytest.raises(NotImplementedError, match=r"cannot run tome on Qwen3VLForConditionalGeneration"):
         tokenreduce.patch(model, "tome", keep=8)
-    for meth in ("fastv", TopQueryLLM(keep=5, at=1)):
+    for meth in (methods.build("fastv", keep=6, layer=1), TopQueryLLM(keep=5, at=0)):
         with pytest.raises(NotImplementedError, match=r"cannot run .* on Qwen3VLForConditionalGeneration: .* is an "
-                                                      r"LLM-stage method; .*DeepStack"):
-            tokenreduce.patch(model, meth, **(dict(keep=6) if isinstance(meth, str) else {}))
-    with pytest.raises(NotImplementedError, match=r"fastv is an LLM-stage method"):
-        vlm.VLMRunner(model, methods.build("fastv", keep=6))
+                                                      r"LLM-stage method reducing after model layer [01]; .*DeepStack"):
+            tokenreduce.patch(model, meth)
+    with pytest.raises(NotImplementedError, match=r"fastv is an LLM-stage method reducing after model layer 0"):
+        vlm.VLMRunner(model, methods.build("fastv", keep=6, layer=1))
+    model.set_attn_implementation("sdpa")
     assert not calls and "forward" not in vars(model)
     assert not getattr(model, "_tokenreduce_patch", None)

@@ -125,6 +125,7 @@ class VLMRunner:
         self.llm_reducer = (LLMReducer(self.lm, method, nominal_layers=nominal_layers)
                             if method is not None and method.stage == Stage.LLM else None)
         self.adapter.check_method()
+        self.adapter.check_reducer(self.llm_reducer)
 
     @torch.no_grad()
     def prepare(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, **extra) -> Prepared:

@@ -80,6 +80,10 @@ class VLMAdapter:
     def prepare(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, **extra) -> Prepared:
         raise NotImplementedError
 
+    def check_reducer(self, reducer) -> None:
+        """Raise a clear error when the LLM-stage ``reducer`` (an `LLMReducer` or None) cannot
+        run on this architecture (Qwen3-VL: its layers); nothing here."""
+
     def llm_context(self, p: Prepared):
         """A context to run the LLM on ``p`` in (Qwen3-VL: its DeepStack features); none here."""
         return contextlib.nullcontext()

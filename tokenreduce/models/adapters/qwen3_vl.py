@@ -18,8 +18,10 @@ image position of the LLM receives exactly its own token's deepstack features.
 of the image positions) reach the LLM through `llm_context` (a pre-hook on the language model
 for the prefill call: ``visual_pos_masks`` = the kept image positions).
 
-Refused: Stage.VIT (as Qwen2-VL) and Stage.LLM (a reduction inside the LLM would change the
-image positions DeepStack adds to while it still adds; not supported yet).
+Stage.LLM methods run as on Qwen2-VL when they reduce after the DeepStack layers (model layer
+``K >= len(deepstack_visual_indexes)``: DeepStack has added everything by then); earlier
+reductions are refused (`check_reducer`: the cut image positions would no longer fit
+DeepStack's mask). Stage.VIT is refused (as on Qwen2-VL).
 """
 from __future__ import annotations
 
@@ -29,7 +31,6 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from ...methods.base import Stage
 from .base import Prepared
 from .qwen2_vl import Qwen2VLAdapter
 
@@ -57,14 +58,18 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         self._pending = None      # the QwenVision of the prepare in progress (between _reduce and _cut)
         self._kept_deep: Optional[Tensor] = None     # the kept slots' deepstack features (from _cut)
 
-    def check_method(self) -> None:
-        super().check_method()
-        method, name = self.method, type(self.model).__name__
-        if method is not None and method.stage == Stage.LLM:
+    def check_reducer(self, reducer) -> None:
+        """An LLM-stage reduction must come after the decoder layers DeepStack adds to (model
+        layers ``0 .. n - 1`` for ``n`` deepstack features): the image positions are cut after
+        layer ``K``, and DeepStack's mask would no longer fit them."""
+        n = len(self.cfg.vision_config.deepstack_visual_indexes)
+        early = sorted(k for k in (reducer.reduce_at if reducer is not None else {}) if k < n)
+        if early:
             raise NotImplementedError(
-                f"tokenreduce.models.vlm: {method.name} is an LLM-stage method; {name} adds DeepStack vision "
-                "features to the image positions of its first decoder layers, and a reduction inside the LLM is "
-                "not supported there yet (projector-stage methods are)")
+                f"tokenreduce.models.vlm: {self.method.name} is an LLM-stage method reducing after model layer "
+                f"{early[0]}; {type(self.model).__name__} adds DeepStack vision features to the image positions "
+                f"after decoder layers 0..{n - 1}, so an LLM-stage reduction must come after layer {n - 1} "
+                "(projector-stage methods run anywhere)")
 
     # -- the reduction carries the deepstack features along -----------------------------------
     def _reduce(self, feats, shapes, input_ids, is_img, info):

@@ -11,7 +11,7 @@ Supported (model class -> stages): `LlavaForConditionalGeneration` (vit, project
 tile, features-only projector methods on the packed features, llm), `Qwen2VLForConditionalGeneration`
 / `Qwen2_5_VLForConditionalGeneration` (projector on the merged features, llm),
 `Qwen3VLForConditionalGeneration` (projector on the merged features, DeepStack features cut
-alike; no llm stage), and the vision
+alike; llm after the DeepStack layers), and the vision
 encoders `CLIPVisionModel`, `SiglipVisionModel`, `Dinov2Model` (vit, projector: ``model(pixel_values)``
 returns the reduced tokens with their un-merge map, `ReducedVisionOutput`).
 
@@ -48,7 +48,7 @@ SUPPORTED = {
     "LlavaNextForConditionalGeneration": ("vit", "projector", "llm"),
     "Qwen2VLForConditionalGeneration": ("projector", "llm"),
     "Qwen2_5_VLForConditionalGeneration": ("projector", "llm"),
-    "Qwen3VLForConditionalGeneration": ("projector",),
+    "Qwen3VLForConditionalGeneration": ("projector", "llm"),
     "CLIPVisionModel": ("vit", "projector"),
     "SiglipVisionModel": ("vit", "projector"),
     "Dinov2Model": ("vit", "projector"),

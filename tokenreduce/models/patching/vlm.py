@@ -90,6 +90,7 @@ class PatchedVLM:
         lm = cls.parts(model).lm
         self.reducer = (LLMReducer(lm, method, nominal_layers=nominal_layers)
                         if method is not None and method.stage == Stage.LLM else None)
+        self.adapter.check_reducer(self.reducer)
         handle.adapter, handle.reducer = self.adapter, self.reducer
         self.state: Optional[PrefillState] = None
         self.signature: Optional[inspect.Signature] = None
