@@ -92,7 +92,7 @@ def greedy_generate(model: nn.Module, inputs_embeds: Tensor, attention_mask: Ten
 
 class VLMRunner:
     """Full / reduced forward and generation for LLaVA-1.5 (`LlavaForConditionalGeneration`),
-    LLaVA-NeXT (`LlavaNextForConditionalGeneration`) and Qwen2-VL / Qwen2.5-VL; the inputs
+    LLaVA-NeXT (`LlavaNextForConditionalGeneration`), Qwen2-VL / Qwen2.5-VL and Qwen3-VL; the inputs
     are built by the architecture's adapter (`tokenreduce.models.adapters`).
 
         r = VLMRunner(model, method)                # method None: the full model

@@ -25,7 +25,7 @@ __all__ = ["ModelParts", "Prepared", "VLMAdapter"]
 @dataclass
 class ModelParts:
     """Where a model's pieces are: what the profiler hooks and the runners drive."""
-    kind: str                                  # "dinov2" | "clip" | "siglip" | "llava" | "llava-next" | "qwen2-vl"
+    kind: str                                  # "dinov2" | "clip" | ... | "llava-next" | "qwen2-vl" | "qwen3-vl"
     vision_layers: Sequence[nn.Module]         # the vision encoder's blocks, in order
     vision_config: Any
     patch: int                                 # vision patch size (pixels)
@@ -55,7 +55,8 @@ class Prepared:
 
 
 class VLMAdapter:
-    """One VLM architecture (subclasses: `LlavaAdapter`, `LlavaNextAdapter`, `Qwen2VLAdapter`)."""
+    """One VLM architecture (subclasses: `LlavaAdapter`, `LlavaNextAdapter`, `Qwen2VLAdapter`,
+    `Qwen3VLAdapter`)."""
     kind = ""
     class_prefixes: Tuple[str, ...] = ()       # model class names this adapter serves
 

@@ -1,11 +1,12 @@
-"""The patched forward of a VLM (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL / Qwen2.5-VL): HF's own
+"""The patched forward of a VLM (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL / Qwen2.5-VL, Qwen3-VL): HF's own
 ``generate`` (or a plain ``model(**batch)``) runs a reduction unchanged.
 
 A call that brings pixels is a **prefill**: the architecture's adapter
 (`tokenreduce.models.adapters`) builds the LLM's inputs, with any VIT / PROJECTOR reduction
 (fewer image placeholders: ``input_ids`` cut, ``attention_mask`` cut, padding slots masked,
 Qwen2-VL's M-RoPE positions of the kept tokens gathered from the unreduced ones), and the
-model's own forward runs on ``inputs_embeds`` of the shortened sequence. An LLM-stage method
+model's own forward runs on ``inputs_embeds`` of the shortened sequence (inside the adapter's
+`llm_context`: Qwen3-VL's kept DeepStack features). An LLM-stage method
 runs inside that forward (`tokenreduce.models.llm.LLMReducer`, hooks on the decoder layers).
 
 ``generate`` keeps counting in the prompt's own coordinates (its ``attention_mask`` grows from
