@@ -23,7 +23,7 @@ __all__ = ["PRESETS", "Preset", "build", "config", "load", "names"]
 @dataclass(frozen=True)
 class Preset:
     name: str
-    kind: str            # "vision" | "llava" | "llava-next" | "qwen2-vl" | "qwen2.5-vl"
+    kind: str            # "vision" | "llava" | "llava-next" | "qwen2-vl" | "qwen2.5-vl" | "qwen3-vl"
     family: str          # "dinov2" | "clip" | "siglip" | ...
     make_config: Callable[[], Any]
     published: str       # where the numbers come from
@@ -101,6 +101,20 @@ def _qwen25_vl(v_depth, v_dim, v_heads, v_inter, hidden, layers, heads, kv, inte
                          rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope}))
 
 
+def _qwen3_vl(v_depth, v_dim, v_heads, v_inter, deepstack, hidden, layers, heads, kv, head_dim, inter, vocab, mrope,
+              ids=None):
+    from transformers import Qwen3VLConfig
+    return Qwen3VLConfig(**(ids or {}),
+        vision_config=dict(depth=v_depth, hidden_size=v_dim, intermediate_size=v_inter, num_heads=v_heads,
+                           out_hidden_size=hidden, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                           num_position_embeddings=64, deepstack_visual_indexes=deepstack),
+        text_config=dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv, head_dim=head_dim, intermediate_size=inter, vocab_size=vocab,
+                         max_position_embeddings=4096, rms_norm_eps=1e-6,
+                         rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": mrope,
+                                          "mrope_interleaved": True}))
+
+
 PRESETS: Dict[str, Preset] = {p.name: p for p in [
     Preset("clip-vit-b-16", "vision", "clip", lambda: _clip(768, 12, 12, 3072, 224, 16, 512),
            "openai/clip-vit-base-patch16", 224),
@@ -152,6 +166,13 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in [
                               ids=dict(image_token_id=300, video_token_id=301, vision_start_token_id=302,
                                        vision_end_token_id=303, bos_token_id=None, eos_token_id=None)),
            "test", 56),
+    # Qwen3-VL's structure: 16 px patches, DeepStack mergers after vision blocks 0 and 1 (added
+    # to the LLM's layers 0 and 1), interleaved M-RoPE
+    Preset("tiny-qwen3-vl", "qwen3-vl", "qwen3-vl",
+           lambda: _qwen3_vl(3, 32, 4, 64, [0, 1], 64, 3, 4, 2, 16, 128, 320, [2, 3, 3],
+                             ids=dict(image_token_id=300, video_token_id=301, vision_start_token_id=302,
+                                      vision_end_token_id=303)),
+           "test", 64),
 ]}
 
 
@@ -194,7 +215,9 @@ def build(name: str, layers: Optional[int] = None, attn_implementation: str = "s
            ("vision", "dinov2"): Dinov2Model, ("llava", "clip"): LlavaForConditionalGeneration,
            ("llava-next", "clip"): LlavaNextForConditionalGeneration,
            ("qwen2-vl", "qwen2-vl"): Qwen2VLForConditionalGeneration,
-           ("qwen2.5-vl", "qwen2.5-vl"): Qwen2_5_VLForConditionalGeneration}[(p.kind, p.family)]
+           ("qwen2.5-vl", "qwen2.5-vl"): Qwen2_5_VLForConditionalGeneration}.get((p.kind, p.family))
+    if cls is None and p.kind == "qwen3-vl":      # transformers releases with models/qwen3_vl
+        from transformers import Qwen3VLForConditionalGeneration as cls
     torch.manual_seed(seed)
     model = cls(cfg) if device is None else compat.construct(cls, cfg, device, dtype)
     model.config.tokenreduce_preset = name

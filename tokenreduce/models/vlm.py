@@ -92,7 +92,7 @@ def greedy_generate(model: nn.Module, inputs_embeds: Tensor, attention_mask: Ten
 
 class VLMRunner:
     """Full / reduced forward and generation for LLaVA-1.5 (`LlavaForConditionalGeneration`),
-    LLaVA-NeXT (`LlavaNextForConditionalGeneration`) and Qwen2-VL / Qwen2.5-VL; the inputs
+    LLaVA-NeXT (`LlavaNextForConditionalGeneration`), Qwen2-VL / Qwen2.5-VL and Qwen3-VL; the inputs
     are built by the architecture's adapter (`tokenreduce.models.adapters`).
 
         r = VLMRunner(model, method)                # method None: the full model
@@ -125,6 +125,7 @@ class VLMRunner:
         self.llm_reducer = (LLMReducer(self.lm, method, nominal_layers=nominal_layers)
                             if method is not None and method.stage == Stage.LLM else None)
         self.adapter.check_method()
+        self.adapter.check_reducer(self.llm_reducer)
 
     @torch.no_grad()
     def prepare(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, **extra) -> Prepared:
@@ -132,18 +133,25 @@ class VLMRunner:
         return self.adapter.prepare(input_ids, attention_mask, pixel_values, **extra)
 
     # -- running ------------------------------------------------------------------------
-    def _ctx(self, p: Prepared):
+    def llm_context(self, p: Prepared):
+        """The context to run the LLM on ``p`` in: the LLM-stage hooks of the method, and the
+        adapter's (Qwen3-VL: the DeepStack features of the kept tokens, on the prefill call)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.adapter.llm_context(p))
         if self.llm_reducer is None:
-            return contextlib.nullcontext()
+            return stack
         if p.n_img < 0:
+            stack.close()
             raise ValueError("tokenreduce.models.vlm: the LLM stage needs the same image-token count per sample")
-        return self.llm_reducer.active(p.is_img, p.n_img, p.grid)
+        stack.enter_context(self.llm_reducer.active(p.is_img, p.n_img, p.grid))
+        return stack
+
 
     @torch.no_grad()
     def next_token_logits(self, input_ids, attention_mask, pixel_values, **extra) -> Tensor:
         p = self.prepare(input_ids, attention_mask, pixel_values, **extra)
         self.last = p
-        with self._ctx(p):
+        with self.llm_context(p):
             out = self.model(inputs_embeds=p.inputs_embeds, attention_mask=p.attention_mask,
                              position_ids=p.position_ids, use_cache=False, logits_to_keep=1)
         return out.logits[:, -1].float()

@@ -102,7 +102,7 @@ def vlm_inputs(model, kind: str, image_size: int, ims, prompt: str = DEFAULT_PRO
         n = int(f[0].shape[0])
         ids, am = _ids([1] + prompt_ids("USER: "), n, cfg.image_token_id, text, B)
         return VLMInputs(ids, am, px, {"image_sizes": sizes}, names, n)
-    if kind in ("qwen2-vl", "qwen2.5-vl"):
+    if kind in ("qwen2-vl", "qwen2.5-vl", "qwen3-vl"):
         from transformers import Qwen2VLImageProcessorPil
         vc = cfg.vision_config
         unit = vc.patch_size * vc.spatial_merge_size

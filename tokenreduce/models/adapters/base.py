@@ -9,6 +9,7 @@ picks the adapter for the model class and runs the LLM (with `LLMReducer` for St
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -24,7 +25,7 @@ __all__ = ["ModelParts", "Prepared", "VLMAdapter"]
 @dataclass
 class ModelParts:
     """Where a model's pieces are: what the profiler hooks and the runners drive."""
-    kind: str                                  # "dinov2" | "clip" | "siglip" | "llava" | "llava-next" | "qwen2-vl"
+    kind: str                                  # "dinov2" | "clip" | ... | "llava-next" | "qwen2-vl" | "qwen3-vl"
     vision_layers: Sequence[nn.Module]         # the vision encoder's blocks, in order
     vision_config: Any
     patch: int                                 # vision patch size (pixels)
@@ -54,7 +55,8 @@ class Prepared:
 
 
 class VLMAdapter:
-    """One VLM architecture (subclasses: `LlavaAdapter`, `LlavaNextAdapter`, `Qwen2VLAdapter`)."""
+    """One VLM architecture (subclasses: `LlavaAdapter`, `LlavaNextAdapter`, `Qwen2VLAdapter`,
+    `Qwen3VLAdapter`)."""
     kind = ""
     class_prefixes: Tuple[str, ...] = ()       # model class names this adapter serves
 
@@ -78,6 +80,14 @@ class VLMAdapter:
 
     def prepare(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, **extra) -> Prepared:
         raise NotImplementedError
+
+    def check_reducer(self, reducer) -> None:
+        """Raise a clear error when the LLM-stage ``reducer`` (an `LLMReducer` or None) cannot
+        run on this architecture (Qwen3-VL: its layers); nothing here."""
+
+    def llm_context(self, p: Prepared):
+        """A context to run the LLM on ``p`` in (Qwen3-VL: its DeepStack features); none here."""
+        return contextlib.nullcontext()
 
     # -- shared by the adapters --------------------------------------------------------
     def stage_method(self, *stages: Stage) -> Optional[Method]:

@@ -91,6 +91,11 @@ class QwenVision:
     kept_positions: Optional[Tensor] = None
     cls_substitute: Optional[str] = None
     statistics: Dict[Tuple[str, int], List[Tensor]] = field(default_factory=dict)
+    # Qwen3-VL: per deepstack layer, per image ``[N_i, D_llm]`` (the tower's deepstack mergers);
+    # per image the reduction's source map ``[N_i]`` (output slot of each merged token, -1 dropped)
+    deepstack: Optional[List[List[Tensor]]] = None
+    sources: Dict[int, Tensor] = field(default_factory=dict)
+    deepstack_embeds: Optional[List[Tensor]] = None    # what the LLM adds, per layer [image positions, D_llm]
 
 
 class Qwen2VLAdapter(VLMAdapter):
@@ -156,6 +161,9 @@ class Qwen2VLAdapter(VLMAdapter):
         merged = out.pooler_output if hasattr(out, "pooler_output") else out
         feats = list(torch.split(merged, layout.merged_counts))
         info = QwenVision(layout.grid, layout.merged_counts, list(layout.merged_counts), layout, rec)
+        deep = getattr(out, "deepstack_features", None)
+        if deep:
+            info.deepstack = [list(torch.split(d, layout.merged_counts)) for d in deep]
         for (kind, part, layer), t in rec.data.items():
             info.statistics[(kind, layer)] = qwen_vision.split_images(
                 qwen_vision.merge_groups(t, kind, layout.merge), layout.merged_counts)
@@ -263,11 +271,13 @@ class Qwen2VLAdapter(VLMAdapter):
             ctx = self._context(x, rows, shape, text[rows] if text is not None else None, info)
             red = method(ctx)
             check_reduction(method, ctx.x, red, "on the merged image features")
-            tokens, index, size = red.tokens, red.index, red.size.float()
+            tokens, index, size, source = red.tokens, red.index, red.size.float(), red.source
             if cls:      # the synthetic [CLS] is kept first: drop it
                 tokens, index, size = tokens[:, 1:], (index[:, 1:] - 1).clamp_min(-1), size[:, 1:]
+                source = torch.where(source[:, 1:] >= 1, source[:, 1:] - 1, torch.full_like(source[:, 1:], -1))
             for j, i in enumerate(rows):
                 out[i] = (tokens[j], index[j], size[j])
+                info.sources[i] = source[j]
         keep = [o[0].shape[0] for o in out]
         K = max(keep)
         tokens = torch.stack([F.pad(t, (0, 0, 0, K - t.shape[0])) for t, _, _ in out])

@@ -9,7 +9,9 @@
 Supported (model class -> stages): `LlavaForConditionalGeneration` (vit, projector, llm),
 `LlavaNextForConditionalGeneration` (vit and tower-statistics projector methods per anyres
 tile, features-only projector methods on the packed features, llm), `Qwen2VLForConditionalGeneration`
-/ `Qwen2_5_VLForConditionalGeneration` (projector on the merged features, llm), and the vision
+/ `Qwen2_5_VLForConditionalGeneration` (projector on the merged features, llm),
+`Qwen3VLForConditionalGeneration` (projector on the merged features, DeepStack features cut
+alike; llm after the DeepStack layers), and the vision
 encoders `CLIPVisionModel`, `SiglipVisionModel`, `Dinov2Model` (vit, projector: ``model(pixel_values)``
 returns the reduced tokens with their un-merge map, `ReducedVisionOutput`).
 
@@ -46,6 +48,7 @@ SUPPORTED = {
     "LlavaNextForConditionalGeneration": ("vit", "projector", "llm"),
     "Qwen2VLForConditionalGeneration": ("projector", "llm"),
     "Qwen2_5_VLForConditionalGeneration": ("projector", "llm"),
+    "Qwen3VLForConditionalGeneration": ("projector", "llm"),
     "CLIPVisionModel": ("vit", "projector"),
     "SiglipVisionModel": ("vit", "projector"),
     "Dinov2Model": ("vit", "projector"),

@@ -1,11 +1,12 @@
-"""The patched forward of a VLM (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL / Qwen2.5-VL): HF's own
+"""The patched forward of a VLM (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL / Qwen2.5-VL, Qwen3-VL): HF's own
 ``generate`` (or a plain ``model(**batch)``) runs a reduction unchanged.
 
 A call that brings pixels is a **prefill**: the architecture's adapter
 (`tokenreduce.models.adapters`) builds the LLM's inputs, with any VIT / PROJECTOR reduction
 (fewer image placeholders: ``input_ids`` cut, ``attention_mask`` cut, padding slots masked,
 Qwen2-VL's M-RoPE positions of the kept tokens gathered from the unreduced ones), and the
-model's own forward runs on ``inputs_embeds`` of the shortened sequence. An LLM-stage method
+model's own forward runs on ``inputs_embeds`` of the shortened sequence (inside the adapter's
+`llm_context`: Qwen3-VL's kept DeepStack features). An LLM-stage method
 runs inside that forward (`tokenreduce.models.llm.LLMReducer`, hooks on the decoder layers).
 
 ``generate`` keeps counting in the prompt's own coordinates (its ``attention_mask`` grows from
@@ -90,6 +91,7 @@ class PatchedVLM:
         lm = cls.parts(model).lm
         self.reducer = (LLMReducer(lm, method, nominal_layers=nominal_layers)
                         if method is not None and method.stage == Stage.LLM else None)
+        self.adapter.check_reducer(self.reducer)
         handle.adapter, handle.reducer = self.adapter, self.reducer
         self.state: Optional[PrefillState] = None
         self.signature: Optional[inspect.Signature] = None
@@ -98,9 +100,9 @@ class PatchedVLM:
         return self.reducer.install() if self.reducer is not None else []
 
     def overrides(self) -> Dict[str, Any]:
-        """Qwen2-VL: ``generate``'s input expansion (beams, ``num_return_sequences``) repeats
+        """Qwen2-VL / Qwen3-VL: ``generate``'s input expansion (beams, ``num_return_sequences``) repeats
         each image's packed patches as a whole (the generic one repeats every patch row)."""
-        if self.adapter.kind != "qwen2-vl":
+        if self.adapter.kind not in ("qwen2-vl", "qwen3-vl"):
             return {}
         original = self.model._expand_inputs_for_generation
 
@@ -176,7 +178,7 @@ class PatchedVLM:
             if p.n_img < 0:
                 fail("models.vlm", "the LLM stage needs the same image-token count per sample")
             self.reducer.begin(p.is_img, p.n_img, p.grid)
-        with self._recording():
+        with self._recording(), self.adapter.llm_context(p):
             out = forward(inputs_embeds=p.inputs_embeds, attention_mask=mask, position_ids=pos, **kw)
         st.steps = [dict(s) for s in p.steps]
         if self.reducer is not None:
