@@ -3,6 +3,7 @@
 
     pytest bench/test_bench_patch.py -q -p no:randomly           # the 7B architecture (once)
     pytest bench/test_bench_patch.py -q --quick                  # tiny-llava (CI smoke run)
+    TOKENREDUCE_BENCH_PATCH_ROUNDS=2 pytest bench/test_bench_patch.py ...   # fewer timed rounds
 
 Variants, timed in alternating rounds (same run, medians):
 
@@ -19,6 +20,7 @@ the benchmark's ``extra_info``. No speed target is asserted (random weights, a s
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from typing import Dict, List
@@ -38,7 +40,8 @@ def _setup(quick: bool):
     if quick:
         name, layers, keep, new, rounds = "tiny-llava", None, 4, 4, 3
     else:
-        name, layers, keep, new, rounds = "llava-1.5-7b", 4, 64, 8, 3
+        name, layers, keep, new = "llava-1.5-7b", 4, 64, 8
+        rounds = int(os.environ.get("TOKENREDUCE_BENCH_PATCH_ROUNDS", "3"))   # ~1-3 min a round on 2 cores
     m = presets.build(name, layers=layers)
     cfg = m.config
     side = cfg.vision_config.image_size // cfg.vision_config.patch_size
