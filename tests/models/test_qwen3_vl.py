@@ -11,6 +11,7 @@ from tokenreduce import methods
 from tokenreduce.models import attention, presets, qwen_vision, vlm
 
 from _methods import TopNormProjector, TopQueryLLM
+from _qwen_inputs import eager_statistics, prompt_batch
 
 pytest.importorskip("transformers.models.qwen3_vl")
 
@@ -25,23 +26,7 @@ def model():
 
 
 def _batch(grids, lengths, seed=0):
-    """One image per row (grid ``grids[i]``), rows of ``lengths[i]`` tokens, left-padded, with
-    the processor's ``mm_token_type_ids``."""
-    g = torch.Generator().manual_seed(seed)
-    L = max(lengths)
-    rows, mask, px = [], [], []
-    for (t, h, w), n_row in zip(grids, lengths):
-        n = t * (h // 2) * (w // 2)
-        ids = torch.randint(1, 290, (n_row,), generator=g)
-        ids[n_row - n - 4] = 302
-        ids[n_row - n - 3:n_row - 3] = 300
-        ids[n_row - 3] = 303
-        rows.append(torch.cat([torch.zeros(L - n_row, dtype=torch.long), ids]))
-        mask.append((torch.arange(L) >= L - n_row).long())
-        px.append(torch.randn(t * h * w, PATCH, generator=g))
-    ids = torch.stack(rows)
-    return dict(input_ids=ids, attention_mask=torch.stack(mask), pixel_values=torch.cat(px),
-                image_grid_thw=torch.tensor(grids), mm_token_type_ids=(ids == 300).int())
+    return prompt_batch(grids, lengths, PATCH, seed, token_types=True)
 
 
 SAME = dict(grids=[(1, 8, 8), (1, 8, 8)], lengths=[26, 23])
@@ -196,13 +181,12 @@ def test_reduced_positions_are_the_kept_tokens_original_positions(model, budget)
 
 
 def test_tower_statistics_equal_eager_on_the_same_frames(model):
-    from test_qwen_vision import _eager_statistics
     visual = model.model.visual
     grids = [(1, 8, 12), (1, 4, 4)]
     px = torch.randn(sum(t * h * w for t, h, w in grids), PATCH, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = visual(px, grid_thw=torch.tensor(grids)).pooler_output
-    feats, eager = _eager_statistics(visual, grids, px)
+    feats, eager = eager_statistics(visual, grids, px)
     torch.testing.assert_close(feats, ref, atol=1e-5, rtol=1e-4)
     qwen_vision.install(visual)
     try:

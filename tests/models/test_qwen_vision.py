@@ -14,76 +14,25 @@ from tokenreduce.models import attention, presets, qwen_vision, vlm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from host_traffic import DEVICE, no_host_traffic  # noqa: E402
+from _qwen_inputs import eager_statistics, pixels, prompt_batch  # noqa: E402
 
 ARCHS = ["tiny-qwen2.5-vl", "tiny-qwen2-vl"]
 GRIDS = [(1, 8, 12), (1, 4, 4), (1, 12, 8)]        # 96, 16, 96 patches; several 8 x 8 windows
 PATCH = 3 * 2 * 14 * 14
-EAGER = "tokenreduce_test_eager"
-CHUNKS = []
 
 
-def _eager(module, q, k, v, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Plain softmax attention on one segment (transformers splits by the true cu_seqlens)."""
-    p = torch.softmax((q @ k.transpose(-1, -2)) * scaling, dim=-1)
-    CHUNKS.append((module._tokenreduce_layer, p, k, v))
-    return (p @ v).transpose(1, 2).contiguous(), None
-
-
-@pytest.fixture(scope="module")
-def models():
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = presets.build(name)
-        return cache[name]
-    return get
-
-
-def _pixels(grids, seed=0):
-    n = sum(t * h * w for t, h, w in grids)
-    return torch.randn(n, PATCH, generator=torch.Generator().manual_seed(seed))
-
-
-def _eager_statistics(visual, grids, px):
-    """Per layer: received / keys / values in original patch order from explicit
-    probabilities over transformers' own segments (window order undone with transformers'
-    window index)."""
-    from transformers import AttentionInterface, vision_utils
-    AttentionInterface.register(EAGER, _eager)
-    old = visual.config._attn_implementation
-    visual.set_attn_implementation(EAGER)
-    attention.tag_layers(visual.blocks, "vision")
-    CHUNKS.clear()
-    g = torch.tensor(grids)
-    with torch.no_grad():
-        feats = visual(px, grid_thw=g).pooler_output
-    visual.set_attn_implementation(old)
-    perm = torch.arange(px.shape[0])
-    if getattr(visual.config, "fullatt_block_indexes", None) is not None:
-        index, _ = vision_utils.get_vision_window_index(g, visual.config.spatial_merge_size,
-                                                        visual.config.window_size, visual.config.patch_size)
-        perm = (index[:, None] * 4 + torch.arange(4)).reshape(-1)
-    inv = torch.argsort(perm)
-    frame = torch.cat([torch.full((h * w,), float(h * w)) for t, h, w in grids for _ in range(t)])[perm]
-    out = {}
-    for layer in range(len(visual.blocks)):
-        parts = [(p, k, v) for l, p, k, v in CHUNKS if l == layer]
-        rec = torch.cat([p[0].mean(0).sum(0) for p, _, _ in parts]) / frame
-        keys = torch.cat([k[0].mean(0) for _, k, _ in parts])
-        vals = torch.cat([v[0].transpose(0, 1).reshape(v.shape[2], -1) for _, _, v in parts])
-        out[layer] = (rec[inv], keys[inv], vals[inv])
-    return feats, out
+def _batch(grids, lengths, seed=0):
+    return prompt_batch(grids, lengths, PATCH, seed)
 
 
 @pytest.mark.parametrize("grids", [GRIDS, [(2, 8, 8), (1, 16, 4)]], ids=["images", "frames"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fused_statistics_equal_eager_on_the_same_windows(models, arch, grids):
     visual = models(arch).model.visual
-    px = _pixels(grids)
+    px = pixels(grids, PATCH)
     with torch.no_grad():
         ref = visual(px, grid_thw=torch.tensor(grids)).pooler_output          # transformers' sdpa path
-    feats, eager = _eager_statistics(visual, grids, px)
+    feats, eager = eager_statistics(visual, grids, px)
     torch.testing.assert_close(feats, ref, atol=1e-5, rtol=1e-4)
     qwen_vision.install(visual)
     layout = qwen_vision.WindowLayout.build(torch.tensor(grids), visual.config).to("cpu")
@@ -109,23 +58,6 @@ def test_fused_statistics_equal_eager_on_the_same_windows(models, arch, grids):
         torch.testing.assert_close(merged[0], received.view(-1, 4).sum(1), atol=1e-6, rtol=1e-4)
         mk = qwen_vision.merge_groups(rec.get("keys", "vision", layer), "keys")
         torch.testing.assert_close(mk[0], keys.view(-1, 4, keys.shape[-1]).mean(1), atol=1e-5, rtol=1e-4)
-
-
-def _batch(grids, lengths, seed=0):
-    """One image per row (grid ``grids[i]``), rows of ``lengths[i]`` tokens, left-padded."""
-    g = torch.Generator().manual_seed(seed)
-    L = max(lengths)
-    rows, mask = [], []
-    for (t, h, w), n_row in zip(grids, lengths):
-        n = t * (h // 2) * (w // 2)
-        ids = torch.randint(1, 290, (n_row,), generator=g)
-        ids[n_row - n - 4] = 302
-        ids[n_row - n - 3:n_row - 3] = 300
-        ids[n_row - 3] = 303
-        rows.append(torch.cat([torch.zeros(L - n_row, dtype=torch.long), ids]))
-        mask.append((torch.arange(L) >= L - n_row).long())
-    return dict(input_ids=torch.stack(rows), attention_mask=torch.stack(mask), pixel_values=_pixels(grids, seed),
-                image_grid_thw=torch.tensor(grids))
 
 
 @pytest.mark.parametrize("budget", [dict(keep=6), dict(ratio=1 / 3)], ids=["keep", "ratio"])

@@ -42,17 +42,6 @@ def build_method(name):
     pytest.fail(f"{name}: cannot be built with keep={KEEP}, ratio={KEEP / N_IMG} or its default budget")
 
 
-@pytest.fixture(scope="module")
-def models():
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = presets.build(name)
-        return cache[name]
-    return get
-
-
 def _expected_error(meth, arch):
     """(exception type, regex) when ``arch`` cannot serve ``meth``; None when it must run."""
     needs = meth.needs
