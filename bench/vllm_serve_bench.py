@@ -12,21 +12,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import io
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from typing import Dict, List
 
-import numpy as np
+
+from tokenreduce.vllm.client import free_port, image_data_url, wait_healthy
 
 CONCURRENCY = (1, 8, 32)
 CONFIGS = {"unreduced": [], "visionzip keep=64": ["--method", "visionzip", "--keep", "64"]}
@@ -34,17 +31,7 @@ NEW_TOKENS = 8
 
 
 def data_url(seed: int) -> str:
-    from PIL import Image
-    img = Image.fromarray(np.random.default_rng(seed).integers(0, 255, (336, 336, 3), dtype=np.uint8))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return image_data_url(seed, (336, 336))
 
 
 def start_server(model: str, port: int, extra: List[str], log_path: str) -> subprocess.Popen:
@@ -56,17 +43,7 @@ def start_server(model: str, port: int, extra: List[str], log_path: str) -> subp
 
 
 def wait_ready(proc: subprocess.Popen, port: int, timeout: float = 600) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError("the server exited before it was ready")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise RuntimeError("the server was not ready in time")
+    wait_healthy(proc, port, timeout)
 
 
 async def one_request(client, model: str, seed: int) -> Dict[str, float]:

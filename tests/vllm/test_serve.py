@@ -1,29 +1,21 @@
 """`tokenreduce serve` as a subprocess, queried by the real openai client (chat completion with
 an image as a data URL); a bad method or budget refuses to start with one line; SIGINT (Ctrl-C)
 and SIGTERM shut the server down cleanly."""
-import base64
-import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
-import numpy as np
 import pytest
 
 pytest.importorskip("vllm.entrypoints", reason="vLLM is not installed (tools/vllm_venv.sh makes .venv-vllm)")
 openai = pytest.importorskip("openai")
 
+from tokenreduce.vllm.client import free_port, image_data_url, wait_healthy  # noqa: E402
+
 STARTUP_S = 240
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve_cmd(*args):
@@ -39,17 +31,11 @@ def start(path, port, *args):
 
 
 def wait_ready(proc, port):
-    t0 = time.time()
-    while time.time() - t0 < STARTUP_S:
-        if proc.poll() is not None:
-            raise AssertionError("server exited:\n" + proc.stdout.read()[-4000:])
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise AssertionError("server not ready in time")
+    try:
+        wait_healthy(proc, port, STARTUP_S)
+    except RuntimeError as e:
+        log = proc.stdout.read()[-4000:] if proc.poll() is not None else ""
+        raise AssertionError(f"{e}\n{log}")
 
 
 def stop(proc, sig):
@@ -74,11 +60,7 @@ def stop(proc, sig):
 
 
 def data_url(seed):
-    from PIL import Image
-    img = Image.fromarray(np.random.default_rng(seed).integers(0, 255, (280, 360, 3), dtype=np.uint8))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return image_data_url(seed)
 
 
 def chat(client, model, seed):

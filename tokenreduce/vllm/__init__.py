@@ -16,7 +16,8 @@ per model by ``hf_overrides`` (`tokenreduce.vllm.config`):
 or from the command line, `tokenreduce serve MODEL --method visionzip --keep 64`
 (`tokenreduce.vllm.serve`). Modules: `config` (the spec; no vLLM import), `tower` (the CLIP
 tower runner, fused statistics, tensor-parallel combination), `llava` (the model),
-`serve` (the OpenAI-compatible server).
+`serve` (the OpenAI-compatible server), `client` (a free port, waiting for `/health`, an image
+as a data URL: what the serve tests and the serving benchmark share).
 """
 from __future__ import annotations
 
