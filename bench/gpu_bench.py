@@ -1,4 +1,4 @@
-"""GPU benchmark of the four ops (for a lent H100 / H200; issue 3's targets).
+"""GPU benchmark of the ops (for a lent H100 / H200; issue 3's targets).
 
     python bench/gpu_bench.py [OUT_DIR]          # full run on the current CUDA device
     python bench/gpu_bench.py OUT_DIR --quick    # the quick shapes (B=1 and 64) first
@@ -8,7 +8,8 @@
 For every case it times, with CUDA events, warm-up and rotating inputs (so no input stays
 in L2), the median and the 10-90 % spread of: tokenreduce's op; the PyTorch reference
 (tokenreduce.reference); and what a user would otherwise run (SDPA flash forward + an
-eager pass for the scores; ToMe's merge code; DivPrune's loop; scatter_reduce). In the
+eager pass for the scores; ToMe's merge code; DivPrune's loop; scatter_reduce; CDPruner's loop
+and a batched fast greedy DPP; TokenPacker's windows as SDPA). In the
 same run it measures the ceilings (device-to-device copy bandwidth, a bf16 GEMM), reports
 achieved GB/s or TFLOP/s, checks the issue-3 targets, and writes
 OUT_DIR/<device>-<date>.json (default bench/results) and a Markdown table beside it. One failing case is
@@ -37,6 +38,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from tokenreduce import ops, reference  # noqa: E402
+from tokenreduce.bench import peers  # noqa: E402
 
 # ------------------------------------------------------------------------------ timing
 
@@ -150,6 +152,8 @@ def shapes(dry: bool, quick: bool) -> Dict[str, List[Dict]]:
             "kcenter": [dict(B=1, N=40, D=16, k=8), dict(B=2, N=40, D=16, k=8)],
             "bipartite_merge": [dict(B=2, N=33, D=16, Dm=8, r=8)],
             "recycle": [dict(B=2, N=40, D=16, T=8, S=24)],
+            "dpp_select": [dict(B=2, N=40, D=16, k=8)],
+            "region_attention": [dict(B=2, G=4, s=2, L=1, C=32, H=2)],
         }
     Bs = [1, 64] if quick else [1, 16, 64]
     att = [dict(B=b, H=16, N=577, Dh=64) for b in Bs] + [dict(B=1, H=32, N=2880, Dh=128)]
@@ -158,7 +162,10 @@ def shapes(dry: bool, quick: bool) -> Dict[str, List[Dict]]:
         kc.append(dict(B=1, N=9000, D=4096, k=1024))
     bm = [dict(B=b, N=577, D=1024, Dm=64, r=64) for b in Bs]
     rc = [dict(B=b, N=576, D=4096, T=64, S=512) for b in Bs]
-    return {"attention_with_scores": att, "kcenter": kc, "bipartite_merge": bm, "recycle": rc}
+    dpp = [dict(B=b, N=576, D=1024, k=64) for b in Bs]                  # CDPruner on LLaVA-1.5
+    ra = [dict(B=b, G=12, s=2, L=1, C=1024, H=8) for b in Bs]            # TokenPacker 576 -> 144
+    return {"attention_with_scores": att, "kcenter": kc, "bipartite_merge": bm, "recycle": rc,
+            "dpp_select": dpp, "region_attention": ra}
 
 
 def _inputs(make, n=3):
@@ -209,13 +216,32 @@ def case_impls(op: str, s: Dict, dev: str, dtype) -> Dict:
         fl = 2 * B * S * T * D
         impls["tokenreduce"] = (lambda i: ops.recycle(xs[i % 3], target, source), by, fl)
         impls["reference (scatter_reduce)"] = (lambda i: reference.recycle(xs[i % 3], target, source), by, fl)
+    elif op == "dpp_select":
+        B, N, D, k = s["B"], s["N"], s["D"], s["k"]
+        xs = _inputs(lambda: (g(B, N, D), torch.rand(B, N, device=dev) + 1e-6))
+        by = B * N * D * dtype.itemsize + B * N * 4
+        fl = 2 * B * N * N * D + 2 * B * k * k * N
+        impls["tokenreduce"] = (lambda i: ops.dpp_select(xs[i % 3][0], k, relevance=xs[i % 3][1]), by, fl)
+        impls["CDPruner authors' loop"] = (lambda i: peers.cdpruner_loop(*xs[i % 3], k), by, fl)
+        impls["fast greedy DPP"] = (lambda i: peers.dpp_fast_greedy(*xs[i % 3], k), by, fl)
+    elif op == "region_attention":
+        B, G, rs, L, C, H = s["B"], s["G"], s["s"], s["L"], s["C"], s["H"]
+        M, N = G * G, G * G * rs * rs
+        xs = _inputs(lambda: (g(B, M, C), g(B, L, N, C), g(B, L, N, C)))
+        by = (2 * B * M * C + 2 * B * L * N * C) * dtype.itemsize
+        fl = 4 * B * M * L * rs * rs * C
+        impls["tokenreduce"] = (lambda i: ops.region_attention(*xs[i % 3], (G, G), region=rs, heads=H), by, fl)
+        impls["windows + SDPA"] = (lambda i: peers.windowed_sdpa(*xs[i % 3], (G, G), rs, H), by, fl)
+        impls["reference"] = (lambda i: reference.region_attention(*xs[i % 3], (G, G), region=rs, heads=H), by, fl)
     return impls
 
 
 USER_BASELINE = {"attention_with_scores": "sdpa + eager scores", "kcenter": "reference (DivPrune loop)",
-                 "bipartite_merge": "ToMe merge code", "recycle": "reference (scatter_reduce)"}
+                 "bipartite_merge": "ToMe merge code", "recycle": "reference (scatter_reduce)",
+                 "dpp_select": "CDPruner authors' loop", "region_attention": "windows + SDPA"}
 REFERENCE = {"attention_with_scores": "reference", "kcenter": "reference (DivPrune loop)",
-             "bipartite_merge": "reference", "recycle": "reference (scatter_reduce)"}
+             "bipartite_merge": "reference", "recycle": "reference (scatter_reduce)",
+             "dpp_select": "CDPruner authors' loop", "region_attention": "reference"}
 
 
 def check_targets(rows: List[Dict], ceil: Dict) -> List[Dict]:

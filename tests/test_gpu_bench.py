@@ -24,7 +24,7 @@ def test_dry_run_writes_reports(tmp_path, capsys):
     assert {"torch", "cuda", "device", "driver", "date"} <= set(report["env"])
     assert report["ceilings"]["copy_GBps"] > 0 and report["ceilings"]["gemm_TFLOPs"] > 0
     ops = {r["op"] for r in report["results"]}
-    assert ops == {"attention_with_scores", "kcenter", "bipartite_merge", "recycle"}
+    assert ops == {"attention_with_scores", "kcenter", "bipartite_merge", "recycle", "dpp_select", "region_attention"}
     for r in report["results"]:
         assert "error" not in r, r
         assert r["median_us"] > 0 and r["p10_us"] <= r["median_us"] <= r["p90_us"] and r["n"] >= 1

@@ -191,17 +191,18 @@ def cdpruner_loop(x: torch.Tensor, relevance: torch.Tensor, k: int) -> torch.Ten
     B, N, _ = x.shape
     xn = (x / x.norm(dim=-1, keepdim=True)).float()
     kernel = relevance.unsqueeze(2) * torch.matmul(xn, xn.transpose(1, 2)) * relevance.unsqueeze(1)
-    cis = torch.zeros((k, B, N))
+    cis = torch.zeros((k, B, N), device=x.device)
     di2s = torch.diagonal(kernel, dim1=1, dim2=2).clone()
-    select_idx = torch.empty((k, B), dtype=torch.long)
+    select_idx = torch.empty((k, B), dtype=torch.long, device=x.device)
     for i in range(k):
         j = torch.argmax(di2s, dim=-1)
         select_idx[i] = j
-        eis = (kernel[torch.arange(B), j] - torch.einsum("tb,tbn->bn", cis[:i, torch.arange(B), j], cis[:i])) \
-            / torch.sqrt(di2s[torch.arange(B), j]).unsqueeze(-1)
+        b = torch.arange(B, device=x.device)
+        eis = (kernel[b, j] - torch.einsum("tb,tbn->bn", cis[:i, b, j], cis[:i])) \
+            / torch.sqrt(di2s[b, j]).unsqueeze(-1)
         cis[i, :, :] = eis
         di2s -= torch.square(eis)
-        di2s[torch.arange(B), j] = -float("inf")
+        di2s[b, j] = -float("inf")
     return select_idx.t()
 
 
@@ -216,9 +217,9 @@ def dpp_fast_greedy(x: torch.Tensor, relevance: torch.Tensor, k: int) -> torch.T
     r = relevance.float()
     kernel.mul_(r.unsqueeze(2)).mul_(r.unsqueeze(1))
     d2 = kernel.diagonal(dim1=1, dim2=2).clone()
-    chol = torch.zeros(B, k, N)
-    picks = torch.empty(B, k, dtype=torch.long)
-    rows = torch.arange(B)
+    chol = torch.zeros(B, k, N, device=x.device)
+    picks = torch.empty(B, k, dtype=torch.long, device=x.device)
+    rows = torch.arange(B, device=x.device)
     for t in range(k):
         j = d2.argmax(1)
         picks[:, t] = j
