@@ -7,7 +7,7 @@ each image is reduced as `tokenreduce.patch` reduces it on transformers' LLaVA-N
 
 * **per tile** (a VIT method, or a PROJECTOR method that needs the tower: [CLS] attention,
   attention received, keys, values, the patch grid, pixels): the method runs on every anyres
-  tile (the base image, then the crops; each a full 336-style grid with [CLS]) with its budget
+  tile (the base image, then the crops; each a full patch grid with [CLS]) with its budget
   per tile, LLaVA's feature select and projector follow, and the tiles' kept tokens are
   concatenated in tile order: no spatial unpadding and no ``image_newline`` tokens (they do not
   apply to a reduced set, as in VisionZip's LLaVA-NeXT code). K = tiles x k_tile, the tile
