@@ -37,7 +37,7 @@ from vllm.model_executor.models.llava_next import (LlavaNextForConditionalGenera
                                                    LlavaNextProcessingInfo)
 from vllm.model_executor.models.utils import maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.parse import ImageProcessorItems
+from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems
 
 from ..errors import fail
 from ..methods.base import Context, Method, Need, Stage
@@ -64,9 +64,9 @@ def num_tiles(hf_config, height: int, width: int) -> int:
                                      patch_size=hf_config.vision_config.image_size)
 
 
-def kept_tokens_of_image(hf_config, height: int, width: int, n: int) -> Optional[int]:
+def kept_tokens_of_image(hf_config, height: int, width: int, n: Optional[int]) -> Optional[int]:
     """Placeholders of one ``height x width`` image with the config's method (None: no method);
-    ``n`` is its unreduced (packed) count."""
+    ``n`` is its unreduced (packed) count (read by packed methods only)."""
     method = method_of(hf_config)
     if method is None:
         return None
@@ -109,7 +109,8 @@ class ReducedLlavaNextMultiModalProcessor(LlavaNextMultiModalProcessor):
     """vLLM's processor, refusing a prompt's images that transformers refuses to reduce together."""
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
-        images = mm_items.get_items("image", ImageProcessorItems) if "image" in mm_items else None
+        images = mm_items.get_items("image", (ImageEmbeddingItems, ImageProcessorItems)) if "image" in mm_items \
+            else None
         if isinstance(images, ImageProcessorItems) and len(images) > 1:
             sizes = [images.get_image_size(i) for i in range(len(images))]
             counts = [self.info.unreduced_image_tokens(image_width=s.width, image_height=s.height) for s in sizes]
@@ -147,7 +148,7 @@ class ReducedLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration
         sizes = self._image_sizes(image_input)
         if per_tile(method):
             out = self._reduce_tiles(image_input["pixel_values"], sizes)
-            counts = [0] * len(out)
+            counts = [None] * len(out)                                 # K does not depend on N here
         else:
             packed = super()._process_image_input(image_input)       # [N, D_llm] per image
             counts = [f.shape[0] for f in packed]
