@@ -6,6 +6,7 @@ tokenreduce's subclasses over vLLM's own architectures (by ``"module:Class"``, s
 imported until vLLM builds such a model):
 
 * ``LlavaForConditionalGeneration`` -> `tokenreduce.vllm.llava.ReducedLlavaForConditionalGeneration`
+* ``LlavaNextForConditionalGeneration`` -> `tokenreduce.vllm.llava_next.ReducedLlavaNextForConditionalGeneration`
 
 A model without a ``tokenreduce`` config entry runs exactly as in vLLM. The method is chosen
 per model by ``hf_overrides`` (`tokenreduce.vllm.config`):
@@ -16,8 +17,8 @@ per model by ``hf_overrides`` (`tokenreduce.vllm.config`):
 or from the command line, `tokenreduce serve MODEL --method visionzip --keep 64`
 (`tokenreduce.vllm.serve`). Modules: `config` (the spec; no vLLM import), `tower` (the CLIP
 tower runner, fused statistics, tensor-parallel combination), `llava` (the model),
-`serve` (the OpenAI-compatible server), `client` (a free port, waiting for `/health`, an image
-as a data URL: what the serve tests and the serving benchmark share).
+`llava_next` (LLaVA-NeXT, anyres), `serve` (the OpenAI-compatible server), `client` (a free port,
+waiting for `/health`, an image as a data URL: what the serve tests and the serving benchmark share).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ __all__ = ["register", "ARCHITECTURES"]
 
 ARCHITECTURES = {
     "LlavaForConditionalGeneration": "tokenreduce.vllm.llava:ReducedLlavaForConditionalGeneration",
+    "LlavaNextForConditionalGeneration": "tokenreduce.vllm.llava_next:ReducedLlavaNextForConditionalGeneration",
 }
 
 
