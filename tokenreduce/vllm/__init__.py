@@ -6,6 +6,7 @@ tokenreduce's subclasses over vLLM's own architectures (by ``"module:Class"``, s
 imported until vLLM builds such a model):
 
 * ``LlavaForConditionalGeneration`` -> `tokenreduce.vllm.llava.ReducedLlavaForConditionalGeneration`
+* ``Qwen2_5_VLForConditionalGeneration`` -> `tokenreduce.vllm.qwen2_5_vl.ReducedQwen2_5_VLForConditionalGeneration`
 
 A model without a ``tokenreduce`` config entry runs exactly as in vLLM. The method is chosen
 per model by ``hf_overrides`` (`tokenreduce.vllm.config`):
@@ -24,6 +25,7 @@ __all__ = ["register", "ARCHITECTURES"]
 
 ARCHITECTURES = {
     "LlavaForConditionalGeneration": "tokenreduce.vllm.llava:ReducedLlavaForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration": "tokenreduce.vllm.qwen2_5_vl:ReducedQwen2_5_VLForConditionalGeneration",
 }
 
 
