@@ -262,3 +262,35 @@ def test_unreduced_equals_plain_vllm_and_transformers(tiny_qwen, visionzip):
     plain, plain_lens = json.loads(line[0][7:])
     assert got == plain and lens == plain_lens
     assert reduced[1] == got[1] and reduced != got   # text-only equal; images reduced
+
+
+TP_SCRIPT = """
+import json, sys
+sys.path.insert(0, {here!r})
+import test_qwen2_5_vl as t
+from vllm import LLM
+if __name__ == "__main__":
+    llm = LLM({path!r}, tensor_parallel_size=2, distributed_executor_backend="mp", max_model_len=2048,
+              enforce_eager=True, seed=0, dtype="float32", limit_mm_per_prompt={{"image": 2, "video": 0}},
+              hf_overrides={{"tokenreduce": {spec!r}}})
+    outs = t.run(llm, t.batch(t.images(7)))
+    print("RESULT", json.dumps([list(o.outputs[0].token_ids) for o in outs]))
+"""
+
+
+def test_tensor_parallel_2_equals_transformers(tiny_qwen):
+    """tensor_parallel_size=2 on the CPU (two worker processes): the vision tower's heads are
+    sharded, the statistics of each rank's heads combined (`combine_head_shards`)."""
+    from test_tp import core_sets
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    env["VLLM_CPU_OMP_THREADS_BIND"] = core_sets()
+    script = os.path.join(os.path.dirname(tiny_qwen), "run_qwen_tp2.py")
+    with open(script, "w") as f:
+        f.write(TP_SCRIPT.format(here=os.path.dirname(os.path.abspath(__file__)), path=tiny_qwen, spec=HIPRUNE))
+    res = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=480)
+    line = [l for l in res.stdout.splitlines() if l.startswith("RESULT ")]
+    assert line, res.stderr[-4000:]
+    got = json.loads(line[0][7:])
+    prompts = batch(images(7))
+    one = [i for i, p in enumerate(prompts) if len(p["images"]) <= 1]
+    assert [got[i] for i in one] == hf_generate(tiny_qwen, [prompts[i] for i in one], HIPRUNE)
