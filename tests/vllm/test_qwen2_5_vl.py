@@ -229,15 +229,6 @@ def test_statistics_come_from_the_fused_op(visionzip, hiprune, monkeypatch):
     assert calls
 
 
-def test_vit_and_pixel_methods_are_refused():
-    from tokenreduce.vllm.config import method_of_spec
-    from tokenreduce.vllm.qwen2_5_vl import check_method
-    with pytest.raises(NotImplementedError, match="projector methods only"):
-        check_method(method_of_spec({"method": "tome", "options": {"r": 4}}))
-    with pytest.raises(NotImplementedError, match="flattened patches"):
-        check_method(method_of_spec({"method": "vflowopt", "keep": 8}))
-
-
 def test_unreduced_equals_plain_vllm_and_transformers(tiny_qwen, visionzip):
     prompts = batch(images(6))
     reduced = [list(o.outputs[0].token_ids) for o in run(visionzip, prompts)]
