@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("vllm.entrypoints", reason="vLLM is not installed (tools/vllm_venv.sh makes .venv-vllm)")
 
-from _qwen2_5_vl_model import IDS, IMAGE_PAD, PROMPT_IMAGE, save_qwen2_5_vl  # noqa: E402
+from _qwen2_5_vl_model import IDS, IMAGE_PAD, PROMPT_IMAGE, VISION_END, VISION_START, save_qwen2_5_vl  # noqa: E402
 
 NEW_TOKENS = 6
 VISIONZIP = {"method": "visionzip", "keep": 8}
@@ -98,6 +98,68 @@ def hf_generate(path, prompts, spec):
     return out
 
 
+def hf_reduced_image(path, spec, img):
+    """One image reduced by transformers + tokenreduce.patch (a one-image prompt): (its kept
+    features ``[K, D]`` in sequence order, their (t, h, w) from the image's start ``[3, K]``,
+    ``max(t, h, w)`` of its merged grid)."""
+    import torch
+    import tokenreduce
+    from tokenreduce.vllm.config import method_of_spec
+    model, proc = hf(path)
+    b = hf_inputs(proc, {"prompt": f"user: {PROMPT_IMAGE} assistant:", "images": [img]})
+    with tokenreduce.patched(model, method_of_spec(spec)) as h, torch.no_grad():
+        model(**b)
+    p = h.last
+    img_at = p.is_img[0]
+    pos = p.position_ids[:, 0]
+    start = pos[0, img_at.nonzero()[0, 0] - 1] + 1                  # after <|vision_start|>
+    t, gh, gw = (int(v) for v in b["image_grid_thw"][0])
+    return p.inputs_embeds[0, img_at], pos[:, img_at] - start, max(t, gh // 2, gw // 2)
+
+
+def hf_reference_generate(path, p, spec):
+    """Greedy new tokens of a prompt with several images, from transformers' own pieces: each
+    image reduced on its own by tokenreduce.patch (`hf_reduced_image`; the patched Qwen2.5-VL
+    reduces one image per prompt), placed at the prompt's K placeholders with its kept
+    positions (text after an image at its start + max(t, h, w), as ``get_rope_index``), then
+    the language model decoding greedily with 3D positions."""
+    import torch
+    model, proc = hf(path)
+    tok = proc.tokenizer
+    parts = [hf_reduced_image(path, spec, im) for im in p["images"]]
+    chunks = p["prompt"].split(PROMPT_IMAGE)
+    ids, embeds, pos, nxt = [], [], [], 0
+    emb_of = model.get_input_embeddings()
+    for i, text in enumerate(chunks):
+        words = tok(text, add_special_tokens=False)["input_ids"] if text.strip() else []
+        if i > 0:
+            words = [IDS[VISION_END]] + words
+        if i < len(chunks) - 1:
+            words = words + [IDS[VISION_START]]
+        ids += words
+        embeds.append(emb_of(torch.tensor(words)))
+        pos.append(torch.arange(nxt, nxt + len(words)).expand(3, -1))
+        nxt += len(words)
+        if i < len(parts):
+            feats, where, span = parts[i]
+            ids += [IDS[IMAGE_PAD]] * feats.shape[0]
+            embeds.append(feats)
+            pos.append(where + nxt)
+            nxt += span
+    emb = torch.cat(embeds)[None]
+    position_ids = torch.cat(pos, dim=1)[:, None]
+    lm, out = model.model.language_model, []
+    with torch.no_grad():
+        o = lm(inputs_embeds=emb, position_ids=position_ids, use_cache=True)
+        for step in range(NEW_TOKENS):
+            nt = int(model.lm_head(o.last_hidden_state[:, -1]).argmax(-1))
+            out.append(nt)
+            q = torch.full((3, 1, 1), int(position_ids.max()) + 1 + step)
+            o = lm(inputs_embeds=emb_of(torch.tensor([[nt]])), position_ids=q, past_key_values=o.past_key_values,
+                   use_cache=True)
+    return ids, out
+
+
 def merged_tokens(path, img):
     """N: the merged tokens of an image (its unreduced placeholders)."""
     _, proc = hf(path)
@@ -136,14 +198,20 @@ def hiprune(tiny_qwen):
 
 def test_visionzip_equals_transformers_with_tokenreduce_patch(tiny_qwen, visionzip):
     """One generate call over prompts with 0, 1 and 2 images of different sizes; the prompts
-    with at most one image against transformers + tokenreduce.patch (the patched Qwen2.5-VL
-    reduces one image per prompt), the two-image prompt against itself alone."""
+    with at most one image against transformers + tokenreduce.patch, the two-image prompt (the
+    patched Qwen2.5-VL reduces one image per prompt) against itself alone and against
+    transformers' pieces (`hf_reference_generate`)."""
     prompts = batch(images(0))
     got = [list(o.outputs[0].token_ids) for o in run(visionzip, prompts)]
     one = [i for i, p in enumerate(prompts) if len(p["images"]) <= 1]
     assert [got[i] for i in one] == hf_generate(tiny_qwen, [prompts[i] for i in one], VISIONZIP)
     alone = [list(o.outputs[0].token_ids) for o in run(visionzip, prompts[2:3])]
     assert alone == [got[2]]
+    # the two-image prompt against transformers' pieces (which give the patched path's tokens on
+    # a one-image prompt)
+    ids, want = hf_reference_generate(tiny_qwen, prompts[2], VISIONZIP)
+    assert got[2] == want and len(ids) == len(run(visionzip, prompts[2:3])[0].prompt_token_ids)
+    assert hf_reference_generate(tiny_qwen, prompts[0], VISIONZIP)[1] == got[0]
     assert len({tuple(g) for g in got}) > 1       # outputs depend on the prompt / image
 
 
