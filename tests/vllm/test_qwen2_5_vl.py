@@ -1,6 +1,6 @@
 """The plugin on Qwen2.5-VL inside vLLM's LLM(): reduced generation equals transformers +
-tokenreduce.patch with the same method token for token (greedy), for VisionZip (keep=K) and
-HiPrune (ratio=r, attention received); prompts hold K placeholders per image instead of N; the
+tokenreduce.patch with the same method token for token (greedy), for VisionZip (keep=K),
+HiPrune (ratio=r, attention received) and VTC-CLS (full and window blocks); prompts hold K placeholders per image instead of N; the
 M-RoPE positions of the kept tokens are the transformers path's; statistics come from the
 fused op; without a tokenreduce entry the model is plain vLLM."""
 import gc
@@ -19,6 +19,7 @@ from _qwen2_5_vl_model import IDS, IMAGE_PAD, PROMPT_IMAGE, VISION_END, VISION_S
 NEW_TOKENS = 6
 VISIONZIP = {"method": "visionzip", "keep": 8}
 HIPRUNE = {"method": "hiprune", "ratio": 0.25}
+VTC_CLS = {"method": "vtc-cls", "keep": 8}      # reads a full-attention block and a window block
 SIZES = ((120, 200), (224, 112), (90, 90), (160, 160))     # (h, w) px: different grids
 
 
@@ -196,6 +197,14 @@ def hiprune(tiny_qwen):
     gc.collect()
 
 
+@pytest.fixture(scope="module")
+def vtccls(tiny_qwen):
+    llm = make_llm(tiny_qwen, VTC_CLS)
+    yield llm
+    del llm
+    gc.collect()
+
+
 def test_visionzip_equals_transformers_with_tokenreduce_patch(tiny_qwen, visionzip):
     """One generate call over prompts with 0, 1 and 2 images of different sizes; the prompts
     with at most one image against transformers + tokenreduce.patch, the two-image prompt (the
@@ -295,6 +304,25 @@ def test_statistics_come_from_the_fused_op(visionzip, hiprune, monkeypatch):
     calls.clear()
     run(hiprune, batch(images(5))[:1])
     assert calls
+
+
+def test_full_and_window_block_statistics_equal_transformers(tiny_qwen, vtccls, monkeypatch):
+    """VTC-CLS reads the [CLS] substitute of a full-attention block (1) and of a window block
+    (2): both from the fused op (one segment per frame / one per window), equal to transformers."""
+    import tokenreduce.ops as ops
+    segments = []
+    real = ops.attention_with_scores
+
+    def counting(*a, **k):
+        segments.append(a[0].shape[0])
+        return real(*a, **k)
+    monkeypatch.setattr(ops, "attention_with_scores", counting)
+    prompts = batch(images(8))[:2]                # one image of 4 x 7 merged tokens, and text only
+    got = [list(o.outputs[0].token_ids) for o in run(vtccls, prompts)]
+    monkeypatch.undo()
+    # one fused call per block read: the full block over 1 frame, the window block over 2 windows
+    assert sorted(segments) == [1, 2]
+    assert got == hf_generate(tiny_qwen, prompts, VTC_CLS)
 
 
 def test_unreduced_equals_plain_vllm_and_transformers(tiny_qwen, visionzip):
