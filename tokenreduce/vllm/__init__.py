@@ -7,6 +7,7 @@ imported until vLLM builds such a model):
 
 * ``LlavaForConditionalGeneration`` -> `tokenreduce.vllm.llava.ReducedLlavaForConditionalGeneration`
 * ``LlavaNextForConditionalGeneration`` -> `tokenreduce.vllm.llava_next.ReducedLlavaNextForConditionalGeneration`
+* ``Qwen2_5_VLForConditionalGeneration`` -> `tokenreduce.vllm.qwen2_5_vl.ReducedQwen2_5_VLForConditionalGeneration`
 
 A model without a ``tokenreduce`` config entry runs exactly as in vLLM. The method is chosen
 per model by ``hf_overrides`` (`tokenreduce.vllm.config`):
@@ -17,7 +18,7 @@ per model by ``hf_overrides`` (`tokenreduce.vllm.config`):
 or from the command line, `tokenreduce serve MODEL --method visionzip --keep 64`
 (`tokenreduce.vllm.serve`). Modules: `config` (the spec; no vLLM import), `tower` (the CLIP
 tower runner, fused statistics, tensor-parallel combination), `llava` (the model),
-`llava_next` (LLaVA-NeXT, anyres), `serve` (the OpenAI-compatible server), `client` (a free port,
+`llava_next` (LLaVA-NeXT, anyres), `qwen2_5_vl` + `qwen_reduce` (Qwen2.5-VL), `serve` (the OpenAI-compatible server), `client` (a free port,
 waiting for `/health`, an image as a data URL: what the serve tests and the serving benchmark share).
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ __all__ = ["register", "ARCHITECTURES"]
 ARCHITECTURES = {
     "LlavaForConditionalGeneration": "tokenreduce.vllm.llava:ReducedLlavaForConditionalGeneration",
     "LlavaNextForConditionalGeneration": "tokenreduce.vllm.llava_next:ReducedLlavaNextForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration": "tokenreduce.vllm.qwen2_5_vl:ReducedQwen2_5_VLForConditionalGeneration",
 }
 
 
