@@ -26,6 +26,14 @@ constexpr int64_t kRowBlock = 64;
 constexpr int64_t kScreenMinDim = 128;  // bf16 screening pays off from this feature width
 constexpr int64_t kScreenMinCols = 32;  // ... and this many targets
 
+// Ask for a row of n elements ahead of its use (the gathered rows are scattered in x: the
+// hardware prefetcher only follows a row once it is being read).
+template <typename T>
+inline void prefetch_row(const T* row, int64_t n) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(p + off);
+}
+
 // Normalised feature rows of `idx` (n positions of batch b) into dst [n, Df].
 template <typename fscalar_t, typename acc>
 void gather_normalised(const at::Tensor& f, int64_t b, const int64_t* idx, int64_t n, acc* dst,
@@ -34,6 +42,7 @@ void gather_normalised(const at::Tensor& f, int64_t b, const int64_t* idx, int64
   const fscalar_t* fp = f.data_ptr<fscalar_t>() + b * f.stride(0);
   for (int64_t e = 0; e < n; ++e) {
     acc* d = dst + e * Df;
+    if (e + 1 < n) prefetch_row(fp + idx[e + 1] * f.stride(1), Df);  // rows are scattered in x
     load_row(fp + idx[e] * f.stride(1), Df, d);
     bool finite;
     const acc iv = inv_norm_checked(d, Df, dot(d, d, Df), finite);
@@ -164,7 +173,10 @@ void aggregate(const at::Tensor& x, const at::Tensor& target, const at::Tensor& 
         total += w;
       };
       if (include_target) add(tp[t]);
-      for (int64_t e = off[c]; e < off[c + 1]; ++e) add(mem[e]);
+      for (int64_t e = off[c]; e < off[c + 1]; ++e) {
+        if (e + 1 < off[c + 1]) prefetch_row(xp + b * x.stride(0) + mem[e + 1] * x.stride(1), D);
+        add(mem[e]);
+      }
       cp[t] = (off[c + 1] - off[c]) + (include_target ? 1 : 0);
       wsp[t] = total;
       const acc inv = total != acc(0) ? acc(1) / total : acc(0);  // empty or zero-weight slot -> 0
