@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from tokenreduce import ops, reference
+from tokenreduce import measure, ops, reference
 from conftest import DTYPES, TOL, randn
 
 
@@ -231,3 +231,27 @@ def test_wide_separate_metric_screening(gen):
     rm, rs, rsrc = reference.bipartite_merge(x, r, metric=k)
     assert torch.equal(source, rsrc)
     torch.testing.assert_close(merged, rm)
+
+
+# With B >= 2 x threads one task per batch row runs matching, planning and merging back to
+# back; with fewer batch rows each step is split over (batch row, block) tasks. Both splits,
+# screened (random: a few candidates per row) and float32 fallback (clustered: every column).
+@pytest.mark.parametrize("B", [1, 5])
+@pytest.mark.parametrize("kind", ["random", "clustered"])
+def test_wide_screening_both_parallel_splits(gen, B, kind):
+    N, D, r, protect = 129, 256, 50, 1
+
+    def make():
+        if kind == "random":
+            return randn(gen, B, N, D)
+        return randn(gen, B, 1, D) + 0.2 * randn(gen, B, N, D)
+
+    x = _draw(gen, make, r, protect)
+    size = torch.rand(B, N, generator=gen) + 0.5
+    with measure.threads(2):
+        for order in ("tome", "spatial"):
+            merged, osize, source = ops.bipartite_merge(x, r, size=size, protect=protect, order=order)
+            rm, rs, rsrc = reference.bipartite_merge(x, r, size=size, protect=protect, order=order)
+            assert torch.equal(source, rsrc)
+            torch.testing.assert_close(merged, rm)
+            torch.testing.assert_close(osize, rs)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tokenreduce import ops, reference
+from tokenreduce import measure, ops, reference
 from conftest import DTYPES, TOL, randn
 
 
@@ -128,3 +128,36 @@ def test_bad_input_raises(call, exc, needle):
     with pytest.raises(exc, match="tokenreduce.recycle") as info:
         call(x, t, s)
     assert needle in str(info.value)
+
+
+# Wide features (Df >= 128, T >= 32) take the bf16-screened assignment: a bf16 GEMM picks
+# candidate targets, rescored in float32; its slots must be the float32 ones. Inputs are
+# redrawn until every source's float64 top-2 gap is far above float32 rounding. B=1 runs
+# blocks of sources, B=5 (2 threads) one task per batch row; "clustered" (cosines ~0.96,
+# every target a candidate) takes the float32 GEMM fallback.
+def _slot_margins_ok(x, tgt, src, margin=1e-6):
+    u = x.double() / x.double().norm(dim=-1, keepdim=True)
+    D = x.shape[-1]
+    sim = u.gather(1, src[..., None].expand(-1, -1, D)) @ u.gather(1, tgt[..., None].expand(-1, -1, D)).transpose(1, 2)
+    top2 = sim.topk(2, dim=-1).values
+    return bool((top2[..., 0] - top2[..., 1]).min() > margin), sim.argmax(-1)
+
+
+@pytest.mark.parametrize("B", [1, 5])
+@pytest.mark.parametrize("kind", ["random", "clustered"])
+def test_wide_features_screening(gen, B, kind):
+    N, D, T, S = 160, 256, 32, 100
+    for _ in range(40):
+        x = randn(gen, B, N, D) if kind == "random" else randn(gen, B, 1, D) + 0.2 * randn(gen, B, N, D)
+        tgt, src = split(gen, B, N, T, S)
+        ok, want = _slot_margins_ok(x, tgt, src)
+        if ok:
+            break
+    assert ok, "could not draw inputs with clear margins"
+    w = torch.rand(B, N, generator=gen) + 0.1
+    with measure.threads(2):
+        out, count, slot = ops.recycle(x, tgt, src, weight=w, return_slot=True)
+    assert torch.equal(slot, want)
+    rout, rcount = reference.recycle(x, tgt, src, weight=w)
+    assert torch.equal(count, rcount)
+    torch.testing.assert_close(out, rout)

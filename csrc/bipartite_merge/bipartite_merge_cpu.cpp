@@ -1,17 +1,21 @@
 // bipartite_merge on the CPU: ToMe's bipartite soft matching and size-weighted merge.
 //
-//  1. (b, block of A rows) tasks: a GEMM tile of A.B^T cosine scores, reduced at once to
+//  1. best B partner of every A token: a GEMM of A.B^T cosine scores, reduced at once to
 //     each A token's best B partner (ties to the smaller B index); the score matrix is
-//     never stored beyond the tile. For float metrics of width >= kScreenMinDim the tile
-//     is screened first with a bfloat16 GEMM of the unit rows (about 3x the fp32 GEMM's
-//     speed); only the B columns whose screened score lies within twice a rigorous error
-//     bound of the row's screened maximum are rescored in float32, so the chosen partner
-//     and its score are those of the float32 computation (see screen_eps).
+//     never stored beyond one batch row (or a block of A rows). For float metrics of width
+//     >= kScreenMinDim the scores are screened first with a bfloat16 GEMM of the unit rows
+//     (AMX / AVX512-BF16, several times the fp32 GEMM's speed); only the B columns whose
+//     screened score lies within a rigorous error bound of the row's screened maximum are
+//     rescored in float32, so the chosen partner and its score are those of the float32
+//     computation (bf16_screen.h: the bound uses each row's measured bf16 rounding error).
 //  2. per batch row: stable ranking of the A tokens by best score (ties to the smaller A
 //     index), the output slot of every token (ToMe's order or spatial order), and the
 //     members of every slot by a counting sort (ascending token index).
-//  3. (b, output slot) tasks: the size-weighted mean of the slot's members, summed in a
-//     fixed order: deterministic, no atomics.
+//  3. the size-weighted mean of every slot's members, summed in a fixed order:
+//     deterministic, no atomics.
+// Parallel split: with B >= 2 x threads one task per batch row runs 1-3 back to back (its
+// rows stay in cache, the threads meet once, no [B, N, Dm] bf16 buffer); otherwise each
+// step runs over (batch row, block) tasks.
 #include <atomic>
 #include <torch/library.h>
 
@@ -21,6 +25,7 @@
 #include <numeric>
 
 #include "../common/cpu_utils.h"
+#include "bf16_screen.h"
 #include "bipartite_merge_checks.h"
 
 namespace tokenreduce {
@@ -30,15 +35,6 @@ constexpr const char* kOp = "bipartite_merge";
 constexpr int64_t kRowBlock = 64;
 constexpr int64_t kScreenMinDim = 128;  // bf16 screening pays off from this metric width
 constexpr int64_t kScreenMinCols = 32;  // ... and this many B columns
-
-// Bound on |screened score - float32 score| for unit rows of width d. Rounding the unit
-// rows to bf16 (unit roundoff u = 2^-8) moves a dot product by at most (2u + u^2), the
-// GEMM's float32 accumulation and the float32 rescoring by at most d * 2^-24 each, and
-// rounding the GEMM's result to bf16 by u (|score| <= 1); 1e-5 covers the float32 norms.
-inline float screen_eps(int64_t d) {
-  const double u = 1.0 / 256.0;
-  return static_cast<float>(3 * u + 4 * u * u + 2.2 * static_cast<double>(d) / 16777216.0 + 1e-5);
-}
 
 template <typename scalar_t, typename mscalar_t>
 void bipartite_merge_cpu_impl(const at::Tensor& x, const at::Tensor& metric, const at::Tensor& size,
@@ -76,13 +72,14 @@ void bipartite_merge_cpu_impl(const at::Tensor& x, const at::Tensor& metric, con
   std::vector<macc> inv(B * N);
   // bf16 screening (float metrics only; double keeps the plain float64 GEMM)
   const bool screen = std::is_same_v<macc, float> && Dm >= kScreenMinDim && Nb >= kScreenMinCols;
-  // unit rows in bf16 (uninitialised: every row is written by its norm pass)
-  std::unique_ptr<at::BFloat16[]> unit(screen ? new at::BFloat16[B * N * Dm] : nullptr);
+  std::vector<float> uerr(screen ? B * N : 0);  // rounding error norm of each bf16 unit row
+  const float fp_err = screen::fp_err(Dm);
   // batch rows holding a finite row whose squared norm overflows (|x| > ~1e19 in float32):
   // their scores come from unit rows, since the raw dot products would overflow too
   std::unique_ptr<std::atomic<bool>[]> huge(new std::atomic<bool>[std::max<int64_t>(B, 1)]);
   for (int64_t b = 0; b < B; ++b) huge[b].store(false, std::memory_order_relaxed);
-  auto norms = [&](int64_t i0, int64_t i1) {  // inverse norms (and bf16 unit rows) of flat rows [i0, i1)
+  // inverse norms of flat rows [i0, i1), and (screen) their bf16 unit rows into ud (row i0 first)
+  auto norms = [&](int64_t i0, int64_t i1, at::BFloat16* ud) {
     for (int64_t i = i0; i < i1; ++i) {
       const macc* row = mrows + (i / N) * mbs + (i % N) * mld;
       bool finite;
@@ -91,166 +88,189 @@ void bipartite_merge_cpu_impl(const at::Tensor& x, const at::Tensor& metric, con
       TORCH_CHECK_VALUE(finite, "tokenreduce.bipartite_merge: ", metric_name,
                         " has a non-finite value (NaN or Inf) in batch ", i / N, ", token ", i % N);
       if (!std::isfinite(static_cast<double>(sq))) huge[i / N].store(true, std::memory_order_relaxed);
-      if (screen) {
-        // round to nearest even on the bits (the row is finite: checked above), so the
-        // loop vectorises, unlike c10::BFloat16's NaN-aware conversion
-        const float w = static_cast<float>(inv[i]);
-        uint16_t* u = reinterpret_cast<uint16_t*>(unit.get() + i * Dm);
-#pragma omp simd
-        for (int64_t d = 0; d < Dm; ++d) {
-          uint32_t bits;
-          const float f = static_cast<float>(row[d]) * w;
-          std::memcpy(&bits, &f, sizeof bits);
-          u[d] = static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
-        }
-      }
+      if (screen) uerr[i] = screen::to_bf16_scaled(row, Dm, static_cast<float>(inv[i]), ud + (i - i0) * Dm);
     }
   };
-  // With enough batch rows, one task per batch row computes its norms right before its
-  // GEMM (the rows are still in cache); otherwise norms first, then row blocks of A.
-  const bool per_batch = B >= 2 * at::get_num_threads() && Na * Nb <= (int64_t(1) << 20);
-  if (!per_batch) parallel_for_cost(B * N, Dm, norms);
 
-  // 1. best B partner of every A token
+  // 1. best B partner of A rows [a0, a0 + m) of batch row b; ub: the batch row's bf16 unit rows
   std::vector<macc> node_max(B * Na);
   std::vector<int64_t> node_idx(B * Na);
-  const int64_t rb = per_batch ? std::max<int64_t>(Na, 1) : kRowBlock;
-  const int64_t nblk = (Na + rb - 1) / rb;
-  const float eps2 = 2 * screen_eps(Dm);
-  parallel_for_cost(B * nblk, rb * Nb * Dm, [&](int64_t t0, int64_t t1) {
+  struct MatchScratch {
     std::vector<macc> S;
-    std::vector<at::BFloat16> Sh(screen ? rb * std::max<int64_t>(Nb, 1) : 0);
-    std::vector<float> thr(screen ? rb : 0);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / nblk, a0 = (t % nblk) * rb, m = std::min(rb, Na - a0);
-      if (per_batch) norms(b * N, (b + 1) * N);
-      const macc* base = mrows + b * mbs;
-      const macc* ib = inv.data() + b * N;
-      std::vector<macc> unit_rows, ones;
-      if (huge[b].load(std::memory_order_relaxed)) {  // rare: score unit rows (inverse norms 1)
-        unit_rows.resize(N * Dm);
-        ones.assign(N, macc(1));
-        for (int64_t i = 0; i < N; ++i)
-          for (int64_t d = 0; d < Dm; ++d) unit_rows[i * Dm + d] = base[i * mld + d] * ib[i];
-        base = unit_rows.data();
-        ib = ones.data();
-      }
-      const int64_t row_ld = huge[b].load(std::memory_order_relaxed) ? Dm : mld;
-      if (screen) {
-        const at::BFloat16* ub = unit.get() + b * N * Dm;
-        gemm_abt(ub + 2 * a0 * Dm, 2 * Dm, ub + Dm, 2 * Dm, Sh.data(), Nb, m, Nb, Dm);
-        int64_t cand = 0;  // candidates in the tile: rescoring them must stay cheaper than the GEMM
-        for (int64_t e = 0; e < m; ++e) {
-          const at::BFloat16* sh = Sh.data() + e * Nb;
-          float mx = -std::numeric_limits<float>::infinity();
-          for (int64_t c = pb; c < Nb; ++c) mx = std::max(mx, static_cast<float>(sh[c]));
-          thr[e] = mx - eps2;
-          for (int64_t c = pb; c < Nb; ++c) cand += static_cast<float>(sh[c]) >= thr[e];
-        }
-        if (cand * 8 <= m * Nb) {
-          for (int64_t e = 0; e < m; ++e) {
-            const int64_t a = a0 + e;
-            ArgMax<macc> am;
-            if (a >= pa) {
-              const at::BFloat16* sh = Sh.data() + e * Nb;
-              const macc* ar = base + 2 * a * row_ld;
-              for (int64_t c = pb; c < Nb; ++c)
-                if (static_cast<float>(sh[c]) >= thr[e]) am.push(dot(ar, base + (2 * c + 1) * row_ld, Dm) * ib[2 * c + 1], c);
-            }
-            node_max[b * Na + a] = am.index >= 0 ? am.value * ib[2 * a] : -std::numeric_limits<macc>::infinity();
-            node_idx[b * Na + a] = std::max<int64_t>(am.index, 0);
-          }
-          continue;
-        }
-        // near-duplicate tokens everywhere: the float32 GEMM is cheaper than rescoring
-      }
-      S.resize(rb * std::max<int64_t>(Nb, 1));
-      gemm_abt(base + 2 * a0 * row_ld, 2 * row_ld, base + row_ld, 2 * row_ld, S.data(), Nb, m, Nb, Dm);
+    std::vector<at::BFloat16> Sh;
+    std::vector<float> thr;
+  };
+  auto match = [&](int64_t b, int64_t a0, int64_t m, const at::BFloat16* ub, MatchScratch& w) {
+    const macc* base = mrows + b * mbs;
+    const macc* ib = inv.data() + b * N;
+    std::vector<macc> unit_rows, ones;
+    const bool is_huge = huge[b].load(std::memory_order_relaxed);
+    if (is_huge) {  // rare: score unit rows (inverse norms 1)
+      unit_rows.resize(N * Dm);
+      ones.assign(N, macc(1));
+      for (int64_t i = 0; i < N; ++i)
+        for (int64_t d = 0; d < Dm; ++d) unit_rows[i * Dm + d] = base[i * mld + d] * ib[i];
+      base = unit_rows.data();
+      ib = ones.data();
+    }
+    const int64_t row_ld = is_huge ? Dm : mld;
+    if (screen) {
+      w.Sh.resize(m * Nb);
+      w.thr.resize(m);
+      gemm_abt(ub + 2 * a0 * Dm, 2 * Dm, ub + Dm, 2 * Dm, w.Sh.data(), Nb, m, Nb, Dm);
+      const float* ue = uerr.data() + b * N;
+      float eb = 0;  // largest rounding error of an unprotected B row
+      for (int64_t c = pb; c < Nb; ++c) eb = std::max(eb, ue[2 * c + 1]);
+      int64_t cand = 0;  // candidates in the tile: rescoring them must stay cheaper than the GEMM
       for (int64_t e = 0; e < m; ++e) {
-        const int64_t a = a0 + e;
-        ArgMax<macc> am;
-        if (a >= pa) {
-          const macc* s = S.data() + e * Nb;
-          for (int64_t c = pb; c < Nb; ++c) am.push(s[c] * ib[2 * c + 1], c);
-        }
-        node_max[b * Na + a] = am.index >= 0 ? am.value * ib[2 * a] : -std::numeric_limits<macc>::infinity();
-        node_idx[b * Na + a] = std::max<int64_t>(am.index, 0);
+        const at::BFloat16* sh = w.Sh.data() + e * Nb;
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t c = pb; c < Nb; ++c) mx = std::max(mx, static_cast<float>(sh[c]));
+        w.thr[e] = mx - screen::screen_margin(mx, ue[2 * (a0 + e)], eb, fp_err);
+        for (int64_t c = pb; c < Nb; ++c) cand += static_cast<float>(sh[c]) >= w.thr[e];
       }
+      if (cand * 8 <= m * Nb) {
+        for (int64_t e = 0; e < m; ++e) {
+          const int64_t a = a0 + e;
+          ArgMax<macc> am;
+          if (a >= pa) {
+            const at::BFloat16* sh = w.Sh.data() + e * Nb;
+            const macc* ar = base + 2 * a * row_ld;
+            for (int64_t c = pb; c < Nb; ++c)
+              if (static_cast<float>(sh[c]) >= w.thr[e]) am.push(dot(ar, base + (2 * c + 1) * row_ld, Dm) * ib[2 * c + 1], c);
+          }
+          node_max[b * Na + a] = am.index >= 0 ? am.value * ib[2 * a] : -std::numeric_limits<macc>::infinity();
+          node_idx[b * Na + a] = std::max<int64_t>(am.index, 0);
+        }
+        return;
+      }
+      // near-duplicate tokens everywhere: the float32 GEMM is cheaper than rescoring
     }
-  });
+    w.S.resize(m * std::max<int64_t>(Nb, 1));
+    gemm_abt(base + 2 * a0 * row_ld, 2 * row_ld, base + row_ld, 2 * row_ld, w.S.data(), Nb, m, Nb, Dm);
+    for (int64_t e = 0; e < m; ++e) {
+      const int64_t a = a0 + e;
+      ArgMax<macc> am;
+      if (a >= pa) {
+        const macc* s = w.S.data() + e * Nb;
+        for (int64_t c = pb; c < Nb; ++c) am.push(s[c] * ib[2 * c + 1], c);
+      }
+      node_max[b * Na + a] = am.index >= 0 ? am.value * ib[2 * a] : -std::numeric_limits<macc>::infinity();
+      node_idx[b * Na + a] = std::max<int64_t>(am.index, 0);
+    }
+  };
 
-  // 2. ranking, slots and slot members
+  // 2. ranking, output slots and slot members of batch row b: off [No + 1], mem [N]
   int64_t* srcp = source.data_ptr<int64_t>();
-  std::vector<int64_t> offsets(B * (No + 1)), members(B * N);
-  parallel_for_cost(B, 8 * N, [&](int64_t b0, int64_t b1) {
-    std::vector<int64_t> rank(Na), slot_b(Nb), cnt(No + 1);
-    for (int64_t b = b0; b < b1; ++b) {
-      const macc* nm = node_max.data() + b * Na;
-      std::iota(rank.begin(), rank.end(), 0);
-      std::stable_sort(rank.begin(), rank.end(), [&](int64_t i, int64_t j) { return nm[i] > nm[j]; });
-      int64_t* src = srcp + b * N;
-      // rank[0:r] merge; rank[r:] stay
-      if (tome_order) {
-        // protected tokens (index order), unmerged A (index order when protect > 0, else
-        // by descending score, as ToMe), then the unprotected B tokens
-        std::vector<int64_t> unm(rank.begin() + r, rank.end());
-        if (protect > 0) std::sort(unm.begin(), unm.end());
-        int64_t next = protect;
-        for (int64_t a : unm) src[2 * a] = a < pa ? 2 * a : next++;
-        for (int64_t c = 0; c < Nb; ++c) slot_b[c] = c < pb ? 2 * c + 1 : next++;
-      } else {
-        std::vector<uint8_t> gone(N, 0);
-        for (int64_t e = 0; e < r; ++e) gone[2 * rank[e]] = 1;
-        int64_t next = 0;
-        for (int64_t i = 0; i < N; ++i) {
-          if (gone[i]) continue;
-          if (i % 2 == 0) src[i] = next++;
-          else slot_b[i / 2] = next++;
-        }
+  struct PlanScratch {
+    std::vector<int64_t> rank, slot_b, cnt, unm;
+    std::vector<uint8_t> gone;
+  };
+  auto plan = [&](int64_t b, int64_t* off, int64_t* mem, PlanScratch& w) {
+    w.rank.resize(Na);
+    w.slot_b.resize(Nb);
+    w.cnt.resize(No + 1);
+    const macc* nm = node_max.data() + b * Na;
+    std::iota(w.rank.begin(), w.rank.end(), 0);
+    std::stable_sort(w.rank.begin(), w.rank.end(), [&](int64_t i, int64_t j) { return nm[i] > nm[j]; });
+    int64_t* src = srcp + b * N;
+    // rank[0:r] merge; rank[r:] stay
+    if (tome_order) {
+      // protected tokens (index order), unmerged A (index order when protect > 0, else
+      // by descending score, as ToMe), then the unprotected B tokens
+      w.unm.assign(w.rank.begin() + r, w.rank.end());
+      if (protect > 0) std::sort(w.unm.begin(), w.unm.end());
+      int64_t next = protect;
+      for (int64_t a : w.unm) src[2 * a] = a < pa ? 2 * a : next++;
+      for (int64_t c = 0; c < Nb; ++c) w.slot_b[c] = c < pb ? 2 * c + 1 : next++;
+    } else {
+      w.gone.assign(N, 0);
+      for (int64_t e = 0; e < r; ++e) w.gone[2 * w.rank[e]] = 1;
+      int64_t next = 0;
+      for (int64_t i = 0; i < N; ++i) {
+        if (w.gone[i]) continue;
+        if (i % 2 == 0) src[i] = next++;
+        else w.slot_b[i / 2] = next++;
       }
-      for (int64_t c = 0; c < Nb; ++c) src[2 * c + 1] = slot_b[c];
-      for (int64_t e = 0; e < r; ++e) {
-        const int64_t a = rank[e];
-        src[2 * a] = slot_b[node_idx[b * Na + a]];
-      }
-      // counting sort of tokens by slot (ascending token index inside a slot)
-      int64_t* off = offsets.data() + b * (No + 1);
-      std::fill(cnt.begin(), cnt.end(), 0);
-      for (int64_t i = 0; i < N; ++i) ++cnt[src[i] + 1];
-      off[0] = 0;
-      for (int64_t s = 0; s < No; ++s) off[s + 1] = off[s] + cnt[s + 1];
-      std::copy(off, off + No, cnt.begin());
-      int64_t* mem = members.data() + b * N;
-      for (int64_t i = 0; i < N; ++i) mem[cnt[src[i]]++] = i;
     }
-  });
+    for (int64_t c = 0; c < Nb; ++c) src[2 * c + 1] = w.slot_b[c];
+    for (int64_t e = 0; e < r; ++e) {
+      const int64_t a = w.rank[e];
+      src[2 * a] = w.slot_b[node_idx[b * Na + a]];
+    }
+    // counting sort of tokens by slot (ascending token index inside a slot)
+    std::fill(w.cnt.begin(), w.cnt.end(), 0);
+    for (int64_t i = 0; i < N; ++i) ++w.cnt[src[i] + 1];
+    off[0] = 0;
+    for (int64_t s = 0; s < No; ++s) off[s + 1] = off[s] + w.cnt[s + 1];
+    std::copy(off, off + No, w.cnt.begin());
+    for (int64_t i = 0; i < N; ++i) mem[w.cnt[src[i]]++] = i;
+  };
 
-  // 3. size-weighted mean per slot
+  // 3. size-weighted mean of slot s of batch row b (members in a fixed order: deterministic)
   const scalar_t* xp = x.data_ptr<scalar_t>();
   scalar_t* op = merged.data_ptr<scalar_t>();
   const auto* sp = size.data_ptr<acc>();
   auto* sop = size_out.data_ptr<acc>();
+  auto merge = [&](int64_t b, int64_t s, const int64_t* off, const int64_t* mem, acc* row) {
+    std::fill(row, row + D, acc(0));
+    acc total = 0;
+    for (int64_t e = off[s]; e < off[s + 1]; ++e) {
+      const int64_t i = mem[e];
+      const acc w = sp[b * N + i];
+      const scalar_t* xr = xp + b * x.stride(0) + i * x.stride(1);
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) row[d] += w * static_cast<acc>(xr[d]);
+      total += w;
+    }
+    sop[b * No + s] = total;
+    const acc inv_total = acc(1) / total;
+    scalar_t* o = op + (b * No + s) * D;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(row[d] * inv_total);
+  };
+
+  // With enough batch rows, one task per batch row runs all three steps (its metric rows
+  // and tokens are still in cache from one step to the next, and the threads meet once);
+  // otherwise each step is split over (batch row, block) tasks.
+  const bool per_batch = B >= 2 * at::get_num_threads() && Na * Nb <= (int64_t(1) << 20);
+  if (per_batch) {
+    parallel_for_cost(B, Na * Nb * Dm, [&](int64_t b0, int64_t b1) {
+      std::vector<at::BFloat16> ub(screen ? N * Dm : 0);  // this batch row's bf16 unit rows
+      MatchScratch mw;
+      PlanScratch pw;
+      std::vector<int64_t> off(No + 1), mem(N);
+      std::vector<acc> row(D);
+      for (int64_t b = b0; b < b1; ++b) {
+        norms(b * N, (b + 1) * N, ub.data());
+        match(b, 0, Na, ub.data(), mw);
+        plan(b, off.data(), mem.data(), pw);
+        for (int64_t s = 0; s < No; ++s) merge(b, s, off.data(), mem.data(), row.data());
+      }
+    });
+    return;
+  }
+  // bf16 unit rows of every batch row (uninitialised: every row is written by its norm pass)
+  std::unique_ptr<at::BFloat16[]> unit(screen ? new at::BFloat16[B * N * Dm] : nullptr);
+  parallel_for_cost(B * N, Dm, [&](int64_t i0, int64_t i1) { norms(i0, i1, unit.get() + i0 * Dm); });
+  const int64_t nblk = (Na + kRowBlock - 1) / kRowBlock;
+  parallel_for_cost(B * nblk, kRowBlock * Nb * Dm, [&](int64_t t0, int64_t t1) {
+    MatchScratch mw;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / nblk, a0 = (t % nblk) * kRowBlock;
+      match(b, a0, std::min(kRowBlock, Na - a0), unit.get() + b * N * Dm, mw);
+    }
+  });
+  std::vector<int64_t> offsets(B * (No + 1)), members(B * N);
+  parallel_for_cost(B, 8 * N, [&](int64_t b0, int64_t b1) {
+    PlanScratch pw;
+    for (int64_t b = b0; b < b1; ++b) plan(b, offsets.data() + b * (No + 1), members.data() + b * N, pw);
+  });
   parallel_for_cost(B * No, 2 * D * N / std::max<int64_t>(No, 1), [&](int64_t t0, int64_t t1) {
     std::vector<acc> row(D);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / No, s = t % No;
-      const int64_t* off = offsets.data() + b * (No + 1);
-      const int64_t* mem = members.data() + b * N;
-      std::fill(row.begin(), row.end(), acc(0));
-      acc total = 0;
-      for (int64_t e = off[s]; e < off[s + 1]; ++e) {
-        const int64_t i = mem[e];
-        const acc w = sp[b * N + i];
-        const scalar_t* xr = xp + b * x.stride(0) + i * x.stride(1);
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) row[d] += w * static_cast<acc>(xr[d]);
-        total += w;
-      }
-      sop[t] = total;
-      const acc inv_total = acc(1) / total;
-      scalar_t* o = op + t * D;
-#pragma omp simd
-      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(row[d] * inv_total);
+      const int64_t b = t / No;
+      merge(b, t % No, offsets.data() + b * (No + 1), members.data() + b * N, row.data());
     }
   });
 }

@@ -2,14 +2,19 @@
 // token, or the slot given by `assign`, and each slot becomes the weighted mean of
 // its target and its sources.
 //
-//  1. (b, block of sources) tasks: gather and normalise the sources' feature rows, a
-//     GEMM tile against the normalised targets, arg-max per source (ties to the smaller
-//     target slot). Skipped when `assign` is given.
+//  1. (b, block of sources) tasks (one block per batch row when B >= 2 x threads): gather
+//     and normalise the sources' feature rows, a GEMM tile against the normalised targets,
+//     arg-max per source (ties to the smaller target slot). For float features of width
+//     >= kScreenMinDim against >= kScreenMinCols targets the tile is screened by a bfloat16
+//     GEMM first and only the targets within a rigorous bound of the screened maximum are
+//     rescored in float32 (bf16_screen.h), so the slot is that of the float32 scores.
+//     Skipped when `assign` is given.
 //  2. per batch row: counting sort of the sources by slot (ascending source position).
 //  3. (b, slot) tasks: weighted mean of target and sources in a fixed order:
 //     deterministic, no atomics.
 #include <torch/library.h>
 
+#include "../bipartite_merge/bf16_screen.h"
 #include "../common/cpu_utils.h"
 #include "recycle_checks.h"
 
@@ -18,6 +23,16 @@ namespace {
 
 constexpr const char* kOp = "recycle";
 constexpr int64_t kRowBlock = 64;
+constexpr int64_t kScreenMinDim = 128;  // bf16 screening pays off from this feature width
+constexpr int64_t kScreenMinCols = 32;  // ... and this many targets
+
+// Ask for a row of n elements ahead of its use (the gathered rows are scattered in x: the
+// hardware prefetcher only follows a row once it is being read).
+template <typename T>
+inline void prefetch_row(const T* row, int64_t n) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(p + off);
+}
 
 // Normalised feature rows of `idx` (n positions of batch b) into dst [n, Df].
 template <typename fscalar_t, typename acc>
@@ -27,6 +42,7 @@ void gather_normalised(const at::Tensor& f, int64_t b, const int64_t* idx, int64
   const fscalar_t* fp = f.data_ptr<fscalar_t>() + b * f.stride(0);
   for (int64_t e = 0; e < n; ++e) {
     acc* d = dst + e * Df;
+    if (e + 1 < n) prefetch_row(fp + idx[e + 1] * f.stride(1), Df);  // rows are scattered in x
     load_row(fp + idx[e] * f.stride(1), Df, d);
     bool finite;
     const acc iv = inv_norm_checked(d, Df, dot(d, d, Df), finite);
@@ -45,19 +61,60 @@ void assign_by_similarity(const at::Tensor& feats, const at::Tensor& target, con
   const int64_t* tp = target.data_ptr<int64_t>();
   const int64_t* sp = source.data_ptr<int64_t>();
   int64_t* slp = slot.data_ptr<int64_t>();
-  // normalised targets of every batch row
+  // bf16 screening (float features only; double keeps the plain float64 GEMM)
+  const bool screen = std::is_same_v<acc, float> && Df >= kScreenMinDim && T >= kScreenMinCols;
+  const float fp_err = screen::fp_err(Df);
+  // normalised targets of every batch row (and their bf16 copies, rounding errors, the
+  // largest rounding error per batch row)
   std::vector<acc> tf(std::max<int64_t>(B * T * Df, 1));
+  std::vector<at::BFloat16> tfh(screen ? B * T * Df : 0);
+  std::vector<float> terr(screen ? B : 0);
   parallel_for_cost(B, T * Df, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b)
-      gather_normalised<fscalar_t, acc>(feats, b, tp + b * T, T, tf.data() + b * T * Df, name);
+    for (int64_t b = b0; b < b1; ++b) {
+      acc* rows = tf.data() + b * T * Df;
+      gather_normalised<fscalar_t, acc>(feats, b, tp + b * T, T, rows, name);
+      if (!screen) continue;
+      float eb = 0;
+      for (int64_t c = 0; c < T; ++c)
+        eb = std::max(eb, screen::to_bf16_scaled(rows + c * Df, Df, 1.0f, tfh.data() + (b * T + c) * Df));
+      terr[b] = eb;
+    }
   });
-  const int64_t nblk = (S + kRowBlock - 1) / kRowBlock;
-  parallel_for_cost(B * nblk, kRowBlock * T * Df, [&](int64_t t0, int64_t t1) {
-    std::vector<acc> fs(kRowBlock * Df), sim(kRowBlock * T);
+  // one task per batch row when there are enough of them (one GEMM call each), else blocks
+  const int64_t rb = B >= 2 * at::get_num_threads() ? std::max<int64_t>(S, 1) : kRowBlock;
+  const int64_t nblk = (S + rb - 1) / rb;
+  parallel_for_cost(B * nblk, rb * T * Df, [&](int64_t t0, int64_t t1) {
+    std::vector<acc> fs(rb * Df), sim;
+    std::vector<at::BFloat16> fsh(screen ? rb * Df : 0), simh(screen ? rb * T : 0);
+    std::vector<float> serr(screen ? rb : 0);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / nblk, s0 = (t % nblk) * kRowBlock, m = std::min(kRowBlock, S - s0);
+      const int64_t b = t / nblk, s0 = (t % nblk) * rb, m = std::min(rb, S - s0);
       gather_normalised<fscalar_t, acc>(feats, b, sp + b * S + s0, m, fs.data(), name);
-      gemm_abt(fs.data(), Df, tf.data() + b * T * Df, Df, sim.data(), T, m, T, Df);
+      const acc* tb = tf.data() + b * T * Df;
+      if (screen) {
+        for (int64_t e = 0; e < m; ++e)
+          serr[e] = screen::to_bf16_scaled(fs.data() + e * Df, Df, 1.0f, fsh.data() + e * Df);
+        gemm_abt(fsh.data(), Df, tfh.data() + b * T * Df, Df, simh.data(), T, m, T, Df);
+        // rescore the candidates in float32 while they stay cheaper than the float32 GEMM
+        int64_t cand = 0;
+        for (int64_t e = 0; e < m && cand * 8 <= m * T; ++e) {
+          const at::BFloat16* sh = simh.data() + e * T;
+          float mx = -std::numeric_limits<float>::infinity();
+          for (int64_t c = 0; c < T; ++c) mx = std::max(mx, static_cast<float>(sh[c]));
+          const float thr = mx - screen::screen_margin(mx, serr[e], terr[b], fp_err);
+          ArgMax<acc> am;
+          for (int64_t c = 0; c < T; ++c)
+            if (static_cast<float>(sh[c]) >= thr) {
+              am.push(dot(fs.data() + e * Df, tb + c * Df, Df), c);
+              ++cand;
+            }
+          slp[b * S + s0 + e] = am.index;
+        }
+        if (cand * 8 <= m * T) continue;
+        // near-duplicate tokens everywhere: the float32 GEMM is cheaper than rescoring
+      }
+      sim.resize(rb * T);
+      gemm_abt(fs.data(), Df, tb, Df, sim.data(), T, m, T, Df);
       for (int64_t e = 0; e < m; ++e) {
         ArgMax<acc> am;
         for (int64_t c = 0; c < T; ++c) am.push(sim[e * T + c], c);
@@ -116,7 +173,10 @@ void aggregate(const at::Tensor& x, const at::Tensor& target, const at::Tensor& 
         total += w;
       };
       if (include_target) add(tp[t]);
-      for (int64_t e = off[c]; e < off[c + 1]; ++e) add(mem[e]);
+      for (int64_t e = off[c]; e < off[c + 1]; ++e) {
+        if (e + 1 < off[c + 1]) prefetch_row(xp + b * x.stride(0) + mem[e + 1] * x.stride(1), D);
+        add(mem[e]);
+      }
       cp[t] = (off[c + 1] - off[c]) + (include_target ? 1 : 0);
       wsp[t] = total;
       const acc inv = total != acc(0) ? acc(1) / total : acc(0);  // empty or zero-weight slot -> 0
