@@ -10,6 +10,16 @@
 //  * two passes (longer keys): an online-softmax pass over key blocks gives O and the
 //    row log-sum-exp; a second pass over key blocks, for the scored rows only, sums
 //    exp(s - lse) into the columns.
+// single_pass_for holds the cost model choosing between them (the internal knob
+// TOKENREDUCE_ATTENTION_CPU_PATH forces either, for the tests).
+// Torch's CPU flash attention (FlashAttentionKernel.cpp: 64-row query blocks x 512-key blocks,
+// an MKL GEMM pair per block pair that re-packs K and V each time, an online-softmax rescale of
+// O per key block, so N = 577 splits into a 512-key and a thin 65-key block) is the bar. The
+// float32 single pass beats it with one key range per block (no rescale, no thin block) and:
+//  * K is packed once per task (MKL cblas_sgemm_pack) for all the task's query blocks, instead
+//    of being re-packed inside every Q K^T call;
+//  * the exp pass is an AVX-512 kernel (attention_with_scores_simd.h, vscalefps scaling);
+//  * O = P V is written straight into out and scaled there (no O buffer copy).
 // Column sums go to a per-task slot and are reduced in a fixed order afterwards:
 // the result is deterministic and independent of the thread count.
 // GCC vectorises with 256-bit registers by default even where AVX-512 is there; the row
@@ -20,8 +30,12 @@
 #endif
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "../common/cpu_utils.h"
 #include "attention_with_scores_checks.h"
+#include "attention_with_scores_simd.h"
 
 namespace tokenreduce {
 namespace {
@@ -31,6 +45,28 @@ constexpr int64_t kSinglePassMaxKeys = 4096;
 constexpr int64_t kTileElems = int64_t(1) << 17;  // score tile budget per thread
 constexpr int64_t kKeyBlock = 1024;                // key block of the two-pass path
 constexpr int64_t kTargetTasks = 64;
+
+// Internal knobs for tests (not API): TOKENREDUCE_ATTENTION_CPU_PATH = "single" / "blocked"
+// forces a path whatever Nk (see single_pass_for), TOKENREDUCE_ATTENTION_CPU_PACK = "0" turns
+// the packed-key GEMM off.
+inline bool env_is(const char* name, const char* value) {
+  const char* e = std::getenv(name);
+  return e != nullptr && std::strcmp(e, value) == 0;
+}
+inline bool packed_keys_enabled() { return !env_is("TOKENREDUCE_ATTENTION_CPU_PACK", "0"); }
+
+// Cost model of the two paths, per (query row, key): both do the same two GEMMs and one exp.
+// The single pass keeps S for the block's whole key range (bq x Nk floats, bq >= 16) in the
+// per-thread tile and reads it once more for the scored rows; the blocked path adds, per key
+// block, the online-softmax rescale of O (Dv per row) and, for the scored rows, a second
+// Q K^T GEMM and exp. Up to 4096 keys the tile (>= 16 rows x Nk) stays within L2 and the
+// single pass costs less (~1 exp, no rescales); beyond that the tile spills to L3 and the
+// blocked path's fixed kKeyBlock tile wins.
+inline bool single_pass_for(int64_t Nk) {
+  if (env_is("TOKENREDUCE_ATTENTION_CPU_PATH", "single")) return true;
+  if (env_is("TOKENREDUCE_ATTENTION_CPU_PATH", "blocked")) return false;
+  return Nk <= kSinglePassMaxKeys;
+}
 
 // MKL's per-thread thread count (weak: absent without MKL). The kernel's parallelism is
 // over its tasks; its block GEMMs must be sequential even where the tasks run on the
@@ -47,12 +83,68 @@ struct SequentialBlas {
   }
 };
 
+// MKL's packed GEMM (weak: absent without MKL). S = Q K^T packs K^T for every call; a task
+// packs its K once and reuses it for each of its query blocks (measured ~15% off the
+// Q K^T GEMM at Nk = 577, Dh = 64). Float, non-causal single pass only (the causal blocks
+// read a varying key prefix).
+extern "C" {
+size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
+void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha,
+                      const float* src, int ld, float* dest) __attribute__((weak));
+void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a,
+                         int lda, const float* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
+}
+constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112, kCblasPacked = 151,
+              kCblasBMatrix = 162;
+
+// K [n, kd] (row stride ldk) packed as the B^T operand of C[m, n] = A[m, kd] K^T, m <= m_max.
+struct PackedKeys {
+  std::vector<float> buf;
+  int n = 0, kd = 0;
+  static bool available(int64_t m_max, int64_t n, int64_t kd, int64_t ldk) {
+    constexpr int64_t kMax = std::numeric_limits<int>::max() / 4;
+    return cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr &&
+           cblas_sgemm_compute != nullptr && m_max < kMax && n < kMax && kd < kMax && ldk < kMax &&
+           n * kd < kMax;
+  }
+  void pack(const float* k, int64_t ldk, int64_t m_max, int64_t n_, int64_t kd_) {
+    n = static_cast<int>(n_);
+    kd = static_cast<int>(kd_);
+    const size_t bytes = cblas_sgemm_pack_get_size(kCblasBMatrix, static_cast<int>(m_max), n, kd);
+    buf.resize(bytes / sizeof(float) + 16);
+    cblas_sgemm_pack(kCblasRowMajor, kCblasBMatrix, kCblasTrans, static_cast<int>(m_max), n, kd, 1.0f, k,
+                     static_cast<int>(ldk), buf.data());
+  }
+  // c[m, n] (row stride ldc) = a[m, kd] (row stride lda) K^T
+  void gemm(const float* a, int64_t lda, float* c, int64_t ldc, int64_t m) const {
+    cblas_sgemm_compute(kCblasRowMajor, kCblasNoTrans, kCblasPacked, static_cast<int>(m), n, kd, a,
+                        static_cast<int>(lda), buf.data(), kd, 0.0f, c, static_cast<int>(ldc));
+  }
+};
+
 template <typename acc>
 struct Slice {  // a [rows, cols] row-major view in acc, either borrowed or converted
   const acc* ptr = nullptr;
   int64_t ld = 0;
   std::vector<acc> buf;
 };
+
+// s[0:n] = exp(s - mx) in place, returning the sum (a NaN logit makes the sum NaN): the
+// AVX-512 row kernel for float, the vectorisable fast_exp loop otherwise.
+template <typename acc>
+inline acc exp_sub_sum_inplace(acc* s, int64_t n, acc mx) {
+#if defined(TOKENREDUCE_ATTENTION_AVX512)
+  if constexpr (std::is_same_v<acc, float>) return attention_simd::exp_sub_sum_inplace(s, n, mx);
+#endif
+  acc sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    const acc e = fast_exp(s[j] - mx);
+    s[j] = e;
+    sum += e;
+  }
+  return sum;
+}
 
 // Borrow a [rows, cols] slice of an acc-typed tensor, or convert it into a buffer.
 template <typename scalar_t, typename acc>
@@ -75,13 +167,15 @@ template <typename scalar_t>
 void attention_cpu_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                         bool causal, const at::Tensor& bias, const std::vector<double>& row_weight,
                         at::Tensor& out, at::Tensor& partial, int64_t chunks, int64_t blocks_per_chunk,
-                        int64_t bq) {
+                        int64_t bq, bool single_pass) {
   using acc = acc_t<scalar_t>;
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), Dh = q.size(3);
   const int64_t Hkv = k.size(1), Nk = k.size(2), Dv = v.size(3);
   const int64_t group = H / Hkv;
   const int64_t off = Nk - Nq;  // bottom-right causal alignment: row i sees keys j <= i + off
-  const bool single_pass = Nk <= kSinglePassMaxKeys;
+  constexpr bool direct_out = std::is_same_v<scalar_t, acc>;
+  const bool use_packed_keys = std::is_same_v<acc, float> && single_pass && !causal && packed_keys_enabled() &&
+                               PackedKeys::available(bq, Nk, Dh, std::max<int64_t>(Dh, k.stride(2)));
   const acc sc = static_cast<acc>(scale);
   const scalar_t* qp = q.data_ptr<scalar_t>();
   const scalar_t* kp = k.data_ptr<scalar_t>();
@@ -96,6 +190,7 @@ void attention_cpu_impl(const at::Tensor& q, const at::Tensor& k, const at::Tens
   parallel_for_cost(ntasks, group * blocks_per_chunk * bq * Nk * (Dh + Dv), [&](int64_t t0, int64_t t1) {
     const SequentialBlas sequential_blas;
     Slice<acc> K, V;
+    PackedKeys packed_keys;
     const int64_t kb = single_pass ? Nk : std::min(Nk, kKeyBlock);
     std::vector<acc> Q(bq * Dh), Qs(bq * Dh), S(std::max<int64_t>(bq * kb, 1)), O(bq * Dv), Ot(bq * Dv);
     std::vector<acc> rmax(bq), rsum(bq), rlse(bq);
@@ -109,6 +204,9 @@ void attention_cpu_impl(const at::Tensor& q, const at::Tensor& k, const at::Tens
       load_slice<scalar_t, acc>(K, kp + b * k.stride(0) + hk * k.stride(1), k.stride(2), Nk, Dh);
       load_slice<scalar_t, acc>(V, vp + b * v.stride(0) + hk * v.stride(1), v.stride(2), Nk, Dv);
       const acc* brow = biasp ? biasp + b * Nk : nullptr;
+      if constexpr (std::is_same_v<acc, float>) {
+        if (use_packed_keys) packed_keys.pack(K.ptr, K.ld, bq, Nk, Dh);
+      }
       const int64_t blk_end = std::min(nblocks, (c + 1) * blocks_per_chunk);
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
         for (int64_t blk = c * blocks_per_chunk; blk < blk_end; ++blk) {
@@ -128,7 +226,14 @@ void attention_cpu_impl(const at::Tensor& q, const at::Tensor& k, const at::Tens
             return causal ? std::min(jend, std::max<int64_t>(i0 + r + off + 1, 0)) : jend;
           };
           if (single_pass) {
-            gemm_abt(Q.data(), Dh, K.ptr, K.ld, S.data(), jend, m, jend, Dh);
+            bool packed_done = false;
+            if constexpr (std::is_same_v<acc, float>) {
+              if (use_packed_keys) {
+                packed_keys.gemm(Q.data(), Dh, S.data(), jend, m);
+                packed_done = true;
+              }
+            }
+            if (!packed_done) gemm_abt(Q.data(), Dh, K.ptr, K.ld, S.data(), jend, m, jend, Dh);
             for (int64_t r = 0; r < m; ++r) {
               acc* s = S.data() + r * jend;
               const int64_t lim = row_limit(r);
@@ -161,13 +266,7 @@ void attention_cpu_impl(const at::Tensor& q, const at::Tensor& k, const at::Tens
                 mx = std::numeric_limits<acc>::quiet_NaN();
               }
               // exp and sum (a NaN logit makes the sum, hence the row, NaN); P stays unnormalised
-              acc sum = 0;
-#pragma omp simd reduction(+ : sum)
-              for (int64_t j = 0; j < lim; ++j) {
-                const acc e = fast_exp(s[j] - mx);
-                s[j] = e;
-                sum += e;
-              }
+              const acc sum = exp_sub_sum_inplace(s, lim, mx);
               std::fill(s + lim, s + jend, acc(0));
               const acc inv = acc(1) / sum;
               rsum[r] = inv;
@@ -177,9 +276,11 @@ void attention_cpu_impl(const at::Tensor& q, const at::Tensor& k, const at::Tens
                 for (int64_t j = 0; j < lim; ++j) colsum[j] += w * s[j];
               }
             }
-            gemm_ab(S.data(), jend, V.ptr, V.ld, O.data(), Dv, m, Dv, jend);
+            // float / double: O = P V straight into out (contiguous [B, H, Nq, Dv]), no copy
+            acc* ob = direct_out ? reinterpret_cast<acc*>(orow0) : O.data();
+            gemm_ab(S.data(), jend, V.ptr, V.ld, ob, Dv, m, Dv, jend);
             for (int64_t r = 0; r < m; ++r) {
-              acc* o = O.data() + r * Dv;
+              acc* o = ob + r * Dv;
               const acc inv = rsum[r];
 #pragma omp simd
               for (int64_t d = 0; d < Dv; ++d) o[d] *= inv;
@@ -257,7 +358,8 @@ void attention_cpu_impl(const at::Tensor& q, const at::Tensor& k, const at::Tens
               }
             }
           }
-          for (int64_t e = 0; e < m * Dv; ++e) orow0[e] = static_cast<scalar_t>(O[e]);
+          if (!(single_pass && direct_out))
+            for (int64_t e = 0; e < m * Dv; ++e) orow0[e] = static_cast<scalar_t>(O[e]);
         }
       }
     }
@@ -318,7 +420,7 @@ std::tuple<at::Tensor, at::Tensor> attention_with_scores_cpu(
   at::Tensor out = at::empty({B, H, Nq, Dv}, q.options());
   const auto acc_dtype = at::toOpMathType(q.scalar_type());
 
-  const bool single_pass = Nk <= kSinglePassMaxKeys;
+  const bool single_pass = single_pass_for(Nk);
   int64_t bq = single_pass ? std::clamp<int64_t>(kTileElems / Nk, 16, 128) : 64;
   bq = std::max<int64_t>(std::min(bq, Nq), 1);
   if (Nq > 0) {  // equal blocks: no thin tail GEMM
@@ -335,7 +437,7 @@ std::tuple<at::Tensor, at::Tensor> attention_with_scores_cpu(
   if (B * H * Nq > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_with_scores_cpu", [&] {
       attention_cpu_impl<scalar_t>(q, k, v, scale, causal, bias, row_weight, out, partial, chunks,
-                                   blocks_per_chunk, bq);
+                                   blocks_per_chunk, bq, single_pass);
     });
     return {out, sum_slots(partial)};
   }
