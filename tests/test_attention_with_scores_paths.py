@@ -1,8 +1,7 @@
 """The CPU kernel's internal paths, each forced and checked against the reference: the
 single pass (S for the whole key range in a tile) and the blocked online-softmax path
-(TOKENREDUCE_ATTENTION_CPU_PATH = single / blocked, whatever Nk), the packed-key GEMM on and
-off (TOKENREDUCE_ATTENTION_CPU_PACK), and the AVX-512 row kernel's tails (Nk not a multiple
-of 16 or 32)."""
+(TOKENREDUCE_ATTENTION_CPU_PATH = single / blocked, whatever Nk), and the AVX-512 row kernel's
+tails (Nk not a multiple of 16 or 32)."""
 import pytest
 import torch
 
@@ -85,15 +84,13 @@ def test_large_logits_underflow_to_exact_zero(gen):
     torch.testing.assert_close(out[0, 0], v[0, 0, :1].expand(2, 4))
 
 
-@pytest.mark.parametrize("pack", ["0", "1"])
-def test_packed_keys_on_and_off(gen, monkeypatch, pack):
-    monkeypatch.setenv("TOKENREDUCE_ATTENTION_CPU_PACK", pack)
+def test_forced_path_strided_keys(gen, path):
+    """k, v with a row stride of 3 H Dh (HF's fused qkv layout), borrowed without a copy."""
     B, H, N, Dh = 2, 4, 197, 64
-    q, k, v = (randn(gen, B, H, N, Dh) for _ in range(3))
+    qkv = randn(gen, B, N, 3, H, Dh)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
     check(q, k, v)
     check(q, k, v, score_rows=[0])
-    qkv = randn(gen, B, N, 3, H, Dh)  # strided k (row stride 3 H Dh): the packed GEMM's ld
-    check(*(qkv[:, :, i].transpose(1, 2) for i in range(3)))
 
 
 def test_paths_agree_and_thread_count_independent(gen, monkeypatch):

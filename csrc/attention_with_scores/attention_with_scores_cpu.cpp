@@ -15,11 +15,11 @@
 // Torch's CPU flash attention (FlashAttentionKernel.cpp: 64-row query blocks x 512-key blocks,
 // an MKL GEMM pair per block pair that re-packs K and V each time, an online-softmax rescale of
 // O per key block, so N = 577 splits into a 512-key and a thin 65-key block) is the bar. The
-// float32 single pass beats it with one key range per block (no rescale, no thin block) and:
-//  * K is packed once per task (MKL cblas_sgemm_pack) for all the task's query blocks, instead
-//    of being re-packed inside every Q K^T call;
+// single pass has one key range per block (no rescale, no thin block) and, for float32:
 //  * the exp pass is an AVX-512 kernel (attention_with_scores_simd.h, vscalefps scaling);
 //  * O = P V is written straight into out and scaled there (no O buffer copy).
+// (MKL's packed-B GEMM, K packed once per task by cblas_sgemm_pack, was measured slower at
+// N = 577, Dh = 64: a task has too few query blocks to amortise the pack.)
 // Column sums go to a per-task slot and are reduced in a fixed order afterwards:
 // the result is deterministic and independent of the thread count.
 // GCC vectorises with 256-bit registers by default even where AVX-512 is there; the row
@@ -27,6 +27,8 @@
 // headers included, so every inline helper is compiled with the same target options.
 #if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__)
 #pragma GCC target("prefer-vector-width=512")
+// GCC 12 flags the _mm512_undefined_ps() inside its own AVX-512 intrinsics (a false positive)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 #include <torch/library.h>
 
@@ -47,13 +49,11 @@ constexpr int64_t kKeyBlock = 1024;                // key block of the two-pass 
 constexpr int64_t kTargetTasks = 64;
 
 // Internal knobs for tests (not API): TOKENREDUCE_ATTENTION_CPU_PATH = "single" / "blocked"
-// forces a path whatever Nk (see single_pass_for), TOKENREDUCE_ATTENTION_CPU_PACK = "0" turns
-// the packed-key GEMM off.
+// forces a path whatever Nk (see single_pass_for).
 inline bool env_is(const char* name, const char* value) {
   const char* e = std::getenv(name);
   return e != nullptr && std::strcmp(e, value) == 0;
 }
-inline bool packed_keys_enabled() { return !env_is("TOKENREDUCE_ATTENTION_CPU_PACK", "0"); }
 
 // Cost model of the two paths, per (query row, key): both do the same two GEMMs and one exp.
 // The single pass keeps S for the block's whole key range (bq x Nk floats, bq >= 16) in the
@@ -80,45 +80,6 @@ struct SequentialBlas {
   }
   ~SequentialBlas() {
     if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(prev);
-  }
-};
-
-// MKL's packed GEMM (weak: absent without MKL). S = Q K^T packs K^T for every call; a task
-// packs its K once and reuses it for each of its query blocks (measured ~15% off the
-// Q K^T GEMM at Nk = 577, Dh = 64). Float, non-causal single pass only (the causal blocks
-// read a varying key prefix).
-extern "C" {
-size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
-void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha,
-                      const float* src, int ld, float* dest) __attribute__((weak));
-void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a,
-                         int lda, const float* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
-}
-constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112, kCblasPacked = 151,
-              kCblasBMatrix = 162;
-
-// K [n, kd] (row stride ldk) packed as the B^T operand of C[m, n] = A[m, kd] K^T, m <= m_max.
-struct PackedKeys {
-  std::vector<float> buf;
-  int n = 0, kd = 0;
-  static bool available(int64_t m_max, int64_t n, int64_t kd, int64_t ldk) {
-    constexpr int64_t kMax = std::numeric_limits<int>::max() / 4;
-    return cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr &&
-           cblas_sgemm_compute != nullptr && m_max < kMax && n < kMax && kd < kMax && ldk < kMax &&
-           n * kd < kMax;
-  }
-  void pack(const float* k, int64_t ldk, int64_t m_max, int64_t n_, int64_t kd_) {
-    n = static_cast<int>(n_);
-    kd = static_cast<int>(kd_);
-    const size_t bytes = cblas_sgemm_pack_get_size(kCblasBMatrix, static_cast<int>(m_max), n, kd);
-    buf.resize(bytes / sizeof(float) + 16);
-    cblas_sgemm_pack(kCblasRowMajor, kCblasBMatrix, kCblasTrans, static_cast<int>(m_max), n, kd, 1.0f, k,
-                     static_cast<int>(ldk), buf.data());
-  }
-  // c[m, n] (row stride ldc) = a[m, kd] (row stride lda) K^T
-  void gemm(const float* a, int64_t lda, float* c, int64_t ldc, int64_t m) const {
-    cblas_sgemm_compute(kCblasRowMajor, kCblasNoTrans, kCblasPacked, static_cast<int>(m), n, kd, a,
-                        static_cast<int>(lda), buf.data(), kd, 0.0f, c, static_cast<int>(ldc));
   }
 };
 
@@ -174,8 +135,6 @@ void attention_cpu_impl(const at::Tensor& q, const at::Tensor& k, const at::Tens
   const int64_t group = H / Hkv;
   const int64_t off = Nk - Nq;  // bottom-right causal alignment: row i sees keys j <= i + off
   constexpr bool direct_out = std::is_same_v<scalar_t, acc>;
-  const bool use_packed_keys = std::is_same_v<acc, float> && single_pass && !causal && packed_keys_enabled() &&
-                               PackedKeys::available(bq, Nk, Dh, std::max<int64_t>(Dh, k.stride(2)));
   const acc sc = static_cast<acc>(scale);
   const scalar_t* qp = q.data_ptr<scalar_t>();
   const scalar_t* kp = k.data_ptr<scalar_t>();
@@ -190,7 +149,6 @@ void attention_cpu_impl(const at::Tensor& q, const at::Tensor& k, const at::Tens
   parallel_for_cost(ntasks, group * blocks_per_chunk * bq * Nk * (Dh + Dv), [&](int64_t t0, int64_t t1) {
     const SequentialBlas sequential_blas;
     Slice<acc> K, V;
-    PackedKeys packed_keys;
     const int64_t kb = single_pass ? Nk : std::min(Nk, kKeyBlock);
     std::vector<acc> Q(bq * Dh), Qs(bq * Dh), S(std::max<int64_t>(bq * kb, 1)), O(bq * Dv), Ot(bq * Dv);
     std::vector<acc> rmax(bq), rsum(bq), rlse(bq);
@@ -204,9 +162,6 @@ void attention_cpu_impl(const at::Tensor& q, const at::Tensor& k, const at::Tens
       load_slice<scalar_t, acc>(K, kp + b * k.stride(0) + hk * k.stride(1), k.stride(2), Nk, Dh);
       load_slice<scalar_t, acc>(V, vp + b * v.stride(0) + hk * v.stride(1), v.stride(2), Nk, Dv);
       const acc* brow = biasp ? biasp + b * Nk : nullptr;
-      if constexpr (std::is_same_v<acc, float>) {
-        if (use_packed_keys) packed_keys.pack(K.ptr, K.ld, bq, Nk, Dh);
-      }
       const int64_t blk_end = std::min(nblocks, (c + 1) * blocks_per_chunk);
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
         for (int64_t blk = c * blocks_per_chunk; blk < blk_end; ++blk) {
@@ -226,14 +181,7 @@ void attention_cpu_impl(const at::Tensor& q, const at::Tensor& k, const at::Tens
             return causal ? std::min(jend, std::max<int64_t>(i0 + r + off + 1, 0)) : jend;
           };
           if (single_pass) {
-            bool packed_done = false;
-            if constexpr (std::is_same_v<acc, float>) {
-              if (use_packed_keys) {
-                packed_keys.gemm(Q.data(), Dh, S.data(), jend, m);
-                packed_done = true;
-              }
-            }
-            if (!packed_done) gemm_abt(Q.data(), Dh, K.ptr, K.ld, S.data(), jend, m, jend, Dh);
+            gemm_abt(Q.data(), Dh, K.ptr, K.ld, S.data(), jend, m, jend, Dh);
             for (int64_t r = 0; r < m; ++r) {
               acc* s = S.data() + r * jend;
               const int64_t lim = row_limit(r);
