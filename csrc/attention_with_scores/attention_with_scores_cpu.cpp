@@ -10,6 +10,16 @@
 //  * two passes (longer keys): an online-softmax pass over key blocks gives O and the
 //    row log-sum-exp; a second pass over key blocks, for the scored rows only, sums
 //    exp(s - lse) into the columns.
+// single_pass_for holds the cost model choosing between them (the internal knob
+// TOKENREDUCE_ATTENTION_CPU_PATH forces either, for the tests).
+// Torch's CPU flash attention (FlashAttentionKernel.cpp: 64-row query blocks x 512-key blocks,
+// an MKL GEMM pair per block pair that re-packs K and V each time, an online-softmax rescale of
+// O per key block, so N = 577 splits into a 512-key and a thin 65-key block) is the bar. The
+// single pass has one key range per block (no rescale, no thin block) and, for float32:
+//  * the exp pass is an AVX-512 kernel (attention_with_scores_simd.h, vscalefps scaling);
+//  * O = P V is written straight into out and scaled there (no O buffer copy).
+// (MKL's packed-B GEMM, K packed once per task by cblas_sgemm_pack, was measured slower at
+// N = 577, Dh = 64: a task has too few query blocks to amortise the pack.)
 // Column sums go to a per-task slot and are reduced in a fixed order afterwards:
 // the result is deterministic and independent of the thread count.
 // GCC vectorises with 256-bit registers by default even where AVX-512 is there; the row
@@ -17,11 +27,17 @@
 // headers included, so every inline helper is compiled with the same target options.
 #if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__)
 #pragma GCC target("prefer-vector-width=512")
+// GCC 12 flags the _mm512_undefined_ps() inside its own AVX-512 intrinsics (a false positive)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "../common/cpu_utils.h"
 #include "attention_with_scores_checks.h"
+#include "attention_with_scores_simd.h"
 
 namespace tokenreduce {
 namespace {
@@ -31,6 +47,26 @@ constexpr int64_t kSinglePassMaxKeys = 4096;
 constexpr int64_t kTileElems = int64_t(1) << 17;  // score tile budget per thread
 constexpr int64_t kKeyBlock = 1024;                // key block of the two-pass path
 constexpr int64_t kTargetTasks = 64;
+
+// Internal knobs for tests (not API): TOKENREDUCE_ATTENTION_CPU_PATH = "single" / "blocked"
+// forces a path whatever Nk (see single_pass_for).
+inline bool env_is(const char* name, const char* value) {
+  const char* e = std::getenv(name);
+  return e != nullptr && std::strcmp(e, value) == 0;
+}
+
+// Cost model of the two paths, per (query row, key): both do the same two GEMMs and one exp.
+// The single pass keeps S for the block's whole key range (bq x Nk floats, bq >= 16) in the
+// per-thread tile and reads it once more for the scored rows; the blocked path adds, per key
+// block, the online-softmax rescale of O (Dv per row) and, for the scored rows, a second
+// Q K^T GEMM and exp. Up to 4096 keys the tile (>= 16 rows x Nk) stays within L2 and the
+// single pass costs less (~1 exp, no rescales); beyond that the tile spills to L3 and the
+// blocked path's fixed kKeyBlock tile wins.
+inline bool single_pass_for(int64_t Nk) {
+  if (env_is("TOKENREDUCE_ATTENTION_CPU_PATH", "single")) return true;
+  if (env_is("TOKENREDUCE_ATTENTION_CPU_PATH", "blocked")) return false;
+  return Nk <= kSinglePassMaxKeys;
+}
 
 // MKL's per-thread thread count (weak: absent without MKL). The kernel's parallelism is
 // over its tasks; its block GEMMs must be sequential even where the tasks run on the
@@ -54,6 +90,23 @@ struct Slice {  // a [rows, cols] row-major view in acc, either borrowed or conv
   std::vector<acc> buf;
 };
 
+// s[0:n] = exp(s - mx) in place, returning the sum (a NaN logit makes the sum NaN): the
+// AVX-512 row kernel for float, the vectorisable fast_exp loop otherwise.
+template <typename acc>
+inline acc exp_sub_sum_inplace(acc* s, int64_t n, acc mx) {
+#if defined(TOKENREDUCE_ATTENTION_AVX512)
+  if constexpr (std::is_same_v<acc, float>) return attention_simd::exp_sub_sum_inplace(s, n, mx);
+#endif
+  acc sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    const acc e = fast_exp(s[j] - mx);
+    s[j] = e;
+    sum += e;
+  }
+  return sum;
+}
+
 // Borrow a [rows, cols] slice of an acc-typed tensor, or convert it into a buffer.
 template <typename scalar_t, typename acc>
 void load_slice(Slice<acc>& s, const scalar_t* base, int64_t row_stride, int64_t rows,
@@ -75,13 +128,13 @@ template <typename scalar_t>
 void attention_cpu_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                         bool causal, const at::Tensor& bias, const std::vector<double>& row_weight,
                         at::Tensor& out, at::Tensor& partial, int64_t chunks, int64_t blocks_per_chunk,
-                        int64_t bq) {
+                        int64_t bq, bool single_pass) {
   using acc = acc_t<scalar_t>;
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), Dh = q.size(3);
   const int64_t Hkv = k.size(1), Nk = k.size(2), Dv = v.size(3);
   const int64_t group = H / Hkv;
   const int64_t off = Nk - Nq;  // bottom-right causal alignment: row i sees keys j <= i + off
-  const bool single_pass = Nk <= kSinglePassMaxKeys;
+  constexpr bool direct_out = std::is_same_v<scalar_t, acc>;
   const acc sc = static_cast<acc>(scale);
   const scalar_t* qp = q.data_ptr<scalar_t>();
   const scalar_t* kp = k.data_ptr<scalar_t>();
@@ -161,13 +214,7 @@ void attention_cpu_impl(const at::Tensor& q, const at::Tensor& k, const at::Tens
                 mx = std::numeric_limits<acc>::quiet_NaN();
               }
               // exp and sum (a NaN logit makes the sum, hence the row, NaN); P stays unnormalised
-              acc sum = 0;
-#pragma omp simd reduction(+ : sum)
-              for (int64_t j = 0; j < lim; ++j) {
-                const acc e = fast_exp(s[j] - mx);
-                s[j] = e;
-                sum += e;
-              }
+              const acc sum = exp_sub_sum_inplace(s, lim, mx);
               std::fill(s + lim, s + jend, acc(0));
               const acc inv = acc(1) / sum;
               rsum[r] = inv;
@@ -177,9 +224,11 @@ void attention_cpu_impl(const at::Tensor& q, const at::Tensor& k, const at::Tens
                 for (int64_t j = 0; j < lim; ++j) colsum[j] += w * s[j];
               }
             }
-            gemm_ab(S.data(), jend, V.ptr, V.ld, O.data(), Dv, m, Dv, jend);
+            // float / double: O = P V straight into out (contiguous [B, H, Nq, Dv]), no copy
+            acc* ob = direct_out ? reinterpret_cast<acc*>(orow0) : O.data();
+            gemm_ab(S.data(), jend, V.ptr, V.ld, ob, Dv, m, Dv, jend);
             for (int64_t r = 0; r < m; ++r) {
-              acc* o = O.data() + r * Dv;
+              acc* o = ob + r * Dv;
               const acc inv = rsum[r];
 #pragma omp simd
               for (int64_t d = 0; d < Dv; ++d) o[d] *= inv;
@@ -257,7 +306,8 @@ void attention_cpu_impl(const at::Tensor& q, const at::Tensor& k, const at::Tens
               }
             }
           }
-          for (int64_t e = 0; e < m * Dv; ++e) orow0[e] = static_cast<scalar_t>(O[e]);
+          if (!(single_pass && direct_out))
+            for (int64_t e = 0; e < m * Dv; ++e) orow0[e] = static_cast<scalar_t>(O[e]);
         }
       }
     }
@@ -318,7 +368,7 @@ std::tuple<at::Tensor, at::Tensor> attention_with_scores_cpu(
   at::Tensor out = at::empty({B, H, Nq, Dv}, q.options());
   const auto acc_dtype = at::toOpMathType(q.scalar_type());
 
-  const bool single_pass = Nk <= kSinglePassMaxKeys;
+  const bool single_pass = single_pass_for(Nk);
   int64_t bq = single_pass ? std::clamp<int64_t>(kTileElems / Nk, 16, 128) : 64;
   bq = std::max<int64_t>(std::min(bq, Nq), 1);
   if (Nq > 0) {  // equal blocks: no thin tail GEMM
@@ -335,7 +385,7 @@ std::tuple<at::Tensor, at::Tensor> attention_with_scores_cpu(
   if (B * H * Nq > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_with_scores_cpu", [&] {
       attention_cpu_impl<scalar_t>(q, k, v, scale, causal, bias, row_weight, out, partial, chunks,
-                                   blocks_per_chunk, bq);
+                                   blocks_per_chunk, bq, single_pass);
     });
     return {out, sum_slots(partial)};
   }
