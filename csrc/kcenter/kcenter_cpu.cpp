@@ -313,6 +313,9 @@ BestK<acc> sweep_any(bool cosine, const Rows<acc>& R, const acc* G, int64_t N, i
 // split over threads. Cost: random tokens in D=1024 (all distances alike) need ~1/4 of
 // the N^2 D pairs; clustered or image tokens far fewer.
 constexpr int64_t kIsoChunk = 32;  // columns per chunk (8 groups of 4 vectors)
+// A chunk runs on the thread team only above this many FMAs (~0.1 ms): the live set shrinks
+// fast, and on a loaded machine every small parallel region can wait for a descheduled peer.
+constexpr int64_t kIsoParallelFmas = int64_t(1) << 22;
 
 template <typename acc, bool cosine>
 struct IsoSearch {
@@ -383,7 +386,7 @@ struct IsoSearch {
     for (int t = 0; t < 4; ++t) top[t] = live[std::min(t, nt - 1)];
     const int64_t nblk = (N + 3) / 4;
     std::vector<acc> part(4 * nblk, std::numeric_limits<acc>::infinity());  // per row block
-    parallel_for_cost(nblk, 16 * D, [&](int64_t b0, int64_t b1) {
+    auto pass = [&](int64_t b0, int64_t b1) {
       acc s[16];
       for (int64_t b = b0; b < b1; ++b) {
         acc* m = part.data() + 4 * b;
@@ -397,7 +400,8 @@ struct IsoSearch {
             m[t] = d < m[t] ? d : m[t];
           }
       }
-    });
+    };
+    pass(0, nblk);  // 4 N D FMAs: one thread
     for (int t = 0; t < nt; ++t) {
       acc nn = std::numeric_limits<acc>::infinity();
       for (int64_t b = 0; b < nblk; ++b) nn = part[4 * b + t] < nn ? part[4 * b + t] : nn;
@@ -411,7 +415,7 @@ struct IsoSearch {
   void columns(const int64_t* cols, int64_t nc) {
     const int64_t nl = static_cast<int64_t>(live.size());
     const int64_t nblk = (nl + 3) / 4;
-    parallel_for_cost(nblk, 4 * nc * D, [&](int64_t b0, int64_t b1) {
+    auto chunk = [&](int64_t b0, int64_t b1) {
       acc s[16];
       for (int64_t b = b0; b < b1; ++b) {
         int64_t ri[4];
@@ -432,7 +436,11 @@ struct IsoSearch {
         }
         for (int q = 0; q < m; ++q) ub[ri[q]] = lo[q];
       }
-    });
+    };
+    if (nl * nc * D >= kIsoParallelFmas)
+      at::parallel_for(0, nblk, 1, chunk);
+    else
+      chunk(0, nblk);
   }
   int64_t run() {
     if (N == 1) return live.empty() ? -1 : 0;
