@@ -1,6 +1,7 @@
 // kcenter on the CPU: greedy max-min (Gonzalez) selection, DivPrune's k-center.
-// (Over 400 lines: the three schedules share the sweep, its micro-kernel, the speculation
-// state and the cost model; split into files they would need a header of these internals.)
+// (Over 400 lines: the three schedules and the isolated search share the sweep, its
+// micro-kernel, the row loading, the speculation state and the cost model; split into
+// files they would need a header of these internals.)
 //
 // Each pick lowers every token's running min-distance by its distance to the new pick and
 // takes the farthest eligible, not-yet-picked token next (ties to the smallest index). The
