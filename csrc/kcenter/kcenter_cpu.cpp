@@ -1,6 +1,7 @@
 // kcenter on the CPU: greedy max-min (Gonzalez) selection, DivPrune's k-center.
-// (Over 400 lines: the three schedules share the sweep, its micro-kernel, the speculation
-// state and the cost model; split into files they would need a header of these internals.)
+// (Over 400 lines: the three schedules and the isolated search share the sweep, its
+// micro-kernel, the row loading, the speculation state and the cost model; split into
+// files they would need a header of these internals.)
 //
 // Each pick lowers every token's running min-distance by its distance to the new pick and
 // takes the farthest eligible, not-yet-picked token next (ties to the smallest index). The
@@ -32,12 +33,28 @@
 // Every distance is computed by the same 4-row x 4-vector micro-kernel whatever the
 // schedule, slice, slot or position (a partial block repeats its last row), so identical
 // tokens get bit-identical distances (ties resolve by index) and the result does not
-// depend on the thread count or the batch split. "isolated" (DivPrune's first pick, the
-// token farthest from its nearest neighbour) needs all pairwise distances: row tiles of a
-// GEMM (or the kept Gram matrix).
+// depend on the thread count or the batch split. (Seven candidates per pass with a
+// 2-row x 8-vector kernel, 16 instead of 24 passes, measured ~15% slower on the 2-core
+// Xeon: the passes are near the FMA limit, so the extra 1/3 of FMAs costs more than the
+// X traffic saved.)
+// "isolated" (DivPrune's first pick, the token farthest from its nearest neighbour):
+// all N^2 pairs would cost ~N/k times the picks (a [576, 576] GEMM per row took ~6x the
+// 64 picks). `IsoSearch` finds the same token from upper bounds of each token's nearest-
+// neighbour distance and exact passes for the likely winners; random tokens in D=1024
+// need ~1/4 of the pairs (~5x faster than the GEMM, measured), clustered or image tokens
+// a few percent. With a kept Gram matrix (the gram schedule) it reads the matrix instead.
+// TOKENREDUCE_KCENTER_ISOLATED=full forces the all-pairs GEMM path (tests, benchmarks).
+// Machines: the model reads L2 from sysconf; on an AMD EPYC (512 KiB-1 MiB L2 per core)
+// no half row fits L2 either, so the rule (split only when the row overflows twice the
+// budget and its slices fit) keeps the barrier-free rows schedule there too. At the bench
+// shape (B=8 N=576 D=1024, a 2.36 MB row, 2 MiB L2) the rows schedule runs; split
+// (TOKENREDUCE_KCENTER_SCHEDULE=split) measured 2-5x slower on the loaded 2-core Xeon (a
+// descheduled peer stalls every per-pick barrier), and rows already reads most of X from
+// L2 (the alternating sweep direction).
 #include <torch/library.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <string>
@@ -283,11 +300,186 @@ BestK<acc> sweep_any(bool cosine, const Rows<acc>& R, const acc* G, int64_t N, i
                                     track);
 }
 
+// DivPrune's start without the full distance matrix (no Gram matrix kept): the eligible
+// token whose nearest other token is farthest, by bounds. ub[i], an upper bound of token
+// i's nearest-neighbour distance nn(i), is the minimum over the pairs computed so far; a
+// token whose ub cannot beat the best exact nn found (larger, ties to the smaller index) is
+// dropped. Stages: (1) each token against its 7 index neighbours (image tokens next to
+// each other are often alike), (2) the exact nn of the 4 highest-ub tokens (a full pass,
+// raising the best early; repeated after column chunks 0, 1, 3, 7, 15), (3) the tokens still
+// in the running against chunks of kIsoChunk columns spread over the row, until every
+// column is seen (then their ub is exact). Every pair distance comes from block4x4 and is
+// symmetric bit for bit (cosine: 1 - s * (inv[min] * inv[max])), so the answer is the
+// argmax of the same nn values whichever stage settles a token and however the work is
+// split over threads. Cost: random tokens in D=1024 (all distances alike) need ~1/4 of
+// the N^2 D pairs; clustered or image tokens far fewer.
+constexpr int64_t kIsoChunk = 32;  // columns per chunk (8 groups of 4 vectors)
+// A chunk runs on the thread team only above this many FMAs (~0.1 ms): the live set shrinks
+// fast, and on a loaded machine every small parallel region can wait for a descheduled peer.
+constexpr int64_t kIsoParallelFmas = int64_t(1) << 22;
+
+template <typename acc, bool cosine>
+struct IsoSearch {
+  const Rows<acc>& R;
+  int64_t N, D;
+  std::vector<acc> ub;        // upper bound of nn (exact once done)
+  std::vector<uint8_t> done;  // ub is exact
+  std::vector<int64_t> live;  // eligible, not done, can still win
+  Best<acc> best;             // the best exact nn so far
+
+  IsoSearch(const Rows<acc>& rows, int64_t n, int64_t d, const uint8_t* elig)
+      : R(rows), N(n), D(d), ub(n, std::numeric_limits<acc>::infinity()), done(n, 0) {
+    for (int64_t i = 0; i < N; ++i)
+      if (elig[i]) live.push_back(i);
+  }
+  const acc* row(int64_t i) const { return R.ptr + i * R.ld; }
+  acc pair(acc s, int64_t i, int64_t j) const {  // symmetric in (i, j)
+    if constexpr (cosine) {
+      return acc(1) - s * (R.inv[std::min(i, j)] * R.inv[std::max(i, j)]);
+    } else {
+      return std::sqrt(s);
+    }
+  }
+  bool can_win(int64_t i) const {
+    return best.index < 0 || ub[i] > best.value || (ub[i] == best.value && i < best.index);
+  }
+  void prune() {
+    size_t w = 0;
+    for (const int64_t i : live)
+      if (!done[i] && can_win(i)) live[w++] = i;
+    live.resize(w);
+  }
+  // s for vectors vi[0..4) against rows ri[0..4) (indices; repeats allowed)
+  void block(const int64_t* vi, const int64_t* ri, acc* s) const {
+    const acc* v[4] = {row(vi[0]), row(vi[1]), row(vi[2]), row(vi[3])};
+    block4x4<acc, cosine>(v, row(ri[0]), row(ri[1]), row(ri[2]), row(ri[3]), D, s);
+  }
+  // (1) pairs (j, j + o), o = 1..7: block b against itself and block b + 1
+  void neighbours() {
+    for (int64_t j = 0; j < N; j += 4) {
+      int64_t ri[4], vi[4];
+      for (int q = 0; q < 4; ++q) ri[q] = std::min(j + q, N - 1);
+      acc s[16];
+      for (int64_t o = 0; o <= 4; o += 4) {
+        if (j + o >= N) break;
+        for (int v = 0; v < 4; ++v) vi[v] = std::min(j + o + v, N - 1);
+        block(vi, ri, s);
+        for (int v = 0; v < 4; ++v)
+          for (int q = 0; q < 4; ++q) {
+            const int64_t a = ri[q], c = vi[v];
+            if (c <= a) continue;  // each pair once, no self pairs, no repeats
+            const acc d = pair(s[4 * v + q], a, c);
+            ub[a] = d < ub[a] ? d : ub[a];
+            ub[c] = d < ub[c] ? d : ub[c];
+          }
+      }
+    }
+  }
+  // (2) the exact nn of the (up to) 4 live tokens of highest ub: one pass over all rows
+  void exact_top() {
+    prune();
+    if (live.empty()) return;
+    int64_t top[4];
+    const int nt = static_cast<int>(std::min<size_t>(4, live.size()));
+    std::partial_sort(live.begin(), live.begin() + nt, live.end(), [&](int64_t a, int64_t b) {
+      return ub[a] > ub[b] || (ub[a] == ub[b] && a < b);
+    });
+    for (int t = 0; t < 4; ++t) top[t] = live[std::min(t, nt - 1)];
+    const int64_t nblk = (N + 3) / 4;
+    std::vector<acc> part(4 * nblk, std::numeric_limits<acc>::infinity());  // per row block
+    auto pass = [&](int64_t b0, int64_t b1) {
+      acc s[16];
+      for (int64_t b = b0; b < b1; ++b) {
+        acc* m = part.data() + 4 * b;
+        int64_t ri[4];
+        for (int q = 0; q < 4; ++q) ri[q] = std::min(4 * b + q, N - 1);
+        block(top, ri, s);
+        for (int t = 0; t < nt; ++t)
+          for (int q = 0; q < 4; ++q) {
+            if (ri[q] == top[t]) continue;
+            const acc d = pair(s[4 * t + q], top[t], ri[q]);
+            m[t] = d < m[t] ? d : m[t];
+          }
+      }
+    };
+    pass(0, nblk);  // 4 N D FMAs: one thread
+    for (int t = 0; t < nt; ++t) {
+      acc nn = std::numeric_limits<acc>::infinity();
+      for (int64_t b = 0; b < nblk; ++b) nn = part[4 * b + t] < nn ? part[4 * b + t] : nn;
+      ub[top[t]] = nn;
+      done[top[t]] = 1;
+      best.push(nn, top[t]);
+    }
+    prune();
+  }
+  // (3) the live tokens against columns cols[0..nc)
+  void columns(const int64_t* cols, int64_t nc) {
+    const int64_t nl = static_cast<int64_t>(live.size());
+    const int64_t nblk = (nl + 3) / 4;
+    auto chunk = [&](int64_t b0, int64_t b1) {
+      acc s[16];
+      for (int64_t b = b0; b < b1; ++b) {
+        int64_t ri[4];
+        const int64_t m = std::min<int64_t>(4, nl - 4 * b);
+        for (int q = 0; q < 4; ++q) ri[q] = live[4 * b + std::min<int64_t>(q, m - 1)];
+        acc lo[4] = {ub[ri[0]], ub[ri[1]], ub[ri[2]], ub[ri[3]]};
+        for (int64_t c = 0; c < nc; c += 4) {
+          int64_t vi[4];
+          const int64_t mv = std::min<int64_t>(4, nc - c);
+          for (int v = 0; v < 4; ++v) vi[v] = cols[c + std::min<int64_t>(v, mv - 1)];
+          block(vi, ri, s);
+          for (int v = 0; v < mv; ++v)
+            for (int q = 0; q < 4; ++q) {
+              if (vi[v] == ri[q]) continue;
+              const acc d = pair(s[4 * v + q], ri[q], vi[v]);
+              lo[q] = d < lo[q] ? d : lo[q];
+            }
+        }
+        for (int q = 0; q < m; ++q) ub[ri[q]] = lo[q];
+      }
+    };
+    if (nl * nc * D >= kIsoParallelFmas)
+      at::parallel_for(0, nblk, 1, chunk);
+    else
+      chunk(0, nblk);
+  }
+  int64_t run() {
+    if (N == 1) return live.empty() ? -1 : 0;
+    neighbours();
+    exact_top();
+    // columns in a spread order: j = s, s + stride, ... for s = 0, 1, ...
+    const int64_t stride = std::max<int64_t>(1, N / kIsoChunk);
+    std::vector<int64_t> order;
+    order.reserve(N);
+    for (int64_t s0 = 0; s0 < stride; ++s0)
+      for (int64_t j = s0; j < N; j += stride) order.push_back(j);
+    int64_t chunk = 0;
+    for (int64_t c0 = 0; c0 < N && !live.empty(); c0 += kIsoChunk, ++chunk) {
+      columns(order.data() + c0, std::min(kIsoChunk, N - c0));
+      if (chunk == 0 || chunk == 1 || chunk == 3 || chunk == 7 || chunk == 15) exact_top();
+      else prune();
+    }
+    for (const int64_t i : live) best.push(ub[i], i);  // every column seen: ub is exact
+    return best.index;
+  }
+};
+
+// TOKENREDUCE_KCENTER_ISOLATED=full (read per call): the isolated start from all pairs
+// (GEMM row tiles) instead of the bounded search, for tests and benchmarks.
+inline bool isolated_full_forced() {
+  const char* env = std::getenv("TOKENREDUCE_KCENTER_ISOLATED");
+  return env != nullptr && std::string(env) == "full";
+}
+
 // DivPrune's start: the eligible token whose nearest other token is farthest. G: the full
-// Gram matrix if kept (else computed here in row tiles).
+// Gram matrix if kept (read in row tiles); else the bounded search above.
 template <typename acc>
 int64_t isolated_start(const Rows<acc>& R, const acc* G, int64_t N, int64_t D, bool cosine,
                        const uint8_t* elig) {
+  if (!G && !isolated_full_forced()) {
+    return cosine ? IsoSearch<acc, true>(R, N, D, elig).run()
+                  : IsoSearch<acc, false>(R, N, D, elig).run();
+  }
   std::vector<acc> nn(N, std::numeric_limits<acc>::infinity());
   std::vector<acc> tile(G ? 0 : kTile * std::min(N, kTile));
   for (int64_t i0 = 0; i0 < N; i0 += kTile) {
