@@ -96,6 +96,26 @@ def test_llava_tiny_all_stages(tmp_path, capsys):
     assert base["flops_vision"] == 2 * 3 * flops.layer_flops(17, 64, 128)
     assert by["test-topnorm-proj"]["flops_llm_prefill"] == 2 * 4 * flops.layer_flops(L - 12, t.d, t.m)
     assert by["test-topcls-vit"]["flops_vision"] < base["flops_vision"]
+    assert rep["prepacked_linears"] == 4 * 7          # the tiny Llama's q/k/v/o/gate/up/down, packed once
+
+
+def test_vlm_workload_prepacked_equals_plain():
+    """The pre-packed LLM linears (CPU) give the plain model's tokens and logits."""
+    from tokenreduce.models import cpu_linear, presets
+    from tokenreduce.profile import inputs, runner
+    outs = {}
+    for prepack in (False, True):
+        model = presets.build("tiny-llava")
+        preset = presets.PRESETS["tiny-llava"]
+        inp = inputs.vlm_inputs(model, preset.kind, preset.image_size, inputs.load_batch(2, None), "hi")
+        w = runner.VLMWorkload(model, inp, new_tokens=3, prepack=prepack)
+        assert w.prepacked_linears == (28 if prepack else 0)
+        packed = [m for m in model.modules() if isinstance(m, cpu_linear.PackedLinear)]
+        assert len(packed) == w.prepacked_linears
+        with torch.no_grad():
+            outs[prepack] = w.call(None, runner.Timeline(torch.device("cpu")))
+    assert torch.equal(outs[False].output, outs[True].output)
+    torch.testing.assert_close(outs[True].logits, outs[False].logits, atol=1e-4, rtol=1e-4)
 
 
 def test_qwen2vl_tiny(tmp_path, capsys):

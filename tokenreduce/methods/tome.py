@@ -75,8 +75,15 @@ class ToMe(MergeSchedule):
         keys = need(ctx, self.where, "keys", dims=3)
         size = None if ctx.size is None else need(ctx, self.where, "size")
         r = self.r_at(ctx)
-        merged, size_out, source = ops.bipartite_merge(ctx.x, r, metric=keys, size=size,
-                                                       protect=int(ctx.has_cls), order="tome")
+        if size is not None and size is ctx.state.get("tome.size_out"):
+            # the sizes this method's previous block returned (positive and finite by
+            # construction): the registered op directly, without `ops.bipartite_merge`'s value
+            # check (six ops and a read-back per block; a user's sizes are still checked)
+            merged, size_out, source = torch.ops.tokenreduce.bipartite_merge(ctx.x, r, keys, size,
+                                                                             int(ctx.has_cls), "tome")
+        else:
+            merged, size_out, source = ops.bipartite_merge(ctx.x, r, metric=keys, size=size,
+                                                           protect=int(ctx.has_cls), order="tome")
         rank = ctx.state.get("tome.rank")   # built once per forward, at the largest N
         if rank is None or rank.shape[0] < source.shape[1] or rank.device != source.device \
                 or type(rank) is not type(source):
@@ -84,4 +91,5 @@ class ToMe(MergeSchedule):
         index = representative(source, merged.shape[1], rank)
         if size_out.dtype != torch.float32:
             size_out = size_out.float()
+        ctx.state["tome.size_out"] = size_out
         return Reduction(merged, index, source, size_out)

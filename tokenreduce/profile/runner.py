@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..methods.base import Method, Stage
-from ..models import attention, fidelity, vit, vlm
+from ..models import attention, cpu_linear, fidelity, vit, vlm
 from ..models.adapters import model_parts
 from . import flops
 from .inputs import VisionInputs, VLMInputs
@@ -266,11 +266,17 @@ class VisionWorkload:
 
 
 class VLMWorkload:
-    """A VLM (`VLMRunner.generate`): every stage; greedy generation of ``new_tokens``."""
+    """A VLM (`VLMRunner.generate`): every stage; greedy generation of ``new_tokens``.
+
+    ``prepack``: on the CPU, the LLM decoder layers' linears get their weights packed once for
+    oneDNN (`tokenreduce.models.cpu_linear`) instead of on every call: one model for the
+    baseline and every method, so both sides run the same matmuls (``prepacked_linears``
+    counts them; 0 on CUDA or with ``prepack=False``)."""
     kind = "vlm"
     stages = (Stage.VIT, Stage.PROJECTOR, Stage.LLM)
 
-    def __init__(self, model: nn.Module, inputs: VLMInputs, new_tokens: int = 4, frames: int = 1):
+    def __init__(self, model: nn.Module, inputs: VLMInputs, new_tokens: int = 4, frames: int = 1,
+                 prepack: bool = True):
         self.frames = frames
         if new_tokens < 1:
             raise ValueError(f"tokenreduce.profile: --new-tokens must be >= 1, got {new_tokens}")
@@ -280,6 +286,9 @@ class VLMWorkload:
         self.batch = inputs.input_ids.shape[0]
         self.image_tokens = inputs.n_image_tokens
         parts = model_parts(model)
+        self.prepacked_linears = 0
+        if prepack and model.device.type == "cpu":
+            self.prepacked_linears = sum(cpu_linear.prepack_linears(layer) for layer in parts.lm_layers)
         self.vdims = flops.vision_dims(parts.vision_config)
         self.tdims = flops.text_dims(parts.text_config)
         self.elem_bytes = torch.finfo(model.dtype).bits // 8

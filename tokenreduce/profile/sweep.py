@@ -373,4 +373,5 @@ def _run(spec: Spec, progress) -> Dict[str, Any]:
                                "end": base_end.times["total"] if base_end else None},
         "wall_s": time.perf_counter() - t_start, "rows": rows,
         "projector": spec.projector or "mlp", "projector_weights": projector_weights,
+        "prepacked_linears": getattr(workload, "prepacked_linears", 0),   # LLM linears packed once (CPU)
     }
