@@ -21,7 +21,7 @@ from . import register
 from .. import ops
 from ..errors import fail
 from .base import Context, Method, Need, Reduction, Stage
-from .helpers import check_x, int_option, keep_indices, need, topk_indices
+from .helpers import check_x, int_option, keep_positions, need, top_positions
 
 
 def flowcut_layer_score(cls_attn: Tensor, values: Tensor, heads: int) -> Tensor:
@@ -117,7 +117,7 @@ class FlowCut(Method):
             s = flowcut_layer_score(a, v, heads)
             cum = s if cum is None else 0.5 * cum + 0.5 * s
         k = self.schedule(st["flowcut_n0"], ctx.num_layers)[layers.index(ctx.layer)]
-        idx = topk_indices(cum, k).sort(dim=1).values
+        idx = top_positions(cum, k)
         st["flowcut_cum"] = torch.gather(cum, 1, idx)
         st["flowcut_last"] = ctx.layer
-        return keep_indices(ctx, idx, sort=False)
+        return keep_positions(ctx, idx, sort=False)
