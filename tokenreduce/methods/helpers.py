@@ -265,7 +265,7 @@ def gather_rows(x: Tensor, index: Tensor) -> Tensor:
         return gather_tokens(x, index)
     r = s0 // s1 if B > 1 else N                               # row pitch between samples
     rows = x.as_strided(((B - 1) * r + N, D), (s1, 1))         # every row of x's span
-    flat = (index + torch.arange(B, device=index.device)[:, None] * r).reshape(-1)
+    flat = index.reshape(-1) if B == 1 else (index + torch.arange(B, device=index.device)[:, None] * r).reshape(-1)
     return rows.index_select(0, flat).view(B, K, D)
 
 
