@@ -158,20 +158,27 @@ class Pool(Method):
         # gives the batch dim the stride D, which the pooling's layout test reads as "not channels
         # last", so it copies the whole input to NCHW first (3.3 of 3.5 ms at N=576 D=1024, 1 thread)
         img = x.unflatten(1, (h, w)).permute(0, 3, 1, 2)
-        if h % gh == 0 and w % gw == 0:   # exact windows: the fixed-stride pool the authors use
-            pooled = torch.nn.functional.avg_pool2d(img.float(), (h // gh, w // gw)).to(x.dtype)
+        exact = h % gh == 0 and w % gw == 0
+        img32 = img if img.dtype == torch.float32 else img.float()
+        if exact:   # exact windows: the fixed-stride pool the authors use
+            pooled = torch.nn.functional.avg_pool2d(img32, (h // gh, w // gw))
         else:
-            pooled = torch.nn.functional.adaptive_avg_pool2d(img.float(), (gh, gw)).to(x.dtype)
+            pooled = torch.nn.functional.adaptive_avg_pool2d(img32, (gh, gw))
+        pooled = pooled if pooled.dtype == x.dtype else pooled.to(x.dtype)
         tokens = pooled.reshape(B, D, gh * gw).transpose(1, 2)
         dev = x.device
-        rows = (torch.arange(h, device=dev) * gh) // h
-        cols = (torch.arange(w, device=dev) * gw) // w
-        cell = (rows[:, None] * gw + cols[None, :]).reshape(-1)
         K = gh * gw
-        if ctx.size is None and h % gh == 0 and w % gw == 0:
-            # exact windows, unit input sizes: every cell holds (h/gh)(w/gw) tokens, so the
-            # Reduction is built directly (the result of `assemble`, without its scatter_add)
-            return self._exact(ctx, tokens, cell, float((h // gh) * (w // gw)))
+        if exact:   # the cell of token (i, j) is (i // kh, j // kw): one arange, broadcast
+            kh, kw = h // gh, w // gw
+            cell = torch.arange(K, device=dev).view(gh, 1, gw, 1).expand(gh, kh, gw, kw).reshape(-1)
+            if ctx.size is None:
+                # unit input sizes: every cell holds kh * kw tokens, so the Reduction is built
+                # directly (the result of `assemble`, without its scatter_add)
+                return self._exact(ctx, tokens, cell, float(kh * kw))
+        else:
+            rows = (torch.arange(h, device=dev) * gh) // h
+            cols = (torch.arange(w, device=dev) * gw) // w
+            cell = (rows[:, None] * gw + cols[None, :]).reshape(-1)
         index = torch.full((B, K), -1, dtype=torch.long, device=dev)
         return assemble(ctx, tokens, index, cell.expand(B, n))
 
