@@ -5,7 +5,7 @@ from typing import List
 
 from . import register
 from .base import Context, Method, Need, Reduction, Stage
-from .helpers import check_x, image_part, keep_indices, need, topk_indices
+from .helpers import check_x, image_part, keep_positions, need, top_positions
 
 
 @register
@@ -36,4 +36,4 @@ class FasterVLM(Method):
     def reduce(self, ctx: Context) -> Reduction:
         check_x(ctx, self.where, cls=True)
         scores = image_part(ctx, need(ctx, self.where, "cls_attn", self.opts.get("layer", -2)))
-        return keep_indices(ctx, topk_indices(scores.float(), self.keep_tokens(ctx.n_image)))
+        return keep_positions(ctx, top_positions(scores.float(), self.keep_tokens(ctx.n_image)), sort=False)

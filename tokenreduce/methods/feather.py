@@ -17,7 +17,7 @@ import torch
 from . import register
 from ..errors import fail
 from .base import Context, Need, Reduction
-from .helpers import int_option, keep_indices, need, patch_grid, topk_indices
+from .helpers import int_option, keep_positions, need, patch_grid, top_positions
 from .llm_stages import LLMStages
 
 
@@ -81,8 +81,8 @@ class Feather(LLMStages):
             ctx.state["feather_n0"], ctx.state["feather_grid"] = n, ctx.grid
             n1 = self.stage_counts(n, ctx.grid)[0]
             g = self.grid_mask(n, ctx.grid, ctx.x.device)
-            return keep_indices(ctx, topk_indices(attn + 2.0 * g.to(attn.dtype), n1))
+            return keep_positions(ctx, top_positions(attn + 2.0 * g.to(attn.dtype), n1), sort=False)
         if "feather_n0" not in ctx.state:
             fail(self.where, "ctx.state lost the stage-1 state (reuse one ctx.state per forward)")
         k = self.stage_counts(ctx.state["feather_n0"], ctx.state["feather_grid"])[1]
-        return keep_indices(ctx, topk_indices(attn, min(k, n)))
+        return keep_positions(ctx, top_positions(attn, min(k, n)), sort=False)

@@ -3,7 +3,7 @@ Vision-Language Models", NeurIPS 2025).
 
 Inside the vision encoder, progressive. Every layer l scores each image token by
 ``(a_l / sum a_l + s_l / sum s_l) * |v_l|_1``: a = [CLS] attention (head mean), s = [CLS]-value
-attention softmax(v_cls . v_j) per head (head mean, via the fused attention op with unit scale),
+attention softmax(v_cls . v_j) per head (head mean, one [B, H, 1, N] product),
 |v|_1 = L1 norm of the head-mean value. The score is accumulated ``cum = (cum + score) / 2``;
 after every other layer (1, 3, ..., L-3 for L layers; the last point reaches the budget) the top
 image tokens by ``cum`` survive ([CLS] kept first) and ``cum`` is re-indexed with them.
@@ -18,21 +18,21 @@ import torch
 from torch import Tensor
 
 from . import register
-from .. import ops
 from ..errors import fail
 from .base import Context, Method, Need, Reduction, Stage
-from .helpers import check_x, int_option, keep_indices, need, topk_indices
+from .helpers import check_x, int_option, keep_positions, need, top_positions
 
 
 def flowcut_layer_score(cls_attn: Tensor, values: Tensor, heads: int) -> Tensor:
     """One layer's FlowCut score of the image tokens. cls_attn [B, 1+n] (head-mean [CLS] row),
     values [B, 1+n, H*Dh] -> float32 [B, n]."""
     B, N, C = values.shape
-    v = values.reshape(B, N, heads, C // heads).transpose(1, 2)        # [B, H, N, Dh]
-    _, sem = ops.attention_with_scores(v[:, :, :1], v, v, scale=1.0)   # softmax(v_cls . v_j), head mean
+    v = values.reshape(B, N, heads, C // heads).transpose(1, 2).float()  # [B, H, N, Dh] (a view)
+    # softmax(v_cls . v_j) per head, head mean: one [B, H, 1, N] product (the fused attention op
+    # would also compute, and copy v for, an output row that is thrown away)
+    sem = torch.softmax(v[:, :, :1] @ v.transpose(-1, -2), dim=-1).mean(dim=1)[:, 0, 1:]
     rel = cls_attn[:, 1:].float()
-    sem = sem[:, 1:]
-    l1 = v.float().mean(dim=1)[:, 1:].abs().sum(dim=-1)                  # |mean_h v|_1
+    l1 = v.mean(dim=1)[:, 1:].abs().sum(dim=-1)                          # |mean_h v|_1
     return (rel / rel.sum(-1, keepdim=True) + sem / sem.sum(-1, keepdim=True)) * l1
 
 
@@ -117,7 +117,7 @@ class FlowCut(Method):
             s = flowcut_layer_score(a, v, heads)
             cum = s if cum is None else 0.5 * cum + 0.5 * s
         k = self.schedule(st["flowcut_n0"], ctx.num_layers)[layers.index(ctx.layer)]
-        idx = topk_indices(cum, k).sort(dim=1).values
+        idx = top_positions(cum, k)
         st["flowcut_cum"] = torch.gather(cum, 1, idx)
         st["flowcut_last"] = ctx.layer
-        return keep_indices(ctx, idx, sort=False)
+        return keep_positions(ctx, idx, sort=False)

@@ -4,9 +4,10 @@
   `need` (any other `Context` tensor: present, for a per-layer statistic found by its layer,
   aligned with ``ctx.x``), `patch_grid`, `num_layers`; of the options: `int_option`,
   `is_int_at_least`;
-* selections: `topk_indices`, `complement`, `gather_tokens`;
-* the `Reduction` of a selection or a merge: `keep_indices`, `padded_selection`, `assemble`,
-  `source_from_index`.
+* selections: `topk_indices`, `complement`, `gather_tokens`; the cheaper `top_positions` (the
+  top-k set in position order) and `gather_rows` (row copies by `index_select`);
+* the `Reduction` of a selection or a merge: `keep_indices` (and `keep_positions`, the same
+  `Reduction` with fewer ops), `padded_selection`, `assemble`, `source_from_index`.
 
 No loops over the batch, no host syncs: shapes depend only on Python ints. Errors go through
 `tokenreduce.errors.fail`; ``where`` is the method's `Method.where` (``methods.<name>``).
@@ -24,7 +25,8 @@ from .base import Context, Method, Reduction
 
 __all__ = ["check_x", "need", "patch_grid", "num_layers", "abs_layer", "int_option", "is_int_at_least",
            "topk_indices", "complement", "gather_tokens", "image_part", "keep_indices",
-           "padded_selection", "assemble", "source_from_index"]
+           "padded_selection", "assemble", "source_from_index", "top_positions", "gather_rows",
+           "keep_positions"]
 
 
 # -- checks of the inputs ---------------------------------------------------------------------
@@ -219,3 +221,69 @@ def assemble(ctx: Context, tokens: Tensor, index: Tensor, source: Tensor) -> Red
     size = torch.zeros(B, K, dtype=torch.float32, device=x.device).scatter_add(
         1, source.clamp_min(0), size_in * (source >= 0))
     return Reduction(tokens, index, source, size)
+
+
+# -- cheaper forms of the selection helpers (same results, fewer / cheaper ops) ----------------
+
+# below this many scores a stable sort is the cheapest top-k (few ops, each ~5 us of overhead);
+# above it the int64-key top-k of `top_positions` wins (B=16 N=576: 0.19 vs 0.39 ms, one thread)
+TOP_SORT_MAX = 2048
+
+
+def _descending_key(scores: Tensor) -> Tensor:
+    """int64 keys ``[B, N]`` that order like ``scores`` descending with ties to the smaller index:
+    the float32 bits made monotone (-0.0 as +0.0, NaN above everything as in `torch.sort`) in
+    the high 32 bits, ``N - 1 - position`` in the low 32, so every key is distinct."""
+    N = scores.shape[1]
+    s = scores.float() + 0.0                                   # -0.0 -> +0.0
+    s = torch.where(s.isnan(), torch.full_like(s, float("nan")).abs(), s)   # one positive NaN
+    bits = s.view(torch.int32).long()
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)      # negatives: reverse their order
+    return bits * (1 << 32) + (N - 1 - torch.arange(N, device=scores.device))
+
+
+def top_positions(scores: Tensor, k: int, *, sort_max: Optional[int] = None) -> Tensor:
+    """The set of `topk_indices` ``(scores, k)`` in ascending position order ``[B, N] -> [B, k]``
+    (ties to the smallest index). Small inputs (``B * N <= sort_max``, default
+    `TOP_SORT_MAX`): the stable sort; larger: one `torch.topk` of distinct int64 keys
+    (`_descending_key`, exact ties handled), then a sort of the k positions."""
+    B, N = scores.shape
+    if B * N <= (TOP_SORT_MAX if sort_max is None else sort_max):
+        return topk_indices(scores, k).sort(dim=1).values
+    return _descending_key(scores).topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+
+
+def gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """`gather_tokens` by one `index_select` of rows: ``[B, N, D]`` x int64 ``[B, K]`` ->
+    ``[B, K, D]``, the same values (row copies, no per-element index math; about 2x faster
+    than advanced indexing at LLaVA shapes). A strided ``x`` whose rows are evenly spaced
+    (a slice ``h[:, s:s + n]`` of a contiguous ``h``) is read in place, without a copy."""
+    B, N, D = x.shape
+    K = index.shape[1]
+    s0, s1 = x.stride(0), x.stride(1)
+    if x.stride(2) != 1 or s1 < max(D, 1) or (B > 1 and s0 % s1 != 0):
+        return gather_tokens(x, index)
+    r = s0 // s1 if B > 1 else N                               # row pitch between samples
+    rows = x.as_strided(((B - 1) * r + N, D), (s1, 1))         # every row of x's span
+    flat = index.reshape(-1) if B == 1 else (index + torch.arange(B, device=index.device)[:, None] * r).reshape(-1)
+    return rows.index_select(0, flat).view(B, K, D)
+
+
+def keep_positions(ctx: Context, index: Tensor, *, sort: bool = True) -> Reduction:
+    """`keep_indices` ``(ctx, index, sort=sort)`` with fewer ops: the same `Reduction` (tokens
+    by `gather_rows`, [CLS] slot by one pad, the source map scattered in place)."""
+    x = ctx.x
+    B, N, _ = x.shape
+    if sort:
+        index = index.sort(dim=1).values
+    if ctx.has_cls:
+        index = torch.nn.functional.pad(index + 1, (1, 0))
+    K = index.shape[1]
+    tokens = gather_rows(x, index)
+    if ctx.size is not None:
+        size = torch.gather(ctx.size.float(), 1, index)
+    else:
+        size = torch.ones((B, K), dtype=torch.float32, device=x.device)
+    src = torch.full((B, N), -1, dtype=torch.long, device=x.device)
+    src.scatter_(1, index, torch.arange(K, device=x.device).expand(B, K))
+    return Reduction(tokens, index, src, size)

@@ -16,7 +16,7 @@ import torch
 from . import register
 from ..errors import fail
 from .base import Context, Method, Need, Reduction, Stage
-from .helpers import image_part, int_option, keep_indices, need, patch_grid, topk_indices
+from .helpers import image_part, int_option, keep_positions, need, patch_grid, top_positions
 
 
 @register
@@ -68,8 +68,8 @@ class HiPrune(Method):
         deep = image_part(ctx, need(ctx, self.where, "attn_received", self.deep_layer))
         score = deep.float()
         if anchors > 0:
-            a = topk_indices(shallow.float(), anchors)                              # [B, A]
+            a = top_positions(shallow.float(), anchors)                            # [B, A] (a set)
             nb = torch.cat([a, a - 1, a + 1, a - w, a + w], dim=1).clamp(0, n - 1)  # [B, 5A]
             mask = torch.zeros(B, n, dtype=score.dtype, device=x.device).scatter(1, nb, 1.0)
             score = score + 2.0 * mask
-        return keep_indices(ctx, topk_indices(score, k))
+        return keep_positions(ctx, top_positions(score, k), sort=False)

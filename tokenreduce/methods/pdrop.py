@@ -14,7 +14,7 @@ from typing import List
 from . import register
 from ..errors import fail
 from .base import Context, Need, Reduction
-from .helpers import keep_indices, need, topk_indices
+from .helpers import keep_positions, need, top_positions
 from .llm_stages import LLMStages
 
 
@@ -74,4 +74,4 @@ class PyramidDrop(LLMStages):
         k = self.stage_counts(n0)[s]
         if k > N:
             fail(self.where, f"stage {s} keeps {k} tokens but only {N} are left")
-        return keep_indices(ctx, topk_indices(attn, k))
+        return keep_positions(ctx, top_positions(attn, k), sort=False)
