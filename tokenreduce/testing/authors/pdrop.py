@@ -1,10 +1,12 @@
 """PyramidDrop as the authors run it (Cooperx521/PyramidDrop modeling_llama_pdrop.py
 pdrop_rank_drop): at each stage, layer l's q/k (with RoPE) on the current sequence, the last
 instruction token's row with the causal mask, float32 softmax, head mean, image span,
-top int(N0 * ratio[s+1]), sorted; per-sample loop."""
+top int(N0 * ratio[s+1]), sorted; per-sample loop. With ``gather=True`` each sample's kept image
+hidden states are gathered too (``features[i][top_rank_index]``, as the released code builds the
+next layer's input): what the bench times, like for like with ours, whose Reduction carries them."""
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -17,21 +19,27 @@ from ..synthetic import drop_image_tokens, llm_inputs
 from .eager_attention import eager_probs
 
 
-def pdrop_stage_authors(q: Tensor, k: Tensor, start: int, n_cur: int, keep_len: int) -> Tensor:
-    """One rank-and-drop: q/k [B, H, T, Dh] of layer l -> kept image positions [B, keep_len] sorted."""
+def pdrop_stage_authors(q: Tensor, k: Tensor, start: int, n_cur: int, keep_len: int,
+                        hidden: Optional[Tensor] = None) -> Tensor:
+    """One rank-and-drop: q/k [B, H, T, Dh] of layer l -> kept image positions [B, keep_len] sorted
+    (and, given ``hidden`` [B, T, D], each sample's kept image hidden states, then discarded)."""
     out = []
     for i in range(q.shape[0]):
         last = q.shape[2] - 1                                       # prompt_total_len - 1 (prefill)
         attn = eager_probs(q[i], k[i], causal=True, rows=[last])         # [H, 1, T]
         avg = attn.mean(dim=0)[:, start:start + n_cur].mean(dim=0)
-        out.append(avg.topk(keep_len).indices.sort().values)
+        top = avg.topk(keep_len).indices.sort().values
+        if hidden is not None:
+            hidden[i][top + start, :]                               # features[i][top_rank_index, :]
+        out.append(top)
     return torch.stack(out)
 
 
-def pdrop_authors(stages: List[Dict[str, object]], ratios: Sequence[float]) -> List[Tensor]:
+def pdrop_authors(stages: List[Dict[str, object]], ratios: Sequence[float], gather: bool = False) -> List[Tensor]:
     """Stage by stage; stages[s] holds the q/k of layer l_s on the stage's sequence."""
     n0 = stages[0]["n_img"]
-    return [pdrop_stage_authors(d["q"], d["k"], d["start"], d["n_img"], int(n0 * ratios[s + 1]))
+    return [pdrop_stage_authors(d["q"], d["k"], d["start"], d["n_img"], int(n0 * ratios[s + 1]),
+                                d["hidden"] if gather else None)
             for s, d in enumerate(stages)]
 
 
@@ -67,5 +75,5 @@ def bench_cases(quick: bool):
             "pdrop", f"B={B} n={n} D={D} 3 stages",
             make=lambda: make_stages(B, n, D, H, Dh),
             ours=lambda stages: pdrop_ours(stages),
-            authors=lambda stages: pdrop_authors(stages, [1.0, 0.5, 0.25, 0.125]))
+            authors=lambda stages: pdrop_authors(stages, [1.0, 0.5, 0.25, 0.125], gather=True))
     return [case(B) for B in (1, 16)]
