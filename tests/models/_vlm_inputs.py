@@ -1,6 +1,6 @@
 """Inputs of the tiny VLMs (batch 2, left padding in row 1), shared by the model tests;
 each builder returns (batch kwargs, image tokens per sample). `llava` is a module-scoped
-fixture (a test module imports it by name)."""
+fixture and `models` a module-scoped cache of tiny presets (a test module imports them by name)."""
 import pytest
 import torch
 
@@ -71,3 +71,15 @@ def llava():
     """tiny-llava and its inputs: 16 image tokens (4 x 4 patches) at 5:21, left padding in row 1."""
     batch, _ = llava_inputs(torch.Generator().manual_seed(0))
     return presets.build("tiny-llava"), batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
+
+
+@pytest.fixture(scope="module")
+def models():
+    """``models(name)``: the tiny preset ``name``, built once per test module."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = presets.build(name)
+        return cache[name]
+    return get

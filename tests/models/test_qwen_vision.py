@@ -15,6 +15,7 @@ from tokenreduce.models import attention, presets, qwen_vision, vlm
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from host_traffic import DEVICE, no_host_traffic  # noqa: E402
 from _qwen_inputs import eager_statistics, pixels, prompt_batch  # noqa: E402
+from _vlm_inputs import models  # noqa: E402,F401 (a fixture)
 
 ARCHS = ["tiny-qwen2.5-vl", "tiny-qwen2-vl"]
 GRIDS = [(1, 8, 12), (1, 4, 4), (1, 12, 8)]        # 96, 16, 96 patches; several 8 x 8 windows

@@ -15,7 +15,7 @@ from tokenreduce import methods
 from tokenreduce.methods.base import Need, Stage
 from tokenreduce.models import presets, vit, vlm
 
-from _vlm_inputs import N_IMG, vlm_inputs
+from _vlm_inputs import N_IMG, models, vlm_inputs  # noqa: F401 (models: a fixture)
 
 VISION = ["tiny-clip", "tiny-siglip", "tiny-dinov2"]
 QWEN = ["tiny-qwen2-vl", "tiny-qwen2.5-vl"]

@@ -24,24 +24,17 @@ PINPOINTS = [[112, 112], [112, 224], [224, 112], [224, 224]]
 def save_llava_next(path: Union[str, os.PathLike], seed: int = 0) -> str:
     """Save the tiny LLaVA-NeXT at ``path`` (weights, config, tokenizer, processor); returns the path."""
     from safetensors.torch import save_file
-    from transformers import (AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaNextConfig,
-                              LlavaNextForConditionalGeneration, LlavaNextImageProcessor, LlavaNextProcessor)
+    from transformers import (AutoTokenizer, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextImageProcessor, LlavaNextProcessor)
 
-    from tokenreduce.testing.tiny_vlm import CHAT_TEMPLATE, IMAGE_TOKEN, SIZES, save_llava
+    from tokenreduce.testing.tiny_vlm import CHAT_TEMPLATE, IMAGE_TOKEN, SIZES, clip_llama_configs, save_llava
 
     path = Path(path)
     tok_dir = save_llava(path.parent / (path.name + "-tokenizer"))     # the word-level tokenizer
     tok = AutoTokenizer.from_pretrained(tok_dir)
     s = SIZES["tiny"]
     image_token_id = s["vocab"] - 1
-    vision = CLIPVisionConfig(hidden_size=s["v_hidden"], num_hidden_layers=s["v_layers"],
-                              num_attention_heads=s["v_heads"], intermediate_size=s["v_inter"], image_size=TILE,
-                              patch_size=14, hidden_act="quick_gelu", projection_dim=s["v_hidden"],
-                              layer_norm_eps=1e-5)
-    text = LlamaConfig(hidden_size=s["hidden"], num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
-                       num_key_value_heads=s["kv"], intermediate_size=s["inter"], vocab_size=s["vocab"],
-                       max_position_embeddings=2048, rms_norm_eps=1e-5, pad_token_id=3, bos_token_id=1,
-                       eos_token_id=2)
+    vision, text = clip_llama_configs(s, TILE)
     cfg = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
                           projector_hidden_act="gelu", vision_feature_layer=-2,
                           vision_feature_select_strategy="default", image_grid_pinpoints=PINPOINTS)

@@ -2,16 +2,13 @@
 reduction token for token (greedy), prompts shrink from N to K placeholders per image, the
 statistics come from the fused op, and without a tokenreduce entry the model is plain vLLM."""
 import gc
-import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 pytest.importorskip("vllm.entrypoints", reason="vLLM is not installed (tools/vllm_venv.sh makes .venv-vllm)")
 
+import _vllm_run as vllm_run  # noqa: E402
 from _vllm_reference import patched_generate, reference_generate  # noqa: E402
 
 NEW_TOKENS = 8
@@ -34,23 +31,12 @@ def batch(imgs):
             {"prompt": "USER: what is in this picture ? <image> ASSISTANT:", "images": [imgs[3]]}]
 
 
-def vllm_inputs(prompts):
-    return [{"prompt": p["prompt"], **({"multi_modal_data": {"image": p["images"] if len(p["images"]) > 1
-                                                             else p["images"][0]}} if p["images"] else {})}
-            for p in prompts]
-
-
 def make_llm(path, spec=None):
-    from vllm import LLM
-    kw = {"hf_overrides": {"tokenreduce": spec}} if spec is not None else {}
-    return LLM(path, distributed_executor_backend="uni", max_model_len=2048, enforce_eager=True, seed=0,
-               dtype="float32", limit_mm_per_prompt={"image": 2}, **kw)
+    return vllm_run.make_llm(path, spec)
 
 
 def run(llm, prompts):
-    from vllm import SamplingParams
-    sp = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    return llm.generate(vllm_inputs(prompts), sp, use_tqdm=False)
+    return vllm_run.run(llm, prompts, NEW_TOKENS)
 
 
 @pytest.fixture(scope="module")
@@ -90,14 +76,7 @@ def test_prompt_tokens_drop_from_n_to_k_per_image(tiny_llava, reduced):
 
 
 def test_statistics_come_from_the_fused_op(reduced, monkeypatch):
-    import tokenreduce.ops as ops
-    calls = []
-    real = ops.attention_with_scores
-
-    def counting(*a, **k):
-        calls.append(k.get("score_rows"))
-        return real(*a, **k)
-    monkeypatch.setattr(ops, "attention_with_scores", counting)
+    calls = vllm_run.record_fused_calls(monkeypatch)
     run(reduced, batch(images(2))[:1])      # a new image: not in vLLM's encoder / processor caches
     assert calls and calls[0] == [0]         # VisionZip's [CLS] row, from the fused op
 
@@ -129,16 +108,7 @@ def test_unreduced_equals_plain_vllm_and_transformers(tiny_llava, reduced):
     gc.collect()
     assert got == reference_generate(tiny_llava, prompts, None, NEW_TOKENS)
     # plain vLLM: the plugin not loaded at all (VLLM_PLUGINS names none), in a fresh process
-    here = os.path.dirname(os.path.abspath(__file__))
-    script = (f"import json, sys; sys.path.insert(0, {here!r}); import test_plugin as t\n"
-              f"llm = t.make_llm({tiny_llava!r}); outs = t.run(llm, t.batch(t.images(4)))\n"
-              "print('RESULT', json.dumps([[list(o.outputs[0].token_ids) for o in outs], "
-              "[len(o.prompt_token_ids) for o in outs]]))")
-    env = {**os.environ, "VLLM_PLUGINS": ""}
-    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    line = [l for l in res.stdout.splitlines() if l.startswith("RESULT ")]
-    assert line, res.stderr[-3000:]
-    plain, plain_lens = json.loads(line[0][7:])
+    plain, plain_lens = vllm_run.plain_vllm("test_plugin", tiny_llava, 4, timeout=300)
     assert got == plain and lens == plain_lens
     assert lens[0] > N_IMG
     assert reduced_tokens[1] == got[1] and reduced_tokens != got   # text-only equal; images reduced

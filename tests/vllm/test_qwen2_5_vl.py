@@ -14,6 +14,8 @@ import pytest
 
 pytest.importorskip("vllm.entrypoints", reason="vLLM is not installed (tools/vllm_venv.sh makes .venv-vllm)")
 
+import _vllm_run as vllm_run  # noqa: E402
+
 from _qwen2_5_vl_model import IDS, IMAGE_PAD, PROMPT_IMAGE, VISION_END, VISION_START, save_qwen2_5_vl  # noqa: E402
 
 NEW_TOKENS = 6
@@ -42,23 +44,12 @@ def batch(imgs):
             {"prompt": f"user: what is in this picture ? {PROMPT_IMAGE} assistant:", "images": [imgs[3]]}]
 
 
-def vllm_inputs(prompts):
-    return [{"prompt": p["prompt"], **({"multi_modal_data": {"image": p["images"] if len(p["images"]) > 1
-                                                             else p["images"][0]}} if p["images"] else {})}
-            for p in prompts]
-
-
 def make_llm(path, spec=None):
-    from vllm import LLM
-    kw = {"hf_overrides": {"tokenreduce": spec}} if spec is not None else {}
-    return LLM(path, distributed_executor_backend="uni", max_model_len=2048, enforce_eager=True, seed=0,
-               dtype="float32", limit_mm_per_prompt={"image": 2, "video": 0}, **kw)
+    return vllm_run.make_llm(path, spec, limit_mm={"image": 2, "video": 0})
 
 
 def run(llm, prompts):
-    from vllm import SamplingParams
-    sp = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    return llm.generate(vllm_inputs(prompts), sp, use_tqdm=False)
+    return vllm_run.run(llm, prompts, NEW_TOKENS)
 
 
 _HF = {}
@@ -337,16 +328,7 @@ def test_unreduced_equals_plain_vllm_and_transformers(tiny_qwen, visionzip):
     one = [i for i, p in enumerate(prompts) if len(p["images"]) <= 1]
     assert [got[i] for i in one] == hf_generate(tiny_qwen, [prompts[i] for i in one], None)
     # plain vLLM: the plugin not loaded at all (VLLM_PLUGINS names none), in a fresh process
-    here = os.path.dirname(os.path.abspath(__file__))
-    script = (f"import json, sys; sys.path.insert(0, {here!r}); import test_qwen2_5_vl as t\n"
-              f"llm = t.make_llm({tiny_qwen!r}); outs = t.run(llm, t.batch(t.images(6)))\n"
-              "print('RESULT', json.dumps([[list(o.outputs[0].token_ids) for o in outs], "
-              "[len(o.prompt_token_ids) for o in outs]]))")
-    env = {**os.environ, "VLLM_PLUGINS": ""}
-    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=400)
-    line = [l for l in res.stdout.splitlines() if l.startswith("RESULT ")]
-    assert line, res.stderr[-3000:]
-    plain, plain_lens = json.loads(line[0][7:])
+    plain, plain_lens = vllm_run.plain_vllm("test_qwen2_5_vl", tiny_qwen, 6, timeout=400)
     assert got == plain and lens == plain_lens
     assert reduced[1] == got[1] and reduced != got   # text-only equal; images reduced
 

@@ -19,7 +19,7 @@ from typing import Dict, Union
 
 import torch
 
-__all__ = ["save_llava", "WORDS", "IMAGE_TOKEN"]
+__all__ = ["save_llava", "clip_llama_configs", "WORDS", "IMAGE_TOKEN"]
 
 IMAGE_TOKEN = "<image>"
 # the word-level vocabulary: specials, the words of the chat template and the test prompts, fillers
@@ -61,26 +61,33 @@ def _tokenizer(vocab_size: int, image_token_id: int):
     return fast
 
 
-def save_llava(path: Union[str, os.PathLike], size: str = "tiny", seed: int = 0,
-               dtype: torch.dtype = torch.float32) -> str:
-    """A random LLaVA-1.5 (CLIP 336/14 -> 576 image tokens, ``vision_feature_layer=-2``,
-    ``"default"`` select) saved at ``path`` with its tokenizer and processor; returns the path."""
-    from safetensors.torch import save_file
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
-
-    s = SIZES[size]
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    image_token_id = s["vocab"] - 1
+def clip_llama_configs(s: dict, image_size: int):
+    """(CLIPVisionConfig at ``image_size`` / 14, LlamaConfig) of the widths ``s`` (an entry of
+    `SIZES`): the two halves of the random LLaVA-1.5 and LLaVA-NeXT checkpoints."""
+    from transformers import CLIPVisionConfig, LlamaConfig
     vision = CLIPVisionConfig(hidden_size=s["v_hidden"], num_hidden_layers=s["v_layers"],
-                              num_attention_heads=s["v_heads"], intermediate_size=s["v_inter"], image_size=336,
+                              num_attention_heads=s["v_heads"], intermediate_size=s["v_inter"], image_size=image_size,
                               patch_size=14, hidden_act="quick_gelu", projection_dim=s["v_hidden"],
                               layer_norm_eps=1e-5)
     text = LlamaConfig(hidden_size=s["hidden"], num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
                        num_key_value_heads=s["kv"], intermediate_size=s["inter"], vocab_size=s["vocab"],
                        max_position_embeddings=2048, rms_norm_eps=1e-5, pad_token_id=3, bos_token_id=1,
                        eos_token_id=2)
+    return vision, text
+
+
+def save_llava(path: Union[str, os.PathLike], size: str = "tiny", seed: int = 0,
+               dtype: torch.dtype = torch.float32) -> str:
+    """A random LLaVA-1.5 (CLIP 336/14 -> 576 image tokens, ``vision_feature_layer=-2``,
+    ``"default"`` select) saved at ``path`` with its tokenizer and processor; returns the path."""
+    from safetensors.torch import save_file
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    s = SIZES[size]
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    image_token_id = s["vocab"] - 1
+    vision, text = clip_llama_configs(s, 336)
     cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
                       projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default")
     torch.manual_seed(seed)

@@ -83,6 +83,20 @@ def _build_info(ctx):
     return ReducedLlavaProcessingInfo(ctx)
 
 
+def use_full_clip_tower(model, vllm_config, prefix: str, full: bool = True) -> None:
+    """Refuse a tower other than CLIP; with ``full``, give ``model`` (a vLLM LLaVA-style model
+    with a reduction) vLLM's CLIP tower with all of its layers (vLLM builds it only up to the
+    feature layer), so a method's layer numbers are transformers'."""
+    config = model.config
+    if not isinstance(config.vision_config, CLIPVisionConfig):
+        raise NotImplementedError(f"tokenreduce.vllm: a {type(config.vision_config).__name__} tower is not "
+                                  "supported (CLIP only)")
+    if full and len(model.vision_tower.vision_model.encoder.layers) < config.vision_config.num_hidden_layers:
+        with model._mark_tower_model(vllm_config, "image"):
+            model.vision_tower = CLIPVisionModel(config.vision_config, quant_config=vllm_config.quant_config,
+                                                 require_post_norm=False, prefix=maybe_prefix(prefix, "vision_tower"))
+
+
 def _build_processor(info, dummy_inputs):
     if isinstance(info, PixtralHFProcessingInfo):
         return PixtralHFMultiModalProcessor(info, dummy_inputs)
@@ -96,18 +110,10 @@ class ReducedLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        config = self.config
-        self.tokenreduce_method = method_of(config)
+        self.tokenreduce_method = method_of(self.config)
         if self.tokenreduce_method is None:
             return
-        if not isinstance(config.vision_config, CLIPVisionConfig):
-            raise NotImplementedError(f"tokenreduce.vllm: a {type(config.vision_config).__name__} tower is not "
-                                      "supported (CLIP only)")
-        if len(self.vision_tower.vision_model.encoder.layers) < config.vision_config.num_hidden_layers:
-            with self._mark_tower_model(vllm_config, "image"):
-                self.vision_tower = CLIPVisionModel(config.vision_config, quant_config=vllm_config.quant_config,
-                                                    require_post_norm=False,
-                                                    prefix=maybe_prefix(prefix, "vision_tower"))
+        use_full_clip_tower(self, vllm_config, prefix)
 
     def _process_image_input(self, image_input):
         method = self.tokenreduce_method

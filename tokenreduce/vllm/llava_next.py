@@ -29,13 +29,10 @@ from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
-from transformers import CLIPVisionConfig
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-from vllm.model_executor.models.clip import CLIPVisionModel
 from vllm.model_executor.models.llava import LlavaDummyInputsBuilder
 from vllm.model_executor.models.llava_next import (LlavaNextForConditionalGeneration, LlavaNextMultiModalProcessor,
                                                    LlavaNextProcessingInfo)
-from vllm.model_executor.models.utils import maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems
 
@@ -43,7 +40,7 @@ from ..errors import fail
 from ..methods.base import Context, Method, Need, Stage
 from ..models.adapters.llava import TOWER_STATISTICS
 from ..models.stages import check_reduction
-from .llava import kept_tokens_of, method_of
+from .llava import kept_tokens_of, method_of, use_full_clip_tower
 from .tower import reduced_features
 
 __all__ = ["ReducedLlavaNextForConditionalGeneration", "ReducedLlavaNextProcessingInfo",
@@ -125,21 +122,12 @@ class ReducedLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        config = self.config
-        self.tokenreduce_method = method_of(config)
+        self.tokenreduce_method = method_of(self.config)
         if self.tokenreduce_method is None:
             return
-        if not isinstance(config.vision_config, CLIPVisionConfig):
-            raise NotImplementedError(f"tokenreduce.vllm: a {type(config.vision_config).__name__} tower is not "
-                                      "supported (CLIP only)")
         # per tile: the tower with all of its layers (a method's layer numbers as in transformers);
         # packed: vLLM's own tower (stopped at vision_feature_layer) and feature path
-        if per_tile(self.tokenreduce_method) and \
-                len(self.vision_tower.vision_model.encoder.layers) < config.vision_config.num_hidden_layers:
-            with self._mark_tower_model(vllm_config, "image"):
-                self.vision_tower = CLIPVisionModel(config.vision_config, quant_config=vllm_config.quant_config,
-                                                    require_post_norm=False,
-                                                    prefix=maybe_prefix(prefix, "vision_tower"))
+        use_full_clip_tower(self, vllm_config, prefix, full=per_tile(self.tokenreduce_method))
 
     def _process_image_input(self, image_input):
         method = self.tokenreduce_method

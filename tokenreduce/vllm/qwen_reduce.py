@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from ..methods.base import Context, Method, Need, Stage
-from ..models.adapters.qwen2_vl import TOWER_NEED_KIND
-from ..models.stages import CONTEXT_FIELD, NOMINAL_DEPTH, check_reduction, plan_layers
+from ..models.adapters.qwen2_vl import TOWER_NEED_KIND, tower_context
+from ..models.stages import NOMINAL_DEPTH, check_reduction, plan_layers
 from .config import method_of_spec, spec_of_config
 
 __all__ = ["spec_method", "method_of", "vision_plan", "image_context", "reduce_image", "kept_order",
@@ -49,33 +49,10 @@ def image_context(method: Method, x: Tensor, grid: Tuple[int, int, int], stats: 
     """The method's `Context` for one image's merged features ``x`` ``[1, M, D]`` (merged grid
     ``(t, h, w)``), ``stats[(kind, block)]`` ``[1, M, ...]`` per merged token; with Need.CLS_ATTN
     the synthetic [CLS] slot in front (features, keys and values the means, score 0), exactly as
-    `Qwen2VLAdapter` builds it in transformers."""
-    t, gh, gw = grid
-    cls = Need.CLS_ATTN in method.needs
-
-    def stat(kind: str, block: int, fill: str) -> Tensor:
-        v = stats[(kind, block)]
-        if not cls:
-            return v
-        first = v.mean(dim=1, keepdim=True) if fill == "mean" else torch.zeros_like(v[:, :1])
-        return torch.cat([first, v], dim=1)
-
-    ctx = Context(x=torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) if cls else x, has_cls=cls,
-                  cls_synthetic=cls, grid=(gh, gw) if t == 1 else None, heads=heads)
-    if not set(TOWER_NEED_KIND) & method.needs and Need.KEYS not in method.needs:
-        return ctx
+    `Qwen2VLAdapter` builds it in transformers (`tower_context`)."""
     plan = plan_layers(method, depth, default_nominal=NOMINAL_DEPTH["vision"])
     _, key_block = vision_plan(method, depth)
-    ctx.num_layers = plan.Ln
-    for l, r, a in plan.attention:
-        for need, kind in TOWER_NEED_KIND.items():
-            if need in method.needs:
-                d = getattr(ctx, CONTEXT_FIELD[kind])
-                d[r] = stat(kind, a, "mean" if kind == "values" else "zero")
-                d[l] = d[r]
-    if Need.KEYS in method.needs:
-        ctx.keys = stat("keys", key_block, "mean")
-    return ctx
+    return tower_context(method, x, grid, lambda kind, block: stats[(kind, block)], plan, key_block, heads)
 
 
 def reduce_image(method: Method, x: Tensor, grid: Tuple[int, int, int], stats: Dict[Tuple[str, int], Tensor],

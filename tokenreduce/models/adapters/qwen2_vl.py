@@ -49,6 +49,39 @@ TOWER_NEED_KIND = {Need.CLS_ATTN: "cls", Need.ATTN_RECEIVED: "received", Need.VA
 PAD = -2        # index of a padding slot (a row keeping fewer tokens than the longest row)
 
 
+def tower_context(method, x: Tensor, shape: Tuple[int, int, int], stat_of, plan, key_layer: int, heads: int,
+                  text: Optional[Tensor] = None) -> Context:
+    """The method's `Context` for images of one merged grid ``shape`` = (t, h, w): features ``x``
+    ``[B, M, D]``, ``stat_of(kind, layer)`` ``[B, M, ...]`` per merged token for the blocks of
+    ``plan`` (`stages.plan_layers`) and the keys of block ``key_layer``; with Need.CLS_ATTN a
+    synthetic [CLS] slot in front (features, keys and values the means, scores 0). Shared by
+    `Qwen2VLAdapter` and the vLLM plugin (`tokenreduce.vllm.qwen_reduce`)."""
+    t, gh, gw = shape
+    cls = Need.CLS_ATTN in method.needs
+
+    def stat(kind, layer, fill):
+        v = stat_of(kind, layer)
+        if not cls:
+            return v
+        first = v.mean(dim=1, keepdim=True) if fill == "mean" else torch.zeros_like(v[:, :1])
+        return torch.cat([first, v], dim=1)
+
+    ctx = Context(x=torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) if cls else x, has_cls=cls, cls_synthetic=cls,
+                  grid=(gh, gw) if t == 1 else None, text=text, heads=heads)
+    if not set(TOWER_NEED_KIND) & method.needs and Need.KEYS not in method.needs:
+        return ctx
+    ctx.num_layers = plan.Ln
+    for l, r, a in plan.attention:
+        for need, kind in TOWER_NEED_KIND.items():
+            if need in method.needs:
+                d = getattr(ctx, CONTEXT_FIELD[kind])
+                d[r] = stat(kind, a, "mean" if kind == "values" else "zero")
+                d[l] = d[r]
+    if Need.KEYS in method.needs:
+        ctx.keys = stat("keys", key_layer, "mean")
+    return ctx
+
+
 def rope_positions(is_img: Tensor, attention_mask: Tensor, image_grid_thw: Tensor, merge: int) -> Tensor:
     """The M-RoPE position ids ``[3, B, L]`` of rows holding one image each (``image_grid_thw``
     ``[B, 3]`` on the device, in row order), as the model's ``get_rope_index`` computes them,
@@ -226,31 +259,11 @@ class Qwen2VLAdapter(VLMAdapter):
         tower statistics it declared (keyed as declared and resolved) and, for Need.CLS_ATTN,
         the synthetic [CLS] slot in front (see the module docstring)."""
         method = self.method
-        t, gh, gw = shape
-        cls = Need.CLS_ATTN in method.needs
-
-        def stat(kind, layer, fill):
-            v = torch.stack([info.statistics[(kind, layer)][i] for i in rows])
-            if not cls:
-                return v
-            first = v.mean(dim=1, keepdim=True) if fill == "mean" else torch.zeros_like(v[:, :1])
-            return torch.cat([first, v], dim=1)
-
-        ctx = Context(x=torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) if cls else x, has_cls=cls, cls_synthetic=cls,
-                      grid=(gh, gw) if t == 1 else None, text=text, heads=self.cfg.vision_config.num_heads)
-        if not set(TOWER_NEED_KIND) & method.needs and Need.KEYS not in method.needs:
-            return ctx
         plan, key_layer = self.vision_plan(method)
-        ctx.num_layers = plan.Ln
-        for l, r, a in plan.attention:
-            for need, kind in TOWER_NEED_KIND.items():
-                if need in method.needs:
-                    d = getattr(ctx, CONTEXT_FIELD[kind])
-                    d[r] = stat(kind, a, "mean" if kind == "values" else "zero")
-                    d[l] = d[r]
-        if Need.KEYS in method.needs:
-            ctx.keys = stat("keys", key_layer, "mean")
-        if cls:
+        ctx = tower_context(method, x, shape, lambda kind, layer: torch.stack([info.statistics[(kind, layer)][i]
+                                                                               for i in rows]),
+                            plan, key_layer, self.cfg.vision_config.num_heads, text)
+        if Need.CLS_ATTN in method.needs:
             info.cls_substitute = "mean attention received (synthetic [CLS] slot, dropped after the method)"
         return ctx
 
