@@ -19,16 +19,12 @@ from tokenreduce.models.adapters.llava_next import LlavaNextAdapter
 from tokenreduce.vllm.config import method_of_spec
 from tokenreduce.vllm.llava_next import num_tiles, per_tile
 
-_MODELS: Dict[str, Any] = {}
+from _vllm_reference import generate_with_features, load as load_model
 
 
 def load(path: str):
     """(transformers LLaVA-NeXT float32, processor), cached per path."""
-    if path not in _MODELS:
-        from transformers import AutoProcessor, LlavaNextForConditionalGeneration
-        model = LlavaNextForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
-        _MODELS[path] = (model, AutoProcessor.from_pretrained(path))
-    return _MODELS[path]
+    return load_model(path, "LlavaNextForConditionalGeneration")
 
 
 def image_features(model, proc, adapter: LlavaNextAdapter, image) -> torch.Tensor:
@@ -57,19 +53,10 @@ def reference_generate(path: str, prompts: Sequence[Dict[str, Any]], spec: Optio
     "images": [PIL images]}``) with the ``tokenreduce`` entry ``spec`` (None: unreduced)."""
     model, proc = load(path)
     adapter = LlavaNextAdapter(model, method_of_spec(spec) if spec is not None else None)
-    tok, image_token = proc.tokenizer, model.config.image_token_id
     out = []
     for p in prompts:
         feats = [image_features(model, proc, adapter, im) for im in p.get("images") or []]
-        pieces = p["prompt"].split("<image>")
-        text = pieces[0] + "".join(" ".join(["<image>"] * f.shape[0]) + rest for f, rest in zip(feats, pieces[1:]))
-        ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
-        emb = model.get_input_embeddings()(ids)
-        if feats:
-            emb[ids == image_token] = torch.cat(feats).to(emb.dtype)
-        gen = model.generate(inputs_embeds=emb, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=3)
-        out.append(gen[0].tolist())
+        out.append(generate_with_features(model, proc.tokenizer, p["prompt"], feats, max_new_tokens))
     return out
 
 

@@ -21,13 +21,27 @@ from tokenreduce.vllm.config import method_of_spec
 _MODELS: Dict[str, Any] = {}
 
 
-def load(path: str):
-    """(transformers model float32, processor), cached per path."""
+def load(path: str, model_class: str = "LlavaForConditionalGeneration"):
+    """(transformers ``model_class`` float32, processor), cached per path."""
     if path not in _MODELS:
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
-        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
-        _MODELS[path] = (model, AutoProcessor.from_pretrained(path))
+        import transformers
+        model = getattr(transformers, model_class).from_pretrained(path, dtype=torch.float32).eval()
+        _MODELS[path] = (model, transformers.AutoProcessor.from_pretrained(path))
     return _MODELS[path]
+
+
+def generate_with_features(model, tok, prompt: str, feats: Sequence[torch.Tensor], max_new_tokens: int) -> List[int]:
+    """Greedy new token ids of ``prompt`` (one "<image>" per image) with image ``i``'s features
+    ``feats[i]`` ``[K_i, D]`` at K_i placeholders: the prompt vLLM's plugin builds."""
+    pieces = prompt.split("<image>")
+    text = pieces[0] + "".join(" ".join(["<image>"] * f.shape[0]) + rest for f, rest in zip(feats, pieces[1:]))
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    emb = model.get_input_embeddings()(ids)
+    if len(feats):
+        emb[ids == model.config.image_token_id] = torch.cat(list(feats)).to(emb.dtype)
+    gen = model.generate(inputs_embeds=emb, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=3)
+    return gen[0].tolist()
 
 
 @torch.no_grad()
@@ -39,24 +53,14 @@ def reference_generate(path: str, prompts: Sequence[Dict[str, Any]], spec: Optio
     model, proc = load(path)
     method = method_of_spec(spec) if spec is not None else None
     adapter = LlavaAdapter(model, method)
-    tok = proc.tokenizer
-    image_token = model.config.image_token_id
     out = []
     for p in prompts:
         images = p.get("images") or []
-        feats = None
+        feats = []
         if images:
             px = proc.image_processor(images, return_tensors="pt")["pixel_values"]
-            feats, _ = adapter.project(adapter.run_tower(px, None))          # [n_images, K, D]
-        k = feats.shape[1] if feats is not None else 0
-        text = p["prompt"].replace("<image>", " ".join(["<image>"] * k)) if k else p["prompt"]
-        ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
-        emb = model.get_input_embeddings()(ids)
-        if feats is not None:
-            emb[ids == image_token] = feats.reshape(-1, feats.shape[-1]).to(emb.dtype)
-        gen = model.generate(inputs_embeds=emb, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=3)
-        out.append(gen[0].tolist())
+            feats = list(adapter.project(adapter.run_tower(px, None))[0])          # n_images x [K, D]
+        out.append(generate_with_features(model, proc.tokenizer, p["prompt"], feats, max_new_tokens))
     return out
 
 
