@@ -172,28 +172,27 @@ def hf_kept(path, spec, img):
     return int(k)
 
 
-@pytest.fixture(scope="module")
-def visionzip(tiny_qwen):
-    llm = make_llm(tiny_qwen, VISIONZIP)
+def _owned_llm(path, spec):
+    """A module fixture's LLM with ``spec``, freed after the module."""
+    llm = make_llm(path, spec)
     yield llm
     del llm
     gc.collect()
+
+
+@pytest.fixture(scope="module")
+def visionzip(tiny_qwen):
+    yield from _owned_llm(tiny_qwen, VISIONZIP)
 
 
 @pytest.fixture(scope="module")
 def hiprune(tiny_qwen):
-    llm = make_llm(tiny_qwen, HIPRUNE)
-    yield llm
-    del llm
-    gc.collect()
+    yield from _owned_llm(tiny_qwen, HIPRUNE)
 
 
 @pytest.fixture(scope="module")
 def vtccls(tiny_qwen):
-    llm = make_llm(tiny_qwen, VTC_CLS)
-    yield llm
-    del llm
-    gc.collect()
+    yield from _owned_llm(tiny_qwen, VTC_CLS)
 
 
 def test_visionzip_equals_transformers_with_tokenreduce_patch(tiny_qwen, visionzip):

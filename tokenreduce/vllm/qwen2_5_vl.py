@@ -19,7 +19,7 @@ methods are refused there too: the tower is windowed):
   ``attention_with_scores`` call over the packed windows (window blocks) or frames (full
   blocks) of the `qwen_vision.WindowLayout` built from the grid, statistics in the original
   patch order; other blocks run vLLM's attention unchanged. Tensor parallel: the per-rank head
-  means are combined as in `tokenreduce.vllm.tower` (`combine_head_shards`);
+  means are combined as in `tokenreduce.vllm.tower` (`combine_recorded_shards`);
 * M-RoPE: kept tokens keep their original ``(t, h, w)`` positions and the text after an image
   keeps its unreduced positions, as in the transformers path. vLLM computes the positions from
   the prompt before the encoder runs; the image's embeddings carry the kept tokens' positions
@@ -53,7 +53,7 @@ from ..models.adapters.qwen2_vl import TOWER_NEED_KIND
 from .config import spec_of_config
 from .qwen_reduce import (check_method, kept_order, kept_tokens, merged_positions, method_of, reduce_image,
                           vision_plan)
-from .tower import MEAN_KINDS, combine_head_shards
+from .tower import combine_recorded_shards
 
 __all__ = ["ReducedQwen2_5_VLForConditionalGeneration", "ReducedQwen2_5_VLProcessingInfo",
            "ScoredQwenVisionAttention", "enable_mrope_recompute"]
@@ -127,16 +127,7 @@ class ScoredQwenVisionAttention(nn.Module):
         return out.to(query.dtype)
 
     def _combine(self, rec: attention.ScoreRecorder) -> None:
-        block = self._tokenreduce_layer
-        for kind in [k for k in attention.KINDS if k in rec.wanted(PART, block)]:   # same order on every rank
-            got = rec.get(kind, PART, block)
-            if got is None:
-                continue
-            if kind in MEAN_KINDS:
-                rec.put(kind, PART, block, combine_head_shards(got, self.num_heads, self.total_heads))
-            elif kind == "values":
-                from vllm.distributed import tensor_model_parallel_all_gather
-                rec.put(kind, PART, block, tensor_model_parallel_all_gather(got.contiguous(), dim=-1))
+        combine_recorded_shards(rec, PART, self._tokenreduce_layer, self.num_heads, self.total_heads)
 
 
 def install_scored_attention(visual: nn.Module, total_heads: int) -> List[ScoredQwenVisionAttention]:

@@ -29,7 +29,7 @@ from ..methods.base import Method
 from ..models import attention
 from ..models.vit import run_vision
 
-__all__ = ["ScoredEncoderAttention", "combine_head_shards", "install_scored_attention", "reduced_features",
+__all__ = ["ScoredEncoderAttention", "combine_head_shards", "combine_recorded_shards", "install_scored_attention", "reduced_features",
            "kept_count"]
 
 MEAN_KINDS = ("cls", "received", "query", "keys")   # head means: combined by a weighted all-reduce
@@ -76,18 +76,24 @@ class ScoredEncoderAttention(nn.Module):
 
     def _combine(self, rec: attention.ScoreRecorder) -> None:
         part, layer = getattr(self, "_tokenreduce_part", None), getattr(self, "_tokenreduce_layer", None)
-        wanted = rec.wanted(part, layer)
-        # a fixed order: every rank must issue the same collectives in the same order (a set's
-        # iteration order follows the per-process string hash seed)
-        for kind in [k for k in attention.KINDS if k in wanted]:
-            got = rec.get(kind, part, layer)
-            if got is None:
-                continue
-            if kind in MEAN_KINDS:
-                rec.put(kind, part, layer, combine_head_shards(got, self.num_heads, self.total_heads))
-            elif kind == "values":
-                from vllm.distributed import tensor_model_parallel_all_gather
-                rec.put(kind, part, layer, tensor_model_parallel_all_gather(got.contiguous(), dim=-1))
+        combine_recorded_shards(rec, part, layer, self.num_heads, self.total_heads)
+
+
+def combine_recorded_shards(rec: attention.ScoreRecorder, part: str, layer: int, heads: int, total_heads: int) -> None:
+    """Replace this rank's recorded statistics of ``(part, layer)`` (over its ``heads`` of
+    ``total_heads``) by the whole layer's: head means by `combine_head_shards`, values by an
+    all-gather over the channels. In a fixed order: every rank must issue the same collectives in
+    the same order (a set's iteration order follows the per-process string hash seed)."""
+    wanted = rec.wanted(part, layer)
+    for kind in [k for k in attention.KINDS if k in wanted]:
+        got = rec.get(kind, part, layer)
+        if got is None:
+            continue
+        if kind in MEAN_KINDS:
+            rec.put(kind, part, layer, combine_head_shards(got, heads, total_heads))
+        elif kind == "values":
+            from vllm.distributed import tensor_model_parallel_all_gather
+            rec.put(kind, part, layer, tensor_model_parallel_all_gather(got.contiguous(), dim=-1))
 
 
 def install_scored_attention(vision_model: nn.Module) -> None:
