@@ -17,6 +17,21 @@ PIP="$VENV/bin/python -m pip"
 C="-c constraints-vllm.txt"
 IDX=()
 [ -z "$TORCH_INDEX" ] || IDX=(--retries 1 --extra-index-url "$TORCH_INDEX")
+# torch 2.13.0+cpu and triton 3.9.0 are the same builds ./setup.sh put in .venv: hard-link them
+# from there (same filesystem) rather than installing a second ~1.8 GB copy; pip then sees them
+# installed. Any other case (no .venv, other versions, another filesystem): a regular install.
+SP=$($VENV/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+MAIN_SP=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" 2>/dev/null || true)
+link_from_main() {  # link_from_main DIST_INFO DIR... : hard-link a package installed in .venv
+  local info=$1; shift
+  [ -n "$MAIN_SP" ] && [ -d "$MAIN_SP/$info" ] && [ ! -e "$SP/$info" ] || return 0
+  for d in "$info" "$@"; do
+    [ -e "$MAIN_SP/$d" ] || continue
+    cp -al "$MAIN_SP/$d" "$SP/$d" 2>/dev/null || { for x in "$info" "$@"; do rm -rf "${SP:?}/$x"; done; return 0; }
+  done
+}
+link_from_main "torch-2.13.0+cpu.dist-info" torch torchgen functorch
+link_from_main "triton-3.9.0.dist-info" triton
 $VENV/bin/python -c "import torch; assert torch.__version__ == '2.13.0+cpu'" 2>/dev/null ||
   $PIP install -q $C "${IDX[@]}" "torch==2.13.0+cpu"
 $VENV/bin/python -c "import vllm" 2>/dev/null ||
@@ -28,7 +43,6 @@ $PIP uninstall -q -y torchaudio torchcodec 2>/dev/null || true
 # _C.so cannot load here; its Python transforms (what transformers' pixtral image processor that
 # vLLM's LLaVA imports needs) work once two op schemas exist: see tools/vllm_venv/tokenreduce_torchvision_shim.py
 # (installed as a .pth, so it acts in every process of the venv, vLLM's workers included)
-SP=$($VENV/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 if ! $VENV/bin/python -c "import torchvision.extension as e, sys; sys.exit(not e._has_ops())" 2>/dev/null; then
   cp tools/vllm_venv/tokenreduce_torchvision_shim.py "$SP/"
   echo "import tokenreduce_torchvision_shim" > "$SP/tokenreduce_torchvision_shim.pth"
