@@ -53,6 +53,9 @@
 // L2 (the alternating sweep direction).
 #include <torch/library.h>
 #include <unistd.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -85,6 +88,33 @@ int64_t cache_budget_bytes() {
   return bytes;
 }
 
+// Squared norm of a row (the norms pass of `load_rows`). float32 with AVX-512: four zmm
+// accumulators (`dot`'s single accumulator waits on the FMA latency: ~10% of the picks' time at
+// N=576 D=1024 k=64, one thread).
+template <typename acc>
+inline acc sqnorm(const acc* a, int64_t n) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<acc, float>) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+      const __m512 x0 = _mm512_loadu_ps(a + i), x1 = _mm512_loadu_ps(a + i + 16);
+      const __m512 x2 = _mm512_loadu_ps(a + i + 32), x3 = _mm512_loadu_ps(a + i + 48);
+      s0 = _mm512_fmadd_ps(x0, x0, s0);
+      s1 = _mm512_fmadd_ps(x1, x1, s1);
+      s2 = _mm512_fmadd_ps(x2, x2, s2);
+      s3 = _mm512_fmadd_ps(x3, x3, s3);
+    }
+    for (; i < n; i += 16) {
+      const __m512 x = _mm512_maskz_loadu_ps(static_cast<__mmask16>(n - i >= 16 ? 0xFFFFu : (1u << (n - i)) - 1u), a + i);
+      s0 = _mm512_fmadd_ps(x, x, s0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+  }
+#endif
+  return dot(a, a, n);
+}
+
 template <typename acc>
 struct Rows {  // the batch row's tokens as acc rows (borrowed or converted) and 1/norms
   const acc* ptr = nullptr;
@@ -113,7 +143,7 @@ void load_rows(Rows<acc>& R, const scalar_t* base, int64_t row_stride, int64_t N
   R.sq.resize(N);
   std::vector<int64_t> huge;  // finite rows whose squared norm overflows (|x| > ~1e19 in float32)
   for (int64_t n = 0; n < N; ++n) {
-    const acc s = dot(R.ptr + n * R.ld, R.ptr + n * R.ld, D);
+    const acc s = sqnorm(R.ptr + n * R.ld, D);
     R.sq[n] = s;
     R.inv[n] = cosine ? inv_norm(s) : acc(1);
     if (!std::isfinite(static_cast<double>(s))) {
@@ -138,7 +168,7 @@ void load_rows(Rows<acc>& R, const scalar_t* base, int64_t row_stride, int64_t N
     for (const int64_t n : huge) {
       acc* row = R.buf.data() + n * D;
       for (int64_t d = 0; d < D; ++d) row[d] *= R.inv[n];
-      R.sq[n] = dot(row, row, D);
+      R.sq[n] = sqnorm(row, D);
       R.inv[n] = acc(1);
     }
   }
@@ -232,6 +262,66 @@ TR_WIDE_VECTORS void block4x4(const acc* const* v, const acc* r0, const acc* r1,
   s[8] = a20; s[9] = a21; s[10] = a22; s[11] = a23;
   s[12] = a30; s[13] = a31; s[14] = a32; s[15] = a33;
 }
+
+#if defined(__AVX512F__)
+// float32 with AVX-512: the same 4 x 4 block with 16 zmm accumulators (lane l sums d = l mod
+// 16; a masked last step for D % 16) and one transpose-and-add tree over them. The compiled
+// loop above spends about as long as its FMAs in sixteen separate horizontal sums (spilled to
+// the stack) per block at D = 1024; the tree sums every accumulator in the same order
+// ((l, l + 8), then + 4, + 2, + 1), so a (vector, token) pair still gets the same bits in any
+// slot. Measured (one thread, a 1.2 MB row in L2): 80 instead of 107 ns per token and pass.
+inline __m512 tr_sum16(const __m512* A) {  // lane 4 q + v: the lane sum of A[4 v + q]
+  __m512 Z[8], W[4], U[2];
+  for (int i = 0; i < 8; ++i)
+    Z[i] = _mm512_add_ps(_mm512_shuffle_f32x4(A[2 * i], A[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(A[2 * i], A[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)
+    W[i] = _mm512_add_ps(_mm512_shuffle_f32x4(Z[2 * i], Z[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(Z[2 * i], Z[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)
+    U[i] = _mm512_add_ps(_mm512_shuffle_ps(W[2 * i], W[2 * i + 1], 0x44),
+                         _mm512_shuffle_ps(W[2 * i], W[2 * i + 1], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_ps(U[0], U[1], 0x88), _mm512_shuffle_ps(U[0], U[1], 0xDD));
+}
+
+template <bool cosine>
+inline void block4x4_avx512(const float* const* v, const float* r0, const float* r1,
+                            const float* r2, const float* r3, int64_t D, float* s) {
+  __m512 A[16];
+  for (auto& a : A) a = _mm512_setzero_ps();
+  const float* r[4] = {r0, r1, r2, r3};
+  auto step = [&](__mmask16 m, int64_t d) {
+    __m512 x[4], p[4];
+    for (int q = 0; q < 4; ++q) x[q] = _mm512_maskz_loadu_ps(m, r[q] + d);
+    for (int w = 0; w < 4; ++w) p[w] = _mm512_maskz_loadu_ps(m, v[w] + d);
+    for (int w = 0; w < 4; ++w)
+      for (int q = 0; q < 4; ++q) {
+        if constexpr (cosine) {
+          A[4 * w + q] = _mm512_fmadd_ps(p[w], x[q], A[4 * w + q]);
+        } else {
+          const __m512 t = _mm512_sub_ps(p[w], x[q]);
+          A[4 * w + q] = _mm512_fmadd_ps(t, t, A[4 * w + q]);
+        }
+      }
+  };
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) step(static_cast<__mmask16>(0xFFFF), d);
+  if (d < D) step(static_cast<__mmask16>((1u << (D - d)) - 1u), d);
+  const __m512i to_vq = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  _mm512_storeu_ps(s, _mm512_permutexvar_ps(to_vq, tr_sum16(A)));  // s[4 v + q]
+}
+
+template <>
+inline void block4x4<float, true>(const float* const* v, const float* r0, const float* r1,
+                                  const float* r2, const float* r3, int64_t D, float* s) {
+  block4x4_avx512<true>(v, r0, r1, r2, r3, D, s);
+}
+template <>
+inline void block4x4<float, false>(const float* const* v, const float* r0, const float* r1,
+                                   const float* r2, const float* r3, int64_t D, float* s) {
+  block4x4_avx512<false>(v, r0, r1, r2, r3, D, s);
+}
+#endif
 
 // What one pick does to tokens [j0, j1) of a row: lower md by the distances to `pick` and
 // track the best eligible tokens (if track). Where the pick's distances are not known yet
