@@ -7,6 +7,10 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <type_traits>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <cstring>
 #include <cstdint>
 #include <limits>
@@ -94,6 +98,26 @@ inline void load_row_scaled(const scalar_t* src, int64_t n, acc s, acc* dst) {
 
 template <typename acc>
 inline acc dot(const acc* a, const acc* b, int64_t n) {
+#if defined(__AVX512F__)
+  // float32 with AVX-512: four zmm accumulators and a masked tail. The single accumulator of
+  // the plain loop waits on the FMA latency (one 8-wide FMA per 4 cycles): the norms and
+  // rescoring passes of kcenter / recycle took 10-15% of those ops at D = 1024.
+  if constexpr (std::is_same_v<acc, float>) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+      s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+      s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+      s2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 32), _mm512_loadu_ps(b + i + 32), s2);
+      s3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 48), _mm512_loadu_ps(b + i + 48), s3);
+    }
+    for (; i < n; i += 16) {
+      const __mmask16 m = static_cast<__mmask16>(n - i >= 16 ? 0xFFFFu : (1u << (n - i)) - 1u);
+      s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), s0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+  }
+#endif
   acc s = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];

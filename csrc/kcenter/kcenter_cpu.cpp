@@ -88,33 +88,6 @@ int64_t cache_budget_bytes() {
   return bytes;
 }
 
-// Squared norm of a row (the norms pass of `load_rows`). float32 with AVX-512: four zmm
-// accumulators (`dot`'s single accumulator waits on the FMA latency: ~10% of the picks' time at
-// N=576 D=1024 k=64, one thread).
-template <typename acc>
-inline acc sqnorm(const acc* a, int64_t n) {
-#if defined(__AVX512F__)
-  if constexpr (std::is_same_v<acc, float>) {
-    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-    int64_t i = 0;
-    for (; i + 64 <= n; i += 64) {
-      const __m512 x0 = _mm512_loadu_ps(a + i), x1 = _mm512_loadu_ps(a + i + 16);
-      const __m512 x2 = _mm512_loadu_ps(a + i + 32), x3 = _mm512_loadu_ps(a + i + 48);
-      s0 = _mm512_fmadd_ps(x0, x0, s0);
-      s1 = _mm512_fmadd_ps(x1, x1, s1);
-      s2 = _mm512_fmadd_ps(x2, x2, s2);
-      s3 = _mm512_fmadd_ps(x3, x3, s3);
-    }
-    for (; i < n; i += 16) {
-      const __m512 x = _mm512_maskz_loadu_ps(static_cast<__mmask16>(n - i >= 16 ? 0xFFFFu : (1u << (n - i)) - 1u), a + i);
-      s0 = _mm512_fmadd_ps(x, x, s0);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
-  }
-#endif
-  return dot(a, a, n);
-}
-
 template <typename acc>
 struct Rows {  // the batch row's tokens as acc rows (borrowed or converted) and 1/norms
   const acc* ptr = nullptr;
@@ -143,7 +116,7 @@ void load_rows(Rows<acc>& R, const scalar_t* base, int64_t row_stride, int64_t N
   R.sq.resize(N);
   std::vector<int64_t> huge;  // finite rows whose squared norm overflows (|x| > ~1e19 in float32)
   for (int64_t n = 0; n < N; ++n) {
-    const acc s = sqnorm(R.ptr + n * R.ld, D);
+    const acc s = dot(R.ptr + n * R.ld, R.ptr + n * R.ld, D);
     R.sq[n] = s;
     R.inv[n] = cosine ? inv_norm(s) : acc(1);
     if (!std::isfinite(static_cast<double>(s))) {
@@ -168,7 +141,7 @@ void load_rows(Rows<acc>& R, const scalar_t* base, int64_t row_stride, int64_t N
     for (const int64_t n : huge) {
       acc* row = R.buf.data() + n * D;
       for (int64_t d = 0; d < D; ++d) row[d] *= R.inv[n];
-      R.sq[n] = sqnorm(row, D);
+      R.sq[n] = dot(row, row, D);
       R.inv[n] = acc(1);
     }
   }
