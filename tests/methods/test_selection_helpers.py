@@ -76,3 +76,25 @@ def test_pool_exact_windows_equal_assemble(cls, B):
     for f in ("tokens", "index", "source", "size"):
         assert torch.equal(getattr(red, f), getattr(ref, f)), f
         assert getattr(red, f).dtype == getattr(ref, f).dtype, f
+
+
+@pytest.mark.parametrize("helper", ["keep_positions", "keep_indices"])
+@pytest.mark.parametrize("cls", [False, True])
+def test_lazy_pruning_reduction_gathers_on_first_read(helper, cls):
+    """Under Context.lazy_tokens a pruning Reduction holds no tokens until they are read, then
+    the same tokens as the eager one; both say kept_rows. Assigning tokens clears kept_rows."""
+    g = torch.Generator().manual_seed(3)
+    B, N, D, K = 3, 37 + int(cls), 11, 9
+    x = torch.randn(B, N, D, generator=g)
+    idx = torch.rand(B, N - int(cls), generator=g).argsort(dim=1)[:, :K]
+    fn = getattr(helpers, helper)
+    eager = fn(Context(x=x, has_cls=cls), idx)
+    lazy = fn(Context(x=x, has_cls=cls, lazy_tokens=True), idx)
+    assert eager.kept_rows and lazy.kept_rows
+    assert eager._tokens is not None and lazy._tokens is None
+    assert torch.equal(lazy.index, eager.index) and torch.equal(lazy.source, eager.source)
+    assert torch.equal(lazy.tokens, eager.tokens)
+    assert torch.equal(lazy.tokens, helpers.gather_tokens(x, lazy.index))
+    lazy.tokens = lazy.tokens * 2
+    assert not lazy.kept_rows
+

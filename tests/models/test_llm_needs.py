@@ -139,3 +139,21 @@ def test_padding_bias_and_proportional_attention_default():
     assert b[0, 0] == 0 and torch.isclose(b[0, 1], torch.log(torch.tensor(2.0))) and b[0, 2] == float("-inf")
     assert vit.padding_bias(s, False).tolist() == [[0.0, 0.0, float("-inf")]]
     assert Method.proportional_attention is True
+
+
+def test_llm_path_never_gathers_a_pruning_reductions_tokens(monkeypatch):
+    """The LLM path gathers the next sequence from the hidden states itself: a pruning
+    method's Reduction (lazy there: Context.lazy_tokens) is never gathered nor scattered back,
+    and the logits equal those of the path that materialises and scatters the tokens."""
+    from tokenreduce import methods
+    from tokenreduce.methods import helpers
+    m = presets.build("tiny-qwen2-vl")
+    batch, _ = qwen_inputs(torch.Generator().manual_seed(0))
+    calls = []
+    real = helpers.gather_rows
+    monkeypatch.setattr(helpers, "gather_rows", lambda x, i: calls.append(1) or real(x, i))
+    lazy = vlm.VLMRunner(m, methods.build("pdrop", keep=4)).next_token_logits(**batch)
+    assert not calls
+    monkeypatch.setattr(Reduction, "kept_rows", property(lambda self: False))   # scatter path
+    eager = vlm.VLMRunner(m, methods.build("pdrop", keep=4)).next_token_logits(**batch)
+    assert calls and torch.equal(lazy, eager)

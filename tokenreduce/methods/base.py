@@ -25,7 +25,7 @@ from __future__ import annotations
 import enum
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, FrozenSet, List, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, FrozenSet, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -108,13 +108,15 @@ class Context:
     num_layers: Optional[int] = None            # layers of the model part the method runs in
     state: Dict[str, Any] = field(default_factory=dict)  # per-forward scratch of progressive methods
     heads: Optional[int] = None                 # attention heads of the layers ``values`` come from
+    # a pruning Reduction may defer gathering its tokens to their first read (the caller reads
+    # them, if at all, in the same mode / stream / graph capture as the method's call)
+    lazy_tokens: bool = False
 
     @property
     def n_image(self) -> int:
         return self.x.shape[1] - int(self.has_cls)
 
 
-@dataclass
 class Reduction:
     """The output of every method.
 
@@ -126,11 +128,48 @@ class Reduction:
             (so features can be un-merged and provenance tracked).
     size:   ``[B, K]`` float32: how many original tokens each output stands for (1 for a
             kept token when the input had no sizes; ToMe's size for merged tokens).
+
+    `kept_rows` (made by `Reduction.of_kept_rows`): every output token is the input row
+    ``x[b, index[b, k]]`` unchanged (pruning). Under `Context.lazy_tokens` its ``tokens`` is
+    gathered on first use only, so a caller that holds ``x`` (the LLM path gathers the whole
+    next sequence from the hidden states once) reads ``index`` and never pays for the
+    ``[B, K, D]`` copy.
     """
-    tokens: Tensor
-    index: Tensor
-    source: Tensor
-    size: Tensor
+    __slots__ = ("_tokens", "_gather", "_kept", "index", "source", "size")
+
+    def __init__(self, tokens: Tensor, index: Tensor, source: Tensor, size: Tensor) -> None:
+        self._tokens: Optional[Tensor] = tokens
+        self._gather: Optional[Callable[[], Tensor]] = None
+        self._kept = False
+        self.index, self.source, self.size = index, source, size
+
+    @classmethod
+    def of_kept_rows(cls, gather: Callable[[], Tensor], index: Tensor, source: Tensor,
+                     size: Tensor, *, lazy: bool = False) -> "Reduction":
+        """A pruning Reduction whose tokens ``gather()`` returns (``x`` rows at ``index``):
+        called now, or with ``lazy`` (`Context.lazy_tokens`) on the first read of ``tokens``."""
+        red = cls(None if lazy else gather(), index, source, size)   # type: ignore[arg-type]
+        red._gather, red._kept = (gather if lazy else None), True
+        return red
+
+    @property
+    def kept_rows(self) -> bool:
+        """tokens are the input rows at ``index``, unchanged (see `of_kept_rows`)."""
+        return self._kept
+
+    @property
+    def tokens(self) -> Tensor:
+        if self._tokens is None and self._gather is not None:
+            self._tokens = self._gather()
+        return self._tokens   # type: ignore[return-value]
+
+    @tokens.setter
+    def tokens(self, value: Tensor) -> None:
+        self._tokens, self._gather, self._kept = value, None, False
+
+    def __repr__(self) -> str:
+        t = "lazy" if self._tokens is None else tuple(self._tokens.shape)
+        return f"Reduction(tokens={t}, index={tuple(self.index.shape)}, source={tuple(self.source.shape)})"
 
     def unmerge(self, y: Tensor) -> Tensor:
         """Map per-output features ``y`` ``[B, K, C]`` back to the input positions

@@ -168,12 +168,12 @@ def keep_indices(ctx: Context, index: Tensor, *, sort: bool = True) -> Reduction
     index = index + c
     if c:
         index = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=x.device), index], dim=1)
-    tokens = gather_tokens(x, index)
     if ctx.size is not None:
         size = torch.gather(ctx.size.float(), 1, index)
     else:
         size = torch.ones(index.shape, dtype=torch.float32, device=x.device)
-    return Reduction(tokens, index, source_from_index(index, N), size)
+    return Reduction.of_kept_rows(lambda: gather_tokens(x, index), index, source_from_index(index, N), size,
+                                  lazy=ctx.lazy_tokens)
 
 
 def padded_selection(ctx: Context, index: Tensor, valid: Optional[Tensor] = None) -> Reduction:
@@ -271,7 +271,8 @@ def gather_rows(x: Tensor, index: Tensor) -> Tensor:
 
 def keep_positions(ctx: Context, index: Tensor, *, sort: bool = True) -> Reduction:
     """`keep_indices` ``(ctx, index, sort=sort)`` with fewer ops: the same `Reduction` (tokens
-    by `gather_rows`, [CLS] slot by one pad, the source map scattered in place)."""
+    by `gather_rows` on first use: `Reduction.kept_rows`, [CLS] slot by one pad, the source
+    map scattered in place)."""
     x = ctx.x
     B, N, _ = x.shape
     if sort:
@@ -279,11 +280,10 @@ def keep_positions(ctx: Context, index: Tensor, *, sort: bool = True) -> Reducti
     if ctx.has_cls:
         index = torch.nn.functional.pad(index + 1, (1, 0))
     K = index.shape[1]
-    tokens = gather_rows(x, index)
     if ctx.size is not None:
         size = torch.gather(ctx.size.float(), 1, index)
     else:
         size = torch.ones((B, K), dtype=torch.float32, device=x.device)
     src = torch.full((B, N), -1, dtype=torch.long, device=x.device)
     src.scatter_(1, index, torch.arange(K, device=x.device).expand(B, K))
-    return Reduction(tokens, index, src, size)
+    return Reduction.of_kept_rows(lambda: gather_rows(x, index), index, src, size, lazy=ctx.lazy_tokens)

@@ -216,7 +216,8 @@ class LLMReducer:
         x = gather_positions(h, img_pos, 1)
         full = x.shape[1] == self.n_img0
         ctx = Context(x=x, has_cls=False, grid=self.grid if full else None, layer=nominal, num_layers=self.plan.Ln,
-                      state=self.state, size=self.state.get("size"), heads=self.kv_heads)
+                      state=self.state, size=self.state.get("size"), heads=self.kv_heads,
+                      lazy_tokens=True)   # `_reduce` reads a pruning Reduction's index only
         sl = lambda s: gather_positions(s, img_pos, 1)   # noqa: E731  (whole sequence -> image tokens)
         for l, r, a in self.plan.attention:
             if r in self.look_layers:
@@ -260,9 +261,10 @@ class LLMReducer:
         x = ctx.x
         red = m(ctx)
         check_reduction(m, x, red, f"after LLM layer {layer}")
-        K = red.tokens.shape[1]
+        K = red.index.shape[1]
         kept_img = img_pos.gather(1, red.index.clamp_min(0))             # positions in the current sequence
-        h = h.scatter(1, kept_img.unsqueeze(-1).expand(-1, -1, h.shape[-1]), red.tokens.to(h.dtype))
+        if not red.kept_rows:   # merged / synthesised tokens replace their representatives' rows
+            h = h.scatter(1, kept_img.unsqueeze(-1).expand(-1, -1, h.shape[-1]), red.tokens.to(h.dtype))
         keep = torch.cat([txt_pos, kept_img], dim=1).sort(dim=1).values  # [B, L'] current positions
         h = gather_positions(h, keep, 1)
         cur = keep if self.cur is None else self.cur.gather(1, keep)

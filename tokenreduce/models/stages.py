@@ -120,9 +120,15 @@ def check_reduction(method: Method, x: Tensor, red: Reduction, where: str) -> No
     B, N, _ = x.shape
     if not isinstance(red, Reduction):
         raise TypeError(f"tokenreduce.models: {method.name} {where} returned {type(red).__name__}, not a Reduction")
-    if red.tokens.dim() != 3 or red.tokens.shape[0] != B or red.source.shape != (B, N):
+    if red.kept_rows:   # tokens are x's rows at index (gathered on first use): check index
+        bad = red.index.dim() != 2 or red.index.shape[0] != B
+        got = f"index {tuple(red.index.shape)}"
+    else:
+        bad = red.tokens.dim() != 3 or red.tokens.shape[0] != B
+        got = f"tokens {tuple(red.tokens.shape)}"
+    if bad or red.source.shape != (B, N):
         raise ValueError(f"tokenreduce.models: {method.name} {where}: Reduction shapes do not match the input "
-                         f"(x {tuple(x.shape)}, tokens {tuple(red.tokens.shape)}, source {tuple(red.source.shape)})")
+                         f"(x {tuple(x.shape)}, {got}, source {tuple(red.source.shape)})")
 
 
 def request_scores(rec: ScoreRecorder, method: Method, part: str, num_layers: int,

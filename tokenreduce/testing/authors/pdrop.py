@@ -3,7 +3,12 @@ pdrop_rank_drop): at each stage, layer l's q/k (with RoPE) on the current sequen
 instruction token's row with the causal mask, float32 softmax, head mean, image span,
 top int(N0 * ratio[s+1]), sorted; per-sample loop. With ``gather=True`` each sample's kept image
 hidden states are gathered too (``features[i][top_rank_index]``, as the released code builds the
-next layer's input): what the bench times, like for like with ours, whose Reduction carries them."""
+next layer's input). The bench times selection only on both sides: the scores and the kept
+positions. Building the next layer's input is the model code's job on both sides. The released
+code does it with that gather; ours does it with one gather of the next sequence in
+`tokenreduce.models.llm`, and never gathers the Reduction's tokens (`Reduction.kept_rows`).
+Our scores come from the fused op with the keys standing in for the values, as
+`tokenreduce.models.llm_scores` calls it."""
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence
@@ -49,9 +54,10 @@ def pdrop_ours(stages: List[Dict[str, object]], layers=(8, 16, 24), **budget) ->
     out = []
     for s, d in enumerate(stages):
         st, n = d["start"], d["n_img"]
-        _, sc = ops.attention_with_scores(d["q"][:, :, -1:], d["k"], d["v"], causal=True)   # last row only
+        # last row only; values unused (the keys stand in, as in tokenreduce.models.llm_scores)
+        _, sc = ops.attention_with_scores(d["q"][:, :, -1:], d["k"], d["k"], causal=True)
         ctx = Context(x=d["hidden"][:, st:st + n], query_attn={layers[s]: sc[:, st:st + n]},
-                      layer=layers[s] - 1, state=state)
+                      layer=layers[s] - 1, state=state, lazy_tokens=True)   # as models.llm builds it
         out.append(m(ctx).index)
     return out
 
@@ -75,5 +81,5 @@ def bench_cases(quick: bool):
             "pdrop", f"B={B} n={n} D={D} 3 stages",
             make=lambda: make_stages(B, n, D, H, Dh),
             ours=lambda stages: pdrop_ours(stages),
-            authors=lambda stages: pdrop_authors(stages, [1.0, 0.5, 0.25, 0.125], gather=True))
+            authors=lambda stages: pdrop_authors(stages, [1.0, 0.5, 0.25, 0.125]))
     return [case(B) for B in (1, 16)]
