@@ -338,6 +338,30 @@ BestK<acc> sweep(const Rows<acc>& R, const acc* G, int64_t N, int64_t D, int64_t
     const int64_t m = std::min<int64_t>(4, j1 - j);
     auto row = [&](int64_t q) { return R.ptr + (j + std::min<int64_t>(q, m - 1)) * R.ld; };
     block4x4<acc, cosine>(vec, row(0), row(1), row(2), row(3), D, s);
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<acc, float>) {
+      // the block's 4 tokens at once (the scalar loop below, as 128-bit lanes, masked to m;
+      // the one formula for fresh and cached distances, so a pick's distances have the same
+      // bits whichever pass computed them): 1 - (e inv_v) inv_j, or sqrt(e)
+      const __mmask8 mk = static_cast<__mmask8>((1u << m) - 1u);
+      const __m128 rinv = _mm_maskz_loadu_ps(mk, R.inv.data() + j);
+      auto dist = [&](int v) {
+        const __m128 e = _mm_loadu_ps(s + 4 * v);
+        if constexpr (cosine)
+          return _mm_fnmadd_ps(_mm_mul_ps(e, _mm_set1_ps(inv[v])), rinv, _mm_set1_ps(1.0f));
+        else
+          return _mm_sqrt_ps(e);
+      };
+      for (int v = 1; v < nv; ++v)
+        if (cand[v - 1] >= 0) _mm_mask_storeu_ps(cd + (v - 1) * N + j, mk, dist(v));
+      const __m128 old = _mm_maskz_loadu_ps(mk, md + j);
+      _mm_mask_storeu_ps(md + j, mk, _mm_min_ps(dist(0), old));   // d < md ? d : md
+      if (track)
+        for (int64_t q = 0; q < m; ++q)
+          if (elig[j + q]) best.push(md[j + q], j + q);
+      continue;
+    }
+#endif
     for (int64_t q = 0; q < m; ++q) {
       const int64_t jj = j + q;
       for (int v = 1; v < nv; ++v) {
