@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 namespace tokenreduce {
 namespace screen {
@@ -64,6 +65,34 @@ inline float to_bf16_scaled(const acc* row, int64_t d, float w, at::BFloat16* ds
 inline float screen_margin(float mx, float ea, float eb, float fp) {
   const float u = kUnitRoundoff;
   return 2.05f * u * std::abs(mx) + (1.0f + 2.0f * u) * 2.0f * (ea + (1.0f + ea) * eb + fp);
+}
+
+// Screened scores as float: a bf16 value is the high half of its float (c10::BFloat16's
+// conversion, as a shift the loops below vectorise; its scalar operator float does not).
+inline float bf16_value(const at::BFloat16* row, int64_t c) {
+  const uint32_t bits = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(row)[c]) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// max of row[c0:c1) (finite scores of unit rows; -inf when empty)
+inline float bf16_max(const at::BFloat16* row, int64_t c0, int64_t c1) {
+  float mx = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : mx)
+  for (int64_t c = c0; c < c1; ++c) {
+    const float v = bf16_value(row, c);
+    mx = v > mx ? v : mx;
+  }
+  return mx;
+}
+
+// how many of row[c0:c1) are >= thr
+inline int64_t bf16_count_at_least(const at::BFloat16* row, int64_t c0, int64_t c1, float thr) {
+  int64_t n = 0;
+#pragma omp simd reduction(+ : n)
+  for (int64_t c = c0; c < c1; ++c) n += bf16_value(row, c) >= thr;
+  return n;
 }
 
 }  // namespace screen

@@ -124,10 +124,9 @@ void bipartite_merge_cpu_impl(const at::Tensor& x, const at::Tensor& metric, con
       int64_t cand = 0;  // candidates in the tile: rescoring them must stay cheaper than the GEMM
       for (int64_t e = 0; e < m; ++e) {
         const at::BFloat16* sh = w.Sh.data() + e * Nb;
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t c = pb; c < Nb; ++c) mx = std::max(mx, static_cast<float>(sh[c]));
+        const float mx = screen::bf16_max(sh, pb, Nb);
         w.thr[e] = mx - screen::screen_margin(mx, ue[2 * (a0 + e)], eb, fp_err);
-        for (int64_t c = pb; c < Nb; ++c) cand += static_cast<float>(sh[c]) >= w.thr[e];
+        cand += screen::bf16_count_at_least(sh, pb, Nb, w.thr[e]);
       }
       if (cand * 8 <= m * Nb) {
         for (int64_t e = 0; e < m; ++e) {
@@ -137,7 +136,7 @@ void bipartite_merge_cpu_impl(const at::Tensor& x, const at::Tensor& metric, con
             const at::BFloat16* sh = w.Sh.data() + e * Nb;
             const macc* ar = base + 2 * a * row_ld;
             for (int64_t c = pb; c < Nb; ++c)
-              if (static_cast<float>(sh[c]) >= w.thr[e]) am.push(dot(ar, base + (2 * c + 1) * row_ld, Dm) * ib[2 * c + 1], c);
+              if (screen::bf16_value(sh, c) >= w.thr[e]) am.push(dot(ar, base + (2 * c + 1) * row_ld, Dm) * ib[2 * c + 1], c);
           }
           node_max[b * Na + a] = am.index >= 0 ? am.value * ib[2 * a] : -std::numeric_limits<macc>::infinity();
           node_idx[b * Na + a] = std::max<int64_t>(am.index, 0);

@@ -99,12 +99,11 @@ void assign_by_similarity(const at::Tensor& feats, const at::Tensor& target, con
         int64_t cand = 0;
         for (int64_t e = 0; e < m && cand * 8 <= m * T; ++e) {
           const at::BFloat16* sh = simh.data() + e * T;
-          float mx = -std::numeric_limits<float>::infinity();
-          for (int64_t c = 0; c < T; ++c) mx = std::max(mx, static_cast<float>(sh[c]));
+          const float mx = screen::bf16_max(sh, 0, T);
           const float thr = mx - screen::screen_margin(mx, serr[e], terr[b], fp_err);
           ArgMax<acc> am;
           for (int64_t c = 0; c < T; ++c)
-            if (static_cast<float>(sh[c]) >= thr) {
+            if (screen::bf16_value(sh, c) >= thr) {
               am.push(dot(fs.data() + e * Df, tb + c * Df, Df), c);
               ++cand;
             }
