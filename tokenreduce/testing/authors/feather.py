@@ -2,7 +2,10 @@
 fastv_predefined_mask='no_rope_s=3', fastv_k=[8, 16], fastv_ratio=0.7): the last token's
 query against the image keys only, no RoPE, float32 softmax over the image keys, head mean;
 stage 1 = unique(top int(N r) + the [::s, ::s] grid), stage 2 = top int(n1 r^2); sorted;
-per-sample loop (the authors run batch 1)."""
+per-sample loop (the authors run batch 1). The authors' code returns the kept positions; ours is
+timed the way `tokenreduce.models.llm` runs it: the fused op with the keys standing in for the
+values (`tokenreduce.models.llm_scores`) and a pruning Reduction whose tokens are never gathered
+(`Context.lazy_tokens`: the model gathers the next sequence from the hidden states itself)."""
 from __future__ import annotations
 
 import math
@@ -60,9 +63,11 @@ def feather_stage2_authors(q: Tensor, k: Tensor, start: int, n1: int, r: float =
 
 def feather_ours(stage: Dict[str, object], layer: int, method, state: dict):
     st, n = stage["start"], stage["n_img"]
-    q, k, v = stage["q"], stage["k"], stage["v"]
-    _, sc = ops.attention_with_scores(q[:, :, -1:], k[:, :, st:st + n], v[:, :, st:st + n])
-    ctx = Context(x=stage["hidden"][:, st:st + n], query_attn_norope={layer: sc}, layer=layer - 1, state=state)
+    q, k = stage["q"], stage["k"]
+    kk = k[:, :, st:st + n]
+    _, sc = ops.attention_with_scores(q[:, :, -1:], kk, kk)   # values unused (llm_scores)
+    ctx = Context(x=stage["hidden"][:, st:st + n], query_attn_norope={layer: sc}, layer=layer - 1, state=state,
+                  lazy_tokens=True)
     return method(ctx)
 
 
