@@ -53,9 +53,6 @@
 // L2 (the alternating sweep direction).
 #include <torch/library.h>
 #include <unistd.h>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 
 #include <algorithm>
 #include <atomic>
@@ -63,7 +60,7 @@
 #include <string>
 #include <thread>
 
-#include "../common/cpu_utils.h"
+#include "../common/cpu_utils.h"  // also <immintrin.h> where AVX-512 is on
 #include "kcenter_checks.h"
 
 namespace tokenreduce {
