@@ -16,6 +16,11 @@
 // Parallel split: with B >= 2 x threads one task per batch row runs 1-3 back to back (its
 // rows stay in cache, the threads meet once, no [B, N, Dm] bf16 buffer); otherwise each
 // step runs over (batch row, block) tasks.
+#if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__)
+// GCC 12 flags the _mm512_undefined_*() inside its own AVX-512 intrinsics (a false positive)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
 #include <atomic>
 #include <torch/library.h>
 
@@ -97,7 +102,8 @@ void bipartite_merge_cpu_impl(const at::Tensor& x, const at::Tensor& metric, con
   std::vector<int64_t> node_idx(B * Na);
   struct MatchScratch {
     std::vector<macc> S;
-    std::vector<at::BFloat16> Sh;
+    std::unique_ptr<at::BFloat16[]> Sh;  // uninitialised: the GEMM writes it
+    int64_t sh_cap = 0;
     std::vector<float> thr;
   };
   auto match = [&](int64_t b, int64_t a0, int64_t m, const at::BFloat16* ub, MatchScratch& w) {
@@ -115,15 +121,18 @@ void bipartite_merge_cpu_impl(const at::Tensor& x, const at::Tensor& metric, con
     }
     const int64_t row_ld = is_huge ? Dm : mld;
     if (screen) {
-      w.Sh.resize(m * Nb);
+      if (w.sh_cap < m * Nb) {
+        w.Sh.reset(new at::BFloat16[m * Nb]);
+        w.sh_cap = m * Nb;
+      }
       w.thr.resize(m);
-      gemm_abt(ub + 2 * a0 * Dm, 2 * Dm, ub + Dm, 2 * Dm, w.Sh.data(), Nb, m, Nb, Dm);
+      gemm_abt(ub + 2 * a0 * Dm, 2 * Dm, ub + Dm, 2 * Dm, w.Sh.get(), Nb, m, Nb, Dm);
       const float* ue = uerr.data() + b * N;
       float eb = 0;  // largest rounding error of an unprotected B row
       for (int64_t c = pb; c < Nb; ++c) eb = std::max(eb, ue[2 * c + 1]);
       int64_t cand = 0;  // candidates in the tile: rescoring them must stay cheaper than the GEMM
       for (int64_t e = 0; e < m; ++e) {
-        const at::BFloat16* sh = w.Sh.data() + e * Nb;
+        const at::BFloat16* sh = w.Sh.get() + e * Nb;
         const float mx = screen::bf16_max(sh, pb, Nb);
         w.thr[e] = mx - screen::screen_margin(mx, ue[2 * (a0 + e)], eb, fp_err);
         cand += screen::bf16_count_at_least(sh, pb, Nb, w.thr[e]);
@@ -133,7 +142,7 @@ void bipartite_merge_cpu_impl(const at::Tensor& x, const at::Tensor& metric, con
           const int64_t a = a0 + e;
           ArgMax<macc> am;
           if (a >= pa) {
-            const at::BFloat16* sh = w.Sh.data() + e * Nb;
+            const at::BFloat16* sh = w.Sh.get() + e * Nb;
             const macc* ar = base + 2 * a * row_ld;
             for (int64_t c = pb; c < Nb; ++c)
               if (screen::bf16_value(sh, c) >= w.thr[e]) am.push(dot(ar, base + (2 * c + 1) * row_ld, Dm) * ib[2 * c + 1], c);
@@ -235,14 +244,15 @@ void bipartite_merge_cpu_impl(const at::Tensor& x, const at::Tensor& metric, con
   const bool per_batch = B >= 2 * at::get_num_threads() && Na * Nb <= (int64_t(1) << 20);
   if (per_batch) {
     parallel_for_cost(B, Na * Nb * Dm, [&](int64_t b0, int64_t b1) {
-      std::vector<at::BFloat16> ub(screen ? N * Dm : 0);  // this batch row's bf16 unit rows
+      // this batch row's bf16 unit rows (uninitialised: the norm pass writes every row)
+      std::unique_ptr<at::BFloat16[]> ub(screen ? new at::BFloat16[N * Dm] : nullptr);
       MatchScratch mw;
       PlanScratch pw;
       std::vector<int64_t> off(No + 1), mem(N);
       std::vector<acc> row(D);
       for (int64_t b = b0; b < b1; ++b) {
-        norms(b * N, (b + 1) * N, ub.data());
-        match(b, 0, Na, ub.data(), mw);
+        norms(b * N, (b + 1) * N, ub.get());
+        match(b, 0, Na, ub.get(), mw);
         plan(b, off.data(), mem.data(), pw);
         for (int64_t s = 0; s < No; ++s) merge(b, s, off.data(), mem.data(), row.data());
       }

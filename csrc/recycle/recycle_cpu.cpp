@@ -2,17 +2,28 @@
 // token, or the slot given by `assign`, and each slot becomes the weighted mean of
 // its target and its sources.
 //
-//  1. (b, block of sources) tasks (one block per batch row when B >= 2 x threads): gather
-//     and normalise the sources' feature rows, a GEMM tile against the normalised targets,
-//     arg-max per source (ties to the smaller target slot). For float features of width
-//     >= kScreenMinDim against >= kScreenMinCols targets the tile is screened by a bfloat16
-//     GEMM first and only the targets within a rigorous bound of the screened maximum are
-//     rescored in float32 (bf16_screen.h), so the slot is that of the float32 scores.
-//     Skipped when `assign` is given.
-//  2. per batch row: counting sort of the sources by slot (ascending source position).
+//  1. Assignment (skipped when `assign` is given), in (b, block of sources) tasks (one block
+//     per batch row when B >= 2 x threads): the block's feature rows are read once, a GEMM
+//     tile scores them against the normalised targets, arg-max per source (ties to the
+//     smaller target slot). For float features of width >= kScreenMinDim against >=
+//     kScreenMinCols targets the tile is screened by a bfloat16 GEMM first: a source with
+//     one target within the rigorous bound of its screened maximum takes it, the others
+//     rescore those targets in float32 (bf16_screen.h), so the slot is that of the float32
+//     scores. A source's norm scales all its scores alike, so its rows are scored as they
+//     are in x (no normalised copy).
+//  2. Per batch row: counting sort of the sources by slot (in their order in `source`).
 //  3. (b, slot) tasks: weighted mean of target and sources in a fixed order:
-//     deterministic, no atomics.
+//     deterministic, no atomics. (Adding each block's sources to their slots right after
+//     its assignment, to reuse the rows in cache, measured ~15% slower: the [T, D] slot
+//     rows then cycle through L2 instead of one slot row staying in L1.)
+#if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__)
+// GCC 12 flags the _mm512_undefined_*() inside its own AVX-512 intrinsics (a false positive)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
 #include <torch/library.h>
+
+#include <memory>
 
 #include "../bipartite_merge/bf16_screen.h"
 #include "../common/cpu_utils.h"
@@ -22,105 +33,204 @@ namespace tokenreduce {
 namespace {
 
 constexpr const char* kOp = "recycle";
-constexpr int64_t kRowBlock = 64;
+constexpr int64_t kRowBlock = 64;       // sources per task when batch rows are split over tasks
 constexpr int64_t kScreenMinDim = 128;  // bf16 screening pays off from this feature width
 constexpr int64_t kScreenMinCols = 32;  // ... and this many targets
+constexpr int64_t kPrefetchLines = 8;   // of the next gathered row (measured: a whole row's worth
+                                        // of prefetches stalls on the line fill buffers)
 
-// Ask for a row of n elements ahead of its use (the gathered rows are scattered in x: the
-// hardware prefetcher only follows a row once it is being read).
+// The first lines of a row about to be read (rows are scattered in x: the hardware
+// prefetcher follows a row once it is being read).
 template <typename T>
 inline void prefetch_row(const T* row, int64_t n) {
   const char* p = reinterpret_cast<const char*>(row);
-  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(p + off);
+  const int64_t nb = std::min<int64_t>(n * static_cast<int64_t>(sizeof(T)), kPrefetchLines * 64);
+  for (int64_t off = 0; off < nb; off += 64) __builtin_prefetch(p + off);
 }
 
-// Normalised feature rows of `idx` (n positions of batch b) into dst [n, Df].
-template <typename fscalar_t, typename acc>
-void gather_normalised(const at::Tensor& f, int64_t b, const int64_t* idx, int64_t n, acc* dst,
-                       const char* name) {
-  const int64_t Df = f.size(2);
-  const fscalar_t* fp = f.data_ptr<fscalar_t>() + b * f.stride(0);
-  for (int64_t e = 0; e < n; ++e) {
-    acc* d = dst + e * Df;
-    if (e + 1 < n) prefetch_row(fp + idx[e + 1] * f.stride(1), Df);  // rows are scattered in x
-    load_row(fp + idx[e] * f.stride(1), Df, d);
-    bool finite;
-    const acc iv = inv_norm_checked(d, Df, dot(d, d, Df), finite);
-    TORCH_CHECK_VALUE(finite, "tokenreduce.recycle: ", name,
-                      " has a non-finite value (NaN or Inf) in batch ", b, ", token ", idx[e]);
-#pragma omp simd
-    for (int64_t d2 = 0; d2 < Df; ++d2) d[d2] *= iv;
-  }
+// Uninitialised buffer of n elements (every element is written before it is read).
+template <typename T>
+std::unique_ptr<T[]> scratch(int64_t n) {
+  return std::unique_ptr<T[]>(new T[std::max<int64_t>(n, 1)]);
 }
+
+// row[0:n) += w * x[0:n): the one accumulation step of both aggregation paths
+template <typename acc>
+inline void add_scaled(acc* row, acc w, const acc* x, int64_t n) {
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) row[d] += w * x[d];
+}
+
+// First column of row[0:T) whose screened score is >= thr.
+inline int64_t first_at_least(const at::BFloat16* row, int64_t T, float thr) {
+  for (int64_t c = 0; c < T; ++c)
+    if (screen::bf16_value(row, c) >= thr) return c;
+  return -1;
+}
+
+// Normalised targets of every batch row, their bf16 copies and the largest bf16 rounding
+// error per batch row (screening only).
+template <typename acc>
+struct Targets {
+  std::unique_ptr<acc[]> unit;
+  std::unique_ptr<at::BFloat16[]> unit16;
+  std::vector<float> err;
+};
+
+template <typename fscalar_t, typename acc = acc_t<fscalar_t>>
+Targets<acc> normalised_targets(const at::Tensor& feats, const at::Tensor& target, bool screen,
+                                const char* name) {
+  const int64_t B = target.size(0), T = target.size(1), Df = feats.size(2);
+  Targets<acc> tg{scratch<acc>(B * T * Df), scratch<at::BFloat16>(screen ? B * T * Df : 0),
+                  std::vector<float>(screen ? B : 0)};
+  const int64_t* tp = target.data_ptr<int64_t>();
+  const fscalar_t* fp = feats.data_ptr<fscalar_t>();
+  parallel_for_cost(B, T * Df, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      float eb = 0;
+      for (int64_t c = 0; c < T; ++c) {
+        acc* d = tg.unit.get() + (b * T + c) * Df;
+        if (c + 1 < T) prefetch_row(fp + b * feats.stride(0) + tp[b * T + c + 1] * feats.stride(1), Df);
+        load_row(fp + b * feats.stride(0) + tp[b * T + c] * feats.stride(1), Df, d);
+        bool finite;
+        const acc iv = inv_norm_checked(d, Df, dot(d, d, Df), finite);
+        TORCH_CHECK_VALUE(finite, "tokenreduce.recycle: ", name, " has a non-finite value (NaN or Inf) in batch ",
+                          b, ", token ", tp[b * T + c]);
+#pragma omp simd
+        for (int64_t d2 = 0; d2 < Df; ++d2) d[d2] *= iv;
+        if (screen) eb = std::max(eb, screen::to_bf16_scaled(d, Df, 1.0f, tg.unit16.get() + (b * T + c) * Df));
+      }
+      if (screen) tg.err[b] = eb;
+    }
+  });
+  return tg;
+}
+
+// One task's scratch and the assignment of a block of up to `cap` sources of a batch row
+// (one GEMM call per block: oneDNN's bf16 GEMM costs ~30 us per call here, so splitting a
+// batch row's 448 sources into 128-row tiles measured ~20% slower overall).
+template <typename fscalar_t>
+struct BlockAssigner {
+  using acc = acc_t<fscalar_t>;
+  const at::Tensor& feats;
+  const Targets<acc>& tg;
+  const int64_t T, Df;
+  const bool screen;
+  const char* name;
+  const float fp_err = screen::fp_err(Df);
+  std::unique_ptr<acc[]> conv;  // rows converted to acc (features of another dtype)
+  std::unique_ptr<acc[]> unit;  // normalised rows, for the float32 GEMM (made when needed)
+  std::unique_ptr<at::BFloat16[]> h16, sim16;
+  std::vector<const acc*> raw;  // the block's rows in acc, not normalised
+  std::vector<acc> inv, sim;
+  std::vector<float> err, thr;
+  std::vector<int64_t> multi;
+
+  BlockAssigner(const at::Tensor& f, const Targets<acc>& t, int64_t T_, bool scr, const char* nm, int64_t cap)
+      : feats(f), tg(t), T(T_), Df(f.size(2)), screen(scr), name(nm),
+        conv(scratch<acc>(std::is_same_v<fscalar_t, acc> ? 0 : cap * f.size(2))),
+        h16(scratch<at::BFloat16>(scr ? cap * f.size(2) : 0)), sim16(scratch<at::BFloat16>(scr ? cap * T_ : 0)),
+        raw(cap), inv(cap), err(scr ? cap : 0),
+        thr(scr ? cap : 0) {
+    multi.reserve(scr ? cap : 0);
+  }
+
+  // slots of the m sources idx[0:m) of batch row b into slot[0:m)
+  void run(int64_t b, const int64_t* idx, int64_t m, int64_t* slot) {
+    const fscalar_t* fp = feats.data_ptr<fscalar_t>() + b * feats.stride(0);
+    for (int64_t e = 0; e < m; ++e) {
+      const fscalar_t* xr = fp + idx[e] * feats.stride(1);
+      if (e + 1 < m) prefetch_row(fp + idx[e + 1] * feats.stride(1), Df);
+      if constexpr (std::is_same_v<fscalar_t, acc>) {
+        raw[e] = xr;
+      } else {
+        load_row(xr, Df, conv.get() + e * Df);
+        raw[e] = conv.get() + e * Df;
+      }
+      bool finite;
+      inv[e] = inv_norm_checked(raw[e], Df, dot(raw[e], raw[e], Df), finite);
+      TORCH_CHECK_VALUE(finite, "tokenreduce.recycle: ", name, " has a non-finite value (NaN or Inf) in batch ",
+                        b, ", token ", idx[e]);
+      if (screen) err[e] = screen::to_bf16_scaled(raw[e], Df, static_cast<float>(inv[e]), h16.get() + e * Df);
+    }
+    const acc* tb = tg.unit.get() + b * T * Df;
+    if (screen) {
+      gemm_abt(h16.get(), Df, tg.unit16.get() + b * T * Df, Df, sim16.get(), T, m, T, Df);
+      // a lone candidate is the float32 maximum (the bound is rigorous); the sources with
+      // several are rescored in float32 (their rows prefetched one ahead) unless that costs
+      // more than the float32 GEMM
+      int64_t cand = 0;
+      multi.clear();
+      for (int64_t e = 0; e < m; ++e) {
+        const at::BFloat16* sh = sim16.get() + e * T;
+        const float mx = screen::bf16_max(sh, 0, T);
+        thr[e] = mx - screen::screen_margin(mx, err[e], tg.err[b], fp_err);
+        const int64_t n = screen::bf16_count_at_least(sh, 0, T, thr[e]);
+        if (n == 1) {
+          slot[e] = first_at_least(sh, T, thr[e]);
+        } else {
+          multi.push_back(e);
+          cand += n;
+        }
+      }
+      if (cand * 8 <= m * T) {
+        for (size_t j = 0; j < multi.size(); ++j) {
+          const int64_t e = multi[j];
+          if (j + 1 < multi.size()) prefetch_row(raw[multi[j + 1]], Df);
+          const at::BFloat16* sh = sim16.get() + e * T;
+          ArgMax<acc> am;  // the raw row: the source's norm scales all its scores alike
+          for (int64_t c = 0; c < T; ++c)
+            if (screen::bf16_value(sh, c) >= thr[e]) am.push(dot(raw[e], tb + c * Df, Df), c);
+          slot[e] = am.index;
+        }
+        return;
+      }
+      // near-duplicate tokens everywhere: the float32 GEMM is cheaper than rescoring
+    }
+    if (!unit) unit = scratch<acc>(static_cast<int64_t>(raw.size()) * Df);
+    for (int64_t e = 0; e < m; ++e) load_row_scaled(raw[e], Df, inv[e], unit.get() + e * Df);
+    sim.resize(m * T);
+    gemm_abt(unit.get(), Df, tb, Df, sim.data(), T, m, T, Df);
+    for (int64_t e = 0; e < m; ++e) {
+      ArgMax<acc> am;
+      for (int64_t c = 0; c < T; ++c) am.push(sim[e * T + c], c);
+      slot[e] = am.index;
+    }
+  }
+};
+
+bool screens(bool is_float, int64_t Df, int64_t T) { return is_float && Df >= kScreenMinDim && T >= kScreenMinCols; }
 
 template <typename fscalar_t>
 void assign_by_similarity(const at::Tensor& feats, const at::Tensor& target, const at::Tensor& source,
                           at::Tensor& slot, const char* name) {
   using acc = acc_t<fscalar_t>;
   const int64_t B = target.size(0), T = target.size(1), S = source.size(1), Df = feats.size(2);
-  const int64_t* tp = target.data_ptr<int64_t>();
+  const bool screen = screens(std::is_same_v<acc, float>, Df, T);
+  const Targets<acc> tg = normalised_targets<fscalar_t>(feats, target, screen, name);
   const int64_t* sp = source.data_ptr<int64_t>();
   int64_t* slp = slot.data_ptr<int64_t>();
-  // bf16 screening (float features only; double keeps the plain float64 GEMM)
-  const bool screen = std::is_same_v<acc, float> && Df >= kScreenMinDim && T >= kScreenMinCols;
-  const float fp_err = screen::fp_err(Df);
-  // normalised targets of every batch row (and their bf16 copies, rounding errors, the
-  // largest rounding error per batch row)
-  std::vector<acc> tf(std::max<int64_t>(B * T * Df, 1));
-  std::vector<at::BFloat16> tfh(screen ? B * T * Df : 0);
-  std::vector<float> terr(screen ? B : 0);
-  parallel_for_cost(B, T * Df, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      acc* rows = tf.data() + b * T * Df;
-      gather_normalised<fscalar_t, acc>(feats, b, tp + b * T, T, rows, name);
-      if (!screen) continue;
-      float eb = 0;
-      for (int64_t c = 0; c < T; ++c)
-        eb = std::max(eb, screen::to_bf16_scaled(rows + c * Df, Df, 1.0f, tfh.data() + (b * T + c) * Df));
-      terr[b] = eb;
-    }
-  });
-  // one task per batch row when there are enough of them (one GEMM call each), else blocks
+  // one task per batch row when there are enough of them, else blocks of sources
   const int64_t rb = B >= 2 * at::get_num_threads() ? std::max<int64_t>(S, 1) : kRowBlock;
   const int64_t nblk = (S + rb - 1) / rb;
   parallel_for_cost(B * nblk, rb * T * Df, [&](int64_t t0, int64_t t1) {
-    std::vector<acc> fs(rb * Df), sim;
-    std::vector<at::BFloat16> fsh(screen ? rb * Df : 0), simh(screen ? rb * T : 0);
-    std::vector<float> serr(screen ? rb : 0);
+    BlockAssigner<fscalar_t> as(feats, tg, T, screen, name, rb);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / nblk, s0 = (t % nblk) * rb, m = std::min(rb, S - s0);
-      gather_normalised<fscalar_t, acc>(feats, b, sp + b * S + s0, m, fs.data(), name);
-      const acc* tb = tf.data() + b * T * Df;
-      if (screen) {
-        for (int64_t e = 0; e < m; ++e)
-          serr[e] = screen::to_bf16_scaled(fs.data() + e * Df, Df, 1.0f, fsh.data() + e * Df);
-        gemm_abt(fsh.data(), Df, tfh.data() + b * T * Df, Df, simh.data(), T, m, T, Df);
-        // rescore the candidates in float32 while they stay cheaper than the float32 GEMM
-        int64_t cand = 0;
-        for (int64_t e = 0; e < m && cand * 8 <= m * T; ++e) {
-          const at::BFloat16* sh = simh.data() + e * T;
-          const float mx = screen::bf16_max(sh, 0, T);
-          const float thr = mx - screen::screen_margin(mx, serr[e], terr[b], fp_err);
-          ArgMax<acc> am;
-          for (int64_t c = 0; c < T; ++c)
-            if (screen::bf16_value(sh, c) >= thr) {
-              am.push(dot(fs.data() + e * Df, tb + c * Df, Df), c);
-              ++cand;
-            }
-          slp[b * S + s0 + e] = am.index;
-        }
-        if (cand * 8 <= m * T) continue;
-        // near-duplicate tokens everywhere: the float32 GEMM is cheaper than rescoring
-      }
-      sim.resize(rb * T);
-      gemm_abt(fs.data(), Df, tb, Df, sim.data(), T, m, T, Df);
-      for (int64_t e = 0; e < m; ++e) {
-        ArgMax<acc> am;
-        for (int64_t c = 0; c < T; ++c) am.push(sim[e * T + c], c);
-        slp[b * S + s0 + e] = am.index;
-      }
+      const int64_t b = t / nblk, s0 = (t % nblk) * rb;
+      as.run(b, sp + b * S + s0, std::min(rb, S - s0), slp + b * S + s0);
     }
   });
+}
+
+// Writes slot t's mean (row / total, 0 for no weight), count and total weight.
+template <typename scalar_t, typename acc>
+inline void finish_slot(const acc* row, acc total, int64_t members, int64_t D, scalar_t* out, int64_t* count,
+                        acc* wsum) {
+  *count = members;
+  *wsum = total;
+  const acc inv = total != acc(0) ? acc(1) / total : acc(0);  // empty or zero-weight slot -> 0
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(row[d] * inv);
 }
 
 template <typename scalar_t>
@@ -133,7 +243,7 @@ void aggregate(const at::Tensor& x, const at::Tensor& target, const at::Tensor& 
   const int64_t* sp = source.data_ptr<int64_t>();
   const int64_t* slp = slot.data_ptr<int64_t>();
   const acc* wp = weight.defined() ? weight.data_ptr<acc>() : nullptr;
-  // 2. sources grouped by slot
+  // sources grouped by slot
   std::vector<int64_t> offsets(B * (T + 1)), members(std::max<int64_t>(B * S, 1));
   parallel_for_cost(B, 4 * S, [&](int64_t b0, int64_t b1) {
     std::vector<int64_t> cnt(T + 1);
@@ -151,13 +261,10 @@ void aggregate(const at::Tensor& x, const at::Tensor& target, const at::Tensor& 
         if (sl[e] >= 0) mem[cnt[sl[e]]++] = sp[b * S + e];
     }
   });
-  // 3. weighted means
+  // weighted means
   const scalar_t* xp = x.data_ptr<scalar_t>();
-  scalar_t* op = out.data_ptr<scalar_t>();
-  int64_t* cp = count.data_ptr<int64_t>();
-  acc* wsp = wsum.data_ptr<acc>();
   parallel_for_cost(B * T, 2 * D * (S + T) / std::max<int64_t>(T, 1), [&](int64_t t0, int64_t t1) {
-    std::vector<acc> row(D);
+    std::vector<acc> row(D), xrow(D);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / T, c = t % T;
       const int64_t* off = offsets.data() + b * (T + 1);
@@ -167,8 +274,12 @@ void aggregate(const at::Tensor& x, const at::Tensor& target, const at::Tensor& 
       auto add = [&](int64_t i) {
         const acc w = wp ? wp[b * N + i] : acc(1);
         const scalar_t* xr = xp + b * x.stride(0) + i * x.stride(1);
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) row[d] += w * static_cast<acc>(xr[d]);
+        if constexpr (std::is_same_v<scalar_t, acc>) {
+          add_scaled(row.data(), w, xr, D);
+        } else {
+          load_row(xr, D, xrow.data());
+          add_scaled(row.data(), w, xrow.data(), D);
+        }
         total += w;
       };
       if (include_target) add(tp[t]);
@@ -176,12 +287,8 @@ void aggregate(const at::Tensor& x, const at::Tensor& target, const at::Tensor& 
         if (e + 1 < off[c + 1]) prefetch_row(xp + b * x.stride(0) + mem[e + 1] * x.stride(1), D);
         add(mem[e]);
       }
-      cp[t] = (off[c + 1] - off[c]) + (include_target ? 1 : 0);
-      wsp[t] = total;
-      const acc inv = total != acc(0) ? acc(1) / total : acc(0);  // empty or zero-weight slot -> 0
-      scalar_t* o = op + t * D;
-#pragma omp simd
-      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(row[d] * inv);
+      finish_slot(row.data(), total, (off[c + 1] - off[c]) + (include_target ? 1 : 0), D,
+                  out.data_ptr<scalar_t>() + t * D, count.data_ptr<int64_t>() + t, wsum.data_ptr<acc>() + t);
     }
   });
 }
@@ -206,6 +313,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recycle_cpu(
   const auto acc_dtype = at::toOpMathType(x_in.scalar_type());
   at::Tensor weight;
   if (weight_in.has_value()) weight = weight_in->to(acc_dtype).contiguous();
+  const at::Tensor x = last_dim_contiguous(x_in);
+  at::Tensor out = at::empty({B, T, D}, x.options());
+  at::Tensor count = at::empty({B, T}, x.options().dtype(at::kLong));
+  at::Tensor wsum = at::empty({B, T}, x.options().dtype(acc_dtype));
   at::Tensor slot;
   if (assign_in.has_value()) {
     slot = assign_in->contiguous().clone();
@@ -215,7 +326,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recycle_cpu(
                         hi, "], outside [-1, T=", T, ")");
     }
   } else {
-    const at::Tensor feats = last_dim_contiguous(features_in.has_value() ? *features_in : x_in);
+    const at::Tensor feats = features_in.has_value() ? last_dim_contiguous(*features_in) : x;
     slot = at::empty({B, S}, x_in.options().dtype(at::kLong));
     if (B * S > 0) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "recycle_assign", [&] {
@@ -223,10 +334,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recycle_cpu(
       });
     }
   }
-  const at::Tensor x = last_dim_contiguous(x_in);
-  at::Tensor out = at::empty({B, T, D}, x.options());
-  at::Tensor count = at::empty({B, T}, x.options().dtype(at::kLong));
-  at::Tensor wsum = at::empty({B, T}, x.options().dtype(acc_dtype));
   if (B * T > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "recycle_cpu", [&] {
       aggregate<scalar_t>(x, target, source, weight, slot, include_target, out, count, wsum);
