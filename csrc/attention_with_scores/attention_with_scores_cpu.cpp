@@ -17,7 +17,10 @@
 // O per key block, so N = 577 splits into a 512-key and a thin 65-key block) is the bar. The
 // single pass has one key range per block (no rescale, no thin block) and, for float32:
 //  * the exp pass is an AVX-512 kernel (attention_with_scores_simd.h, vscalefps scaling);
-//  * O = P V is written straight into out and scaled there (no O buffer copy).
+//  * O = P V is written straight into out and scaled there (no O buffer copy);
+//  * S = scale Q K^T reads q in place (the scale as the GEMM's alpha): copying and scaling
+//    the query rows had cost ~10% of the kernel's own time, in cache misses on q;
+//  * the row max runs four vmaxps chains (one chain waited on its latency: ~15%).
 // (MKL's packed-B GEMM, K packed once per task by cblas_sgemm_pack, was measured slower at
 // N = 577, Dh = 64: a task has too few query blocks to amortise the pack.)
 // Column sums go to a per-task slot and are reduced in a fixed order afterwards:
@@ -91,6 +94,18 @@ struct Slice {  // a [rows, cols] row-major view in acc, either borrowed or conv
 };
 
 // s[0:n] = exp(s - mx) in place, returning the sum (a NaN logit makes the sum NaN): the
+// max of s[0:n] (NaN skipped; -inf when empty): the AVX-512 row kernel for float.
+template <typename acc>
+inline acc row_max(const acc* s, int64_t n) {
+#if defined(TOKENREDUCE_ATTENTION_AVX512)
+  if constexpr (std::is_same_v<acc, float>) return attention_simd::row_max(s, n);
+#endif
+  acc mx = -std::numeric_limits<acc>::infinity();
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
+  return mx;
+}
+
 // AVX-512 row kernel for float, the vectorisable fast_exp loop otherwise.
 template <typename acc>
 inline acc exp_sub_sum_inplace(acc* s, int64_t n, acc mx) {
@@ -173,15 +188,20 @@ void attention_cpu_impl(const at::Tensor& q, const at::Tensor& k, const at::Tens
             std::fill(orow0, orow0 + m * Dv, scalar_t(0));
             continue;
           }
-          for (int64_t r = 0; r < m; ++r)
-            load_row_scaled(qp + b * q.stride(0) + h * q.stride(1) + (i0 + r) * q.stride(2), Dh, sc,
-                            Q.data() + r * Dh);
+          const scalar_t* qrow0 = qp + b * q.stride(0) + h * q.stride(1) + i0 * q.stride(2);
+          // float / double single pass: the GEMM reads q itself and applies the scale (alpha)
+          const bool q_direct = direct_out && single_pass;
+          if (!q_direct)
+            for (int64_t r = 0; r < m; ++r) load_row_scaled(qrow0 + r * q.stride(2), Dh, sc, Q.data() + r * Dh);
           // limit of keys row r may see, and the scored-row weights
           auto row_limit = [&](int64_t r) {
             return causal ? std::min(jend, std::max<int64_t>(i0 + r + off + 1, 0)) : jend;
           };
           if (single_pass) {
-            gemm_abt(Q.data(), Dh, K.ptr, K.ld, S.data(), jend, m, jend, Dh);
+            if constexpr (direct_out)
+              gemm_abt(reinterpret_cast<const acc*>(qrow0), q.stride(2), K.ptr, K.ld, S.data(), jend, m, jend, Dh, sc);
+            else
+              gemm_abt(Q.data(), Dh, K.ptr, K.ld, S.data(), jend, m, jend, Dh);
             for (int64_t r = 0; r < m; ++r) {
               acc* s = S.data() + r * jend;
               const int64_t lim = row_limit(r);
@@ -200,8 +220,7 @@ void attention_cpu_impl(const at::Tensor& q, const at::Tensor& k, const at::Tens
                   mx = t > mx ? t : mx;
                 }
               } else {
-#pragma omp simd reduction(max : mx)
-                for (int64_t j = 0; j < lim; ++j) mx = s[j] > mx ? s[j] : mx;
+                mx = row_max(s, lim);
               }
               if (mx == kNegInf) {
                 // no finite logit: a NaN makes the row NaN (as eager), else the row is zero

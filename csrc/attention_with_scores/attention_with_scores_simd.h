@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -34,6 +35,26 @@ inline __m512 exp16(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
   p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, fn));
+}
+
+// max of s[0:n] (-inf when empty); NaN lanes are skipped (vmaxps returns its second operand,
+// the running max, when a lane is NaN). Four accumulators: one waits on vmaxps's latency.
+inline float row_max(const float* s, int64_t n) {
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 m0 = ninf, m1 = ninf, m2 = ninf, m3 = ninf;
+  int64_t j = 0;
+  for (; j + 64 <= n; j += 64) {
+    m0 = _mm512_max_ps(_mm512_loadu_ps(s + j), m0);
+    m1 = _mm512_max_ps(_mm512_loadu_ps(s + j + 16), m1);
+    m2 = _mm512_max_ps(_mm512_loadu_ps(s + j + 32), m2);
+    m3 = _mm512_max_ps(_mm512_loadu_ps(s + j + 48), m3);
+  }
+  for (; j < n; j += 16) {
+    const int64_t left = n - j;
+    const __mmask16 m = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
+    m0 = _mm512_max_ps(_mm512_mask_loadu_ps(ninf, m, s + j), m0);
+  }
+  return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
 }
 
 // s[0:n] = exp(s[j] - mx) in place; returns their sum (two accumulators, then one reduction).

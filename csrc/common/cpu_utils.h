@@ -220,7 +220,7 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 template <typename acc>
 inline bool blas_gemm_rowmajor(bool b_transposed, const acc* a, int64_t lda, const acc* b,
                                int64_t ldb, acc* c, int64_t ldc, int64_t m, int64_t n,
-                               int64_t kd) {
+                               int64_t kd, acc alpha = acc(1)) {
   constexpr int64_t kMax = std::numeric_limits<int>::max();
   if (m > kMax || n > kMax || kd > kMax || lda > kMax || ldb > kMax || ldc > kMax) return false;
   const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(kd);
@@ -229,22 +229,23 @@ inline bool blas_gemm_rowmajor(bool b_transposed, const acc* a, int64_t lda, con
   if ((b_transposed ? LA < K : LA < M) || LB < K || LC < M) return false;
   if constexpr (std::is_same_v<acc, float>) {
     if (sgemm_ == nullptr) return false;
-    const float one = 1.0f, zero = 0.0f;
-    sgemm_(&ta, &tb, &M, &N, &K, &one, b, &LA, a, &LB, &zero, c, &LC);
+    const float zero = 0.0f;
+    sgemm_(&ta, &tb, &M, &N, &K, &alpha, b, &LA, a, &LB, &zero, c, &LC);
     return true;
   } else if constexpr (std::is_same_v<acc, double>) {
     if (dgemm_ == nullptr) return false;
-    const double one = 1.0, zero = 0.0;
-    dgemm_(&ta, &tb, &M, &N, &K, &one, b, &LA, a, &LB, &zero, c, &LC);
+    const double zero = 0.0;
+    dgemm_(&ta, &tb, &M, &N, &K, &alpha, b, &LA, a, &LB, &zero, c, &LC);
     return true;
   }
   return false;
 }
 
-// C[m, n] = A[m, kd] @ B[n, kd]^T, with leading dimensions lda, ldb, ldc (unit inner stride).
+// C[m, n] = alpha A[m, kd] @ B[n, kd]^T, with leading dimensions lda, ldb, ldc (unit inner
+// stride).
 template <typename acc>
 inline void gemm_abt(const acc* a, int64_t lda, const acc* b, int64_t ldb, acc* c, int64_t ldc,
-                     int64_t m, int64_t n, int64_t kd) {
+                     int64_t m, int64_t n, int64_t kd, acc alpha = acc(1)) {
   if (m == 0 || n == 0) return;
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc>::value);
   if (kd == 0) {
@@ -252,11 +253,12 @@ inline void gemm_abt(const acc* a, int64_t lda, const acc* b, int64_t ldb, acc* 
       for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = 0;
     return;
   }
-  if (blas_gemm_rowmajor(true, a, lda, b, ldb, c, ldc, m, n, kd)) return;
+  if (blas_gemm_rowmajor(true, a, lda, b, ldb, c, ldc, m, n, kd, alpha)) return;
   at::Tensor A = at::from_blob(const_cast<acc*>(a), {m, kd}, {lda, 1}, opts);
   at::Tensor B = at::from_blob(const_cast<acc*>(b), {n, kd}, {ldb, 1}, opts);
   at::Tensor C = at::from_blob(c, {m, n}, {ldc, 1}, opts);
   at::mm_out(C, A, B.t());
+  if (alpha != acc(1)) C.mul_(alpha);
 }
 
 // C[m, n] = A[m, kd] @ B[kd, n], B row-major with leading dimension ldb.
