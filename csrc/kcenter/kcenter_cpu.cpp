@@ -159,6 +159,11 @@ struct Best {
 };
 
 constexpr int kCand = 3;  // speculative candidates per pass over X
+// The first kPrefetchLines lines of each row of the next 4-token block are prefetched: a
+// row is one 4 KB page, where the hardware streamer starts over (measured in one process,
+// blocks of calls: ~2.5 % faster at the bench shape with 4 lines one block ahead; 8 lines,
+// 16 lines or 2-4 blocks ahead gained less or lost).
+constexpr int64_t kPrefetchLines = 4;
 
 // The best kCand + 1 (value, index) under Best's order, best first: the next pick and the
 // runners-up, the speculative candidates of the next pass over X (see `Speculation`).
@@ -334,6 +339,14 @@ BestK<acc> sweep(const Rows<acc>& R, const acc* G, int64_t N, int64_t D, int64_t
     const int64_t j = j0 + 4 * (reverse ? nblk - 1 - t : t);
     const int64_t m = std::min<int64_t>(4, j1 - j);
     auto row = [&](int64_t q) { return R.ptr + (j + std::min<int64_t>(q, m - 1)) * R.ld; };
+    if (t + 1 < nblk) {  // the first lines of the next block's rows
+      const int64_t jn = j0 + 4 * (reverse ? nblk - 2 - t : t + 1);
+      const int64_t mn = std::min<int64_t>(4, j1 - jn);
+      for (int64_t q = 0; q < mn; ++q) {
+        const char* p = reinterpret_cast<const char*>(R.ptr + (jn + q) * R.ld);
+        for (int64_t o = 0; o < kPrefetchLines * 64; o += 64) __builtin_prefetch(p + o);
+      }
+    }
     block4x4<acc, cosine>(vec, row(0), row(1), row(2), row(3), D, s);
 #if defined(__AVX512F__)
     if constexpr (std::is_same_v<acc, float>) {

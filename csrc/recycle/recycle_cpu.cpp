@@ -14,8 +14,8 @@
 //  2. Per batch row: counting sort of the sources by slot (in their order in `source`).
 //  3. (b, slot) tasks: weighted mean of target and sources in a fixed order:
 //     deterministic, no atomics. (Adding each block's sources to their slots right after
-//     its assignment, to reuse the rows in cache, measured ~15% slower: the [T, D] slot
-//     rows then cycle through L2 instead of one slot row staying in L1.)
+//     its assignment, to reuse the rows in cache, measured ~15% slower, likely because the
+//     [T, D] slot rows then cycle through L2 where one slot row at a time stays in L1.)
 #if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__)
 // GCC 12 flags the _mm512_undefined_*() inside its own AVX-512 intrinsics (a false positive)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
