@@ -32,6 +32,7 @@
 #pragma GCC target("prefer-vector-width=512")
 // GCC 12 flags the _mm512_undefined_ps() inside its own AVX-512 intrinsics (a false positive)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 #include <torch/library.h>
 
@@ -93,7 +94,6 @@ struct Slice {  // a [rows, cols] row-major view in acc, either borrowed or conv
   std::vector<acc> buf;
 };
 
-// s[0:n] = exp(s - mx) in place, returning the sum (a NaN logit makes the sum NaN): the
 // max of s[0:n] (NaN skipped; -inf when empty): the AVX-512 row kernel for float.
 template <typename acc>
 inline acc row_max(const acc* s, int64_t n) {
@@ -106,6 +106,7 @@ inline acc row_max(const acc* s, int64_t n) {
   return mx;
 }
 
+// s[0:n] = exp(s - mx) in place, returning the sum (a NaN logit makes the sum NaN): the
 // AVX-512 row kernel for float, the vectorisable fast_exp loop otherwise.
 template <typename acc>
 inline acc exp_sub_sum_inplace(acc* s, int64_t n, acc mx) {

@@ -122,7 +122,7 @@ void bipartite_merge_cpu_impl(const at::Tensor& x, const at::Tensor& metric, con
     const int64_t row_ld = is_huge ? Dm : mld;
     if (screen) {
       if (w.sh_cap < m * Nb) {
-        w.Sh.reset(new at::BFloat16[m * Nb]);
+        w.Sh = uninitialised<at::BFloat16>(m * Nb);
         w.sh_cap = m * Nb;
       }
       w.thr.resize(m);
@@ -244,8 +244,8 @@ void bipartite_merge_cpu_impl(const at::Tensor& x, const at::Tensor& metric, con
   const bool per_batch = B >= 2 * at::get_num_threads() && Na * Nb <= (int64_t(1) << 20);
   if (per_batch) {
     parallel_for_cost(B, Na * Nb * Dm, [&](int64_t b0, int64_t b1) {
-      // this batch row's bf16 unit rows (uninitialised: the norm pass writes every row)
-      std::unique_ptr<at::BFloat16[]> ub(screen ? new at::BFloat16[N * Dm] : nullptr);
+      // this batch row's bf16 unit rows (the norm pass writes every row)
+      auto ub = uninitialised<at::BFloat16>(screen ? N * Dm : 0);
       MatchScratch mw;
       PlanScratch pw;
       std::vector<int64_t> off(No + 1), mem(N);
@@ -260,7 +260,7 @@ void bipartite_merge_cpu_impl(const at::Tensor& x, const at::Tensor& metric, con
     return;
   }
   // bf16 unit rows of every batch row (uninitialised: every row is written by its norm pass)
-  std::unique_ptr<at::BFloat16[]> unit(screen ? new at::BFloat16[B * N * Dm] : nullptr);
+  auto unit = uninitialised<at::BFloat16>(screen ? B * N * Dm : 0);
   parallel_for_cost(B * N, Dm, [&](int64_t i0, int64_t i1) { norms(i0, i1, unit.get() + i0 * Dm); });
   const int64_t nblk = (Na + kRowBlock - 1) / kRowBlock;
   parallel_for_cost(B * nblk, kRowBlock * Nb * Dm, [&](int64_t t0, int64_t t1) {

@@ -11,9 +11,11 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
-#include <cstring>
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 namespace tokenreduce {
@@ -78,6 +80,13 @@ inline void parallel_for_cost(int64_t n, int64_t cost_per_item, const F& f) {
   }
   const int64_t grain = std::max<int64_t>(1, kMinParallelWork / cost);
   at::parallel_for(0, n, grain, f);
+}
+
+// Uninitialised buffer of n elements (at least 1), for scratch whose every element is
+// written before it is read (a std::vector would zero-fill it first).
+template <typename T>
+inline std::unique_ptr<T[]> uninitialised(int64_t n) {
+  return std::unique_ptr<T[]>(new T[std::max<int64_t>(n, 1)]);
 }
 
 // ---- element helpers ----

@@ -23,6 +23,11 @@
 // in parallel (at::parallel_for); with fewer rows than threads they run one after the other
 // and the GEMM takes the threads (tests/test_dpp_select.py checks that the picks do not
 // depend on the thread count).
+#if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__)
+// GCC 12 flags the _mm512_undefined_*() inside its own AVX-512 intrinsics (a false positive)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
 #include <torch/library.h>
 
 #include <algorithm>

@@ -23,8 +23,6 @@
 #endif
 #include <torch/library.h>
 
-#include <memory>
-
 #include "../bipartite_merge/bf16_screen.h"
 #include "../common/cpu_utils.h"
 #include "recycle_checks.h"
@@ -48,19 +46,6 @@ inline void prefetch_row(const T* row, int64_t n) {
   for (int64_t off = 0; off < nb; off += 64) __builtin_prefetch(p + off);
 }
 
-// Uninitialised buffer of n elements (every element is written before it is read).
-template <typename T>
-std::unique_ptr<T[]> scratch(int64_t n) {
-  return std::unique_ptr<T[]>(new T[std::max<int64_t>(n, 1)]);
-}
-
-// row[0:n) += w * x[0:n): the one accumulation step of both aggregation paths
-template <typename acc>
-inline void add_scaled(acc* row, acc w, const acc* x, int64_t n) {
-#pragma omp simd
-  for (int64_t d = 0; d < n; ++d) row[d] += w * x[d];
-}
-
 // First column of row[0:T) whose screened score is >= thr.
 inline int64_t first_at_least(const at::BFloat16* row, int64_t T, float thr) {
   for (int64_t c = 0; c < T; ++c)
@@ -81,7 +66,7 @@ template <typename fscalar_t, typename acc = acc_t<fscalar_t>>
 Targets<acc> normalised_targets(const at::Tensor& feats, const at::Tensor& target, bool screen,
                                 const char* name) {
   const int64_t B = target.size(0), T = target.size(1), Df = feats.size(2);
-  Targets<acc> tg{scratch<acc>(B * T * Df), scratch<at::BFloat16>(screen ? B * T * Df : 0),
+  Targets<acc> tg{uninitialised<acc>(B * T * Df), uninitialised<at::BFloat16>(screen ? B * T * Df : 0),
                   std::vector<float>(screen ? B : 0)};
   const int64_t* tp = target.data_ptr<int64_t>();
   const fscalar_t* fp = feats.data_ptr<fscalar_t>();
@@ -128,8 +113,8 @@ struct BlockAssigner {
 
   BlockAssigner(const at::Tensor& f, const Targets<acc>& t, int64_t T_, bool scr, const char* nm, int64_t cap)
       : feats(f), tg(t), T(T_), Df(f.size(2)), screen(scr), name(nm),
-        conv(scratch<acc>(std::is_same_v<fscalar_t, acc> ? 0 : cap * f.size(2))),
-        h16(scratch<at::BFloat16>(scr ? cap * f.size(2) : 0)), sim16(scratch<at::BFloat16>(scr ? cap * T_ : 0)),
+        conv(uninitialised<acc>(std::is_same_v<fscalar_t, acc> ? 0 : cap * f.size(2))),
+        h16(uninitialised<at::BFloat16>(scr ? cap * f.size(2) : 0)), sim16(uninitialised<at::BFloat16>(scr ? cap * T_ : 0)),
         raw(cap), inv(cap), err(scr ? cap : 0),
         thr(scr ? cap : 0) {
     multi.reserve(scr ? cap : 0);
@@ -187,7 +172,7 @@ struct BlockAssigner {
       }
       // near-duplicate tokens everywhere: the float32 GEMM is cheaper than rescoring
     }
-    if (!unit) unit = scratch<acc>(static_cast<int64_t>(raw.size()) * Df);
+    if (!unit) unit = uninitialised<acc>(static_cast<int64_t>(raw.size()) * Df);
     for (int64_t e = 0; e < m; ++e) load_row_scaled(raw[e], Df, inv[e], unit.get() + e * Df);
     sim.resize(m * T);
     gemm_abt(unit.get(), Df, tb, Df, sim.data(), T, m, T, Df);
@@ -199,14 +184,13 @@ struct BlockAssigner {
   }
 };
 
-bool screens(bool is_float, int64_t Df, int64_t T) { return is_float && Df >= kScreenMinDim && T >= kScreenMinCols; }
-
 template <typename fscalar_t>
 void assign_by_similarity(const at::Tensor& feats, const at::Tensor& target, const at::Tensor& source,
                           at::Tensor& slot, const char* name) {
   using acc = acc_t<fscalar_t>;
   const int64_t B = target.size(0), T = target.size(1), S = source.size(1), Df = feats.size(2);
-  const bool screen = screens(std::is_same_v<acc, float>, Df, T);
+  // bf16 screening (float features only; double keeps the plain float64 GEMM)
+  const bool screen = std::is_same_v<acc, float> && Df >= kScreenMinDim && T >= kScreenMinCols;
   const Targets<acc> tg = normalised_targets<fscalar_t>(feats, target, screen, name);
   const int64_t* sp = source.data_ptr<int64_t>();
   int64_t* slp = slot.data_ptr<int64_t>();
@@ -222,17 +206,6 @@ void assign_by_similarity(const at::Tensor& feats, const at::Tensor& target, con
   });
 }
 
-// Writes slot t's mean (row / total, 0 for no weight), count and total weight.
-template <typename scalar_t, typename acc>
-inline void finish_slot(const acc* row, acc total, int64_t members, int64_t D, scalar_t* out, int64_t* count,
-                        acc* wsum) {
-  *count = members;
-  *wsum = total;
-  const acc inv = total != acc(0) ? acc(1) / total : acc(0);  // empty or zero-weight slot -> 0
-#pragma omp simd
-  for (int64_t d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(row[d] * inv);
-}
-
 template <typename scalar_t>
 void aggregate(const at::Tensor& x, const at::Tensor& target, const at::Tensor& source,
                const at::Tensor& weight, const at::Tensor& slot, bool include_target, at::Tensor& out,
@@ -243,7 +216,7 @@ void aggregate(const at::Tensor& x, const at::Tensor& target, const at::Tensor& 
   const int64_t* sp = source.data_ptr<int64_t>();
   const int64_t* slp = slot.data_ptr<int64_t>();
   const acc* wp = weight.defined() ? weight.data_ptr<acc>() : nullptr;
-  // sources grouped by slot
+  // 2. sources grouped by slot
   std::vector<int64_t> offsets(B * (T + 1)), members(std::max<int64_t>(B * S, 1));
   parallel_for_cost(B, 4 * S, [&](int64_t b0, int64_t b1) {
     std::vector<int64_t> cnt(T + 1);
@@ -261,10 +234,13 @@ void aggregate(const at::Tensor& x, const at::Tensor& target, const at::Tensor& 
         if (sl[e] >= 0) mem[cnt[sl[e]]++] = sp[b * S + e];
     }
   });
-  // weighted means
+  // 3. weighted means
   const scalar_t* xp = x.data_ptr<scalar_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  int64_t* cp = count.data_ptr<int64_t>();
+  acc* wsp = wsum.data_ptr<acc>();
   parallel_for_cost(B * T, 2 * D * (S + T) / std::max<int64_t>(T, 1), [&](int64_t t0, int64_t t1) {
-    std::vector<acc> row(D), xrow(D);
+    std::vector<acc> row(D);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / T, c = t % T;
       const int64_t* off = offsets.data() + b * (T + 1);
@@ -274,12 +250,8 @@ void aggregate(const at::Tensor& x, const at::Tensor& target, const at::Tensor& 
       auto add = [&](int64_t i) {
         const acc w = wp ? wp[b * N + i] : acc(1);
         const scalar_t* xr = xp + b * x.stride(0) + i * x.stride(1);
-        if constexpr (std::is_same_v<scalar_t, acc>) {
-          add_scaled(row.data(), w, xr, D);
-        } else {
-          load_row(xr, D, xrow.data());
-          add_scaled(row.data(), w, xrow.data(), D);
-        }
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) row[d] += w * static_cast<acc>(xr[d]);
         total += w;
       };
       if (include_target) add(tp[t]);
@@ -287,8 +259,12 @@ void aggregate(const at::Tensor& x, const at::Tensor& target, const at::Tensor& 
         if (e + 1 < off[c + 1]) prefetch_row(xp + b * x.stride(0) + mem[e + 1] * x.stride(1), D);
         add(mem[e]);
       }
-      finish_slot(row.data(), total, (off[c + 1] - off[c]) + (include_target ? 1 : 0), D,
-                  out.data_ptr<scalar_t>() + t * D, count.data_ptr<int64_t>() + t, wsum.data_ptr<acc>() + t);
+      cp[t] = (off[c + 1] - off[c]) + (include_target ? 1 : 0);
+      wsp[t] = total;
+      const acc inv = total != acc(0) ? acc(1) / total : acc(0);  // empty or zero-weight slot -> 0
+      scalar_t* o = op + t * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(row[d] * inv);
     }
   });
 }
