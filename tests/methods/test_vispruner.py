@@ -26,15 +26,15 @@ def test_matches_authors_float64(clip1, clip3, B, keep, ratio):
 
 def test_float32_rounding_sensitivity_is_the_authors_own(clip3):
     """float32: the similarity matrix is computed once (the authors: a @ b.T per round). The
-    rounds are rounding-chaotic: the authors' own float32 picks change with the batch size on
-    these inputs, so only float64 pins equality (above). The important half is exact."""
+    rounds are rounding-chaotic: on the Intel Xeon with MKL the authors' own float32 picks
+    change with the batch size on these inputs (a batched GEMM rounds unlike three single
+    ones); on an AMD EPYC they happen not to, so that is not asserted: which kernel the BLAS
+    picks is the machine's. Only float64 pins equality (above); here the important half is
+    exact and most of the diverse half agrees."""
     def overlap(p, q):
         return (p[:, :, None, :] == q[:, None]).all(-1).any(-1).float().mean(1)
 
     x, heads = clip3.x[:, 1:], clip3.cls_heads[22][:, :, 1:]
-    theirs3 = encode_images(x, heads, 64)
-    theirs1 = torch.cat([encode_images(x[b:b + 1], heads[b:b + 1], 64) for b in range(3)])
-    assert (overlap(theirs3, theirs1) < 1).any()           # the authors disagree with themselves
     for keep in (64, 128, 192):
         red = build("vispruner", keep=keep)(ctx_of(clip3))
         ref = encode_images(x, heads, keep)
