@@ -72,15 +72,32 @@ def _median_ms(fn, inputs, n) -> float:
     return statistics.median(ts) * 1e3
 
 
+def _blocks_and_calls(slowest_s: float, quick: bool):
+    """Alternating blocks, and calls per block (the same for both sides), by the slower side's
+    warm-up call: 7 blocks of 9 calls under 20 ms (short calls scatter most on a shared
+    machine), 3 of 5 under 0.1 s, 3 of 3 under 0.5 s, else 3 of 1 (the authors' FlowCut at
+    B=16 takes ~10 s)."""
+    if quick:
+        return 3, 3
+    if slowest_s < 0.02:
+        return 7, 9
+    return 3, (5 if slowest_s < 0.1 else (3 if slowest_s < 0.5 else 1))
+
+
 def test_method_ratio(benchmark, mcase, quick, bench_threads, speed_log):
-    """Same-run ratio: alternating blocks of ours and the authors', medians of each."""
+    """Same-run ratio: alternating blocks of ours and the authors', the same number of calls
+    on each side (an unequal count biases the medians of memory-bound cases), medians."""
     inputs = _inputs(mcase)
     ours, theirs = [], []
     with measure.threads(bench_threads), torch.inference_mode():
-        mcase.ours(inputs), mcase.authors(inputs)           # warm-up
-        for _ in range(3):
-            ours.append(_median_ms(mcase.ours, inputs, 3 if quick else 5))
-            theirs.append(_median_ms(mcase.authors, inputs, 1 if not quick else 3))
+        t0 = time.perf_counter()
+        mcase.ours(inputs)                                  # warm-up, and the calls per block
+        t1 = time.perf_counter()
+        mcase.authors(inputs)
+        blocks, n = _blocks_and_calls(max(t1 - t0, time.perf_counter() - t1), quick)
+        for _ in range(blocks):
+            ours.append(_median_ms(mcase.ours, inputs, n))
+            theirs.append(_median_ms(mcase.authors, inputs, n))
     o, a = statistics.median(ours), statistics.median(theirs)
     ratio = a / o
     benchmark.extra_info.update(method=mcase.method, shape=mcase.shape, ours_ms=o, authors_ms=a,

@@ -110,3 +110,18 @@ def test_paths_agree_and_thread_count_independent(gen, monkeypatch):
         torch.set_num_threads(n)
     torch.testing.assert_close(results["single"][0], results["blocked"][0], **TOL[torch.float32])
     torch.testing.assert_close(results["single"][1], results["blocked"][1], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_zero_width_values_give_the_same_scores(gen, path, dtype, causal):
+    """Scores only (`llm_scores.unused_values`): v of width 0 skips P V on the CPU; the scores
+    are those of any v, bit for bit, and the output is [B, H, Nq, 0]."""
+    B, H, Hkv, Nq, Nk, Dh = 2, 6, 3, 5, 71, 32
+    q, k = randn(gen, B, H, Nq, Dh, dtype=dtype), randn(gen, B, Hkv, Nk, Dh, dtype=dtype)
+    bias = torch.zeros(B, Nk).index_fill_(1, torch.tensor([3, 40]), float("-inf"))
+    for kw in ({}, {"score_rows": [-1]}, {"key_bias": bias, "score_rows": [0, 2]}):
+        out0, s0 = check(q, k, k[..., :0], causal=causal, **kw)
+        _, s1 = ops.attention_with_scores(q, k, k, causal=causal, **kw)
+        assert out0.shape == (B, H, Nq, 0)
+        assert torch.equal(s0, s1)

@@ -37,7 +37,7 @@ from typing import Dict, Iterable, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LLM_KINDS", "layer_scores", "key_bias_of_mask", "rater_weights"]
+__all__ = ["LLM_KINDS", "layer_scores", "key_bias_of_mask", "rater_weights", "unused_values"]
 
 LLM_KINDS = ("query", "received", "visual", "norope", "keys", "values", "rater")
 RATER_CHUNK = 256          # image columns per fused call of "rater" (the CUDA kernels' Dv limit)
@@ -98,6 +98,13 @@ def _gather_rows(t: Tensor, pos: Tensor) -> Tensor:
     return torch.gather(t, 1, pos.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
 
 
+def unused_values(k: Tensor) -> Tensor:
+    """The values to give the fused op when only its scores are read: on the CPU a zero-width
+    view of the keys ``[B, Hkv, N, 0]`` (the kernel then skips ``P V``: no second read of the
+    keys, an empty output); elsewhere the keys themselves (the CUDA kernel takes Dv >= 1)."""
+    return k[..., :0] if k.device.type == "cpu" else k
+
+
 @torch.no_grad()
 def layer_scores(layer: nn.Module, h: Tensor, position_embeddings: Optional[Tuple[Tensor, Tensor]],
                  key_bias: Optional[Tensor], img_pos: Tensor, kinds: Iterable[str],
@@ -144,7 +151,7 @@ def layer_scores(layer: nn.Module, h: Tensor, position_embeddings: Optional[Tupl
     def fused(q, kk, **kw):
         if counter is not None:
             counter["fused"] += 1
-        return attention_with_scores(q, kk, kk, scale=scale, **kw)[1]   # values unused: keys stand in
+        return attention_with_scores(q, kk, unused_values(kk), scale=scale, **kw)[1]   # scores only
 
     last = torch.full((B, 1), N - 1, dtype=torch.long, device=x.device)
     if "query" in kinds:

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from tokenreduce import ops
 from tokenreduce.methods import Context, build
+from tokenreduce.models.llm_scores import unused_values
 
 from . import MethodBenchCase
 from ..synthetic import llm_inputs
@@ -65,7 +66,7 @@ def feather_ours(stage: Dict[str, object], layer: int, method, state: dict):
     st, n = stage["start"], stage["n_img"]
     q, k = stage["q"], stage["k"]
     kk = k[:, :, st:st + n]
-    _, sc = ops.attention_with_scores(q[:, :, -1:], kk, kk)   # values unused (llm_scores)
+    _, sc = ops.attention_with_scores(q[:, :, -1:], kk, unused_values(kk))   # scores only, as llm_scores
     ctx = Context(x=stage["hidden"][:, st:st + n], query_attn_norope={layer: sc}, layer=layer - 1, state=state,
                   lazy_tokens=True)
     return method(ctx)

@@ -50,10 +50,12 @@ def _gather_heads(t: Tensor, keep: Tensor) -> Tensor:
 
 
 def flowcut_authors(layers_qkv: Sequence[Tuple[Tensor, Tensor, Tensor]], target: int, select_layer: int,
-                    prune_nums: Optional[Sequence[int]] = None) -> List[Tensor]:
+                    prune_nums: Optional[Sequence[int]] = None, with_output: bool = False) -> List[Tensor]:
     """layers_qkv[l] = (q, k, v) [B, H, 1+N, Dh] of the original tokens; target = tokens kept
     including [CLS] (the authors' ``target``). Returns the kept original image positions
-    [B, n_s] (0-based among the image tokens, sorted) after each pruning point."""
+    [B, n_s] (0-based among the image tokens, sorted) after each pruning point.
+    ``with_output``: also compute each layer's attention output ``attn @ v`` as the authors'
+    eager CLIP layer does (the benchmark: our side's fused op returns it too)."""
     B, H, N0, Dh = layers_qkv[0][0].shape
     keep = torch.arange(N0).expand(B, N0)          # alive tokens, original positions incl. [CLS]
     cum, out, p = None, [], 0
@@ -63,6 +65,8 @@ def flowcut_authors(layers_qkv: Sequence[Tuple[Tensor, Tensor, Tensor]], target:
             break
         q, k, v = (_gather_heads(t.float(), keep) for t in layers_qkv[idx])
         attn = torch.softmax(q @ k.transpose(-1, -2) * Dh ** -0.5, dim=-1)
+        if with_output:
+            attn @ v   # the layer output eager attention computes (unused by the scores)
         cls_attention = attn[:, :, 0, 1:].mean(dim=1)
         semantic = torch.softmax(v[:, :, :1] @ v.transpose(-1, -2), dim=-1).mean(dim=1)[:, 0]   # [B, N]
         v_metric = v.mean(dim=1)
@@ -120,5 +124,5 @@ def bench_cases(quick: bool):
         return MethodBenchCase(
             "flowcut", f"B={B} N={N0} D={D} L={L} keep={keep}", make,
             ours=lambda t: flowcut_ours(t[0], t[1], keep, L),
-            authors=lambda t: flowcut_authors(t[1], keep + 1, L - 2, prune))
+            authors=lambda t: flowcut_authors(t[1], keep + 1, L - 2, prune, with_output=True))
     return [case(B) for B in (1, 16)]

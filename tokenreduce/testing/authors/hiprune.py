@@ -14,7 +14,7 @@ from tokenreduce.methods import Context, build
 
 from . import MethodBenchCase
 from ..synthetic import vit_layer_qkv
-from .eager_attention import eager_vit_probs
+from .eager_attention import eager_vit_attention
 
 
 def hiprune_entry(features: Tensor, shallow_probs: Tensor, deep_probs: Tensor, retention: int,
@@ -66,6 +66,7 @@ def bench_cases(quick: bool):
         return MethodBenchCase(
             "hiprune", f"B={B} N={N} D={D} keep={keep}", make,
             ours=lambda t: hiprune_ours(t[0], t[1], t[2], keep),
-            authors=lambda t: hiprune_authors(t[0][:, 1:], eager_vit_probs(*t[1][:2]), eager_vit_probs(*t[2][:2]),
-                                              keep))
+            # both sides run the two layers' whole attention (output included), as in a model
+            authors=lambda t: hiprune_authors(t[0][:, 1:], eager_vit_attention(*t[1])[1],
+                                              eager_vit_attention(*t[2])[1], keep))
     return [case(B) for B in (1, 16)]

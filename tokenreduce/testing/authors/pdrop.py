@@ -7,7 +7,7 @@ next layer's input). The bench times selection only on both sides: the scores an
 positions. Building the next layer's input is the model code's job on both sides. The released
 code does it with that gather; ours does it with one gather of the next sequence in
 `tokenreduce.models.llm`, and never gathers the Reduction's tokens (`Reduction.kept_rows`).
-Our scores come from the fused op with the keys standing in for the values, as
+Our scores come from the fused op with zero-width values (scores only), as
 `tokenreduce.models.llm_scores` calls it."""
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from torch import Tensor
 
 from tokenreduce import ops
 from tokenreduce.methods import Context, build
+from tokenreduce.models.llm_scores import unused_values
 
 from . import MethodBenchCase
 from ..synthetic import drop_image_tokens, llm_inputs
@@ -54,8 +55,8 @@ def pdrop_ours(stages: List[Dict[str, object]], layers=(8, 16, 24), **budget) ->
     out = []
     for s, d in enumerate(stages):
         st, n = d["start"], d["n_img"]
-        # last row only; values unused (the keys stand in, as in tokenreduce.models.llm_scores)
-        _, sc = ops.attention_with_scores(d["q"][:, :, -1:], d["k"], d["k"], causal=True)
+        # last row only, scores only (`unused_values`, as tokenreduce.models.llm_scores calls it)
+        _, sc = ops.attention_with_scores(d["q"][:, :, -1:], d["k"], unused_values(d["k"]), causal=True)
         ctx = Context(x=d["hidden"][:, st:st + n], query_attn={layers[s]: sc[:, st:st + n]},
                       layer=layers[s] - 1, state=state, lazy_tokens=True)   # as models.llm builds it
         out.append(m(ctx).index)

@@ -17,7 +17,7 @@ from tokenreduce.methods import Context, build
 
 from . import MethodBenchCase
 from ..synthetic import vit_layer_qkv
-from .eager_attention import eager_vit_probs
+from .eager_attention import eager_vit_attention
 
 
 def vflowopt_entry_counts(image_token_length: int, illava_vit_r: float, illava_vit_m: float):
@@ -85,7 +85,8 @@ def bench_cases(quick: bool):
         return MethodBenchCase(
             "vflowopt", f"B={B} N={N} D={D} keep={keep}", make,
             ours=lambda t: vflowopt_ours(t[0], t[1], keep, a),
-            authors=lambda t: vflowopt_merge_authors(t[0], vflowopt_importance_authors(eager_vit_probs(*t[1][:2])),
+            # both sides run the layer's whole attention (output included), as in a model
+            authors=lambda t: vflowopt_merge_authors(t[0], vflowopt_importance_authors(eager_vit_attention(*t[1])[1]),
                                                      h, w, a, n_low))
     return [case(B) for B in (1, 16)]
 
