@@ -161,3 +161,27 @@ def test_wide_features_screening(gen, B, kind):
     rout, rcount = reference.recycle(x, tgt, src, weight=w)
     assert torch.equal(count, rcount)
     torch.testing.assert_close(out, rout)
+
+
+# recycle_cpu's two schedules: with B >= 2 x threads one task per batch row runs the targets,
+# the assignment, the grouping and the means back to back (recycle_by_rows); otherwise each
+# step runs over (batch row, block) tasks. Same slots, counts and means (the means bit for bit:
+# the same members in the same order), on odd sizes, every dtype, weights, empty sources and
+# wide (screened) features.
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("include_target", [True, False])
+@pytest.mark.parametrize("B,N,D,T,S", [(4, 57, 19, 7, 40), (6, 300, 160, 40, 200), (4, 9, 3, 5, 0)])
+def test_row_schedule_equals_block_schedule(gen, dtype, include_target, B, N, D, T, S):
+    x = randn(gen, B, N, D, dtype=dtype)
+    tgt, src = split(gen, B, N, T, S)
+    w = torch.rand(B, N, generator=gen) + 0.1
+    kw = dict(weight=w, include_target=include_target, return_slot=True)
+    with measure.threads(1):                      # B >= 2: one task per batch row
+        rows = ops.recycle(x, tgt, src, **kw)
+    with measure.threads(2 * B):                  # B < 2 x threads: (batch row, block) tasks
+        blocks = ops.recycle(x, tgt, src, **kw)
+    for a, b in zip(rows, blocks):
+        assert torch.equal(a, b)
+    rout, rcount = reference.recycle(x, tgt, src, weight=w, include_target=include_target)
+    assert torch.equal(rows[1], rcount)
+    torch.testing.assert_close(rows[0], rout, **TOL[dtype])
