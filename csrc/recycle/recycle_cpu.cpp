@@ -2,13 +2,14 @@
 // token, or the slot given by `assign`, and each slot becomes the weighted mean of
 // its target and its sources.
 //
-// With B >= 2 x threads (and no `assign`) one task per batch row runs steps 1-3 back to back
-// (recycle_by_rows: one parallel region, no barrier between the steps, the row's tokens still
-// in cache for its means; 4.9-5.1 against 5.7-6.1 ms for three parallel steps at the bench
-// shape, B=8, 2 threads of an AMD EPYC, `tokenreduce bench --op recycle` alternated); otherwise each step runs over all batch rows in turn:
+// With B >= 2 x threads (no `assign`, features of x's dtype) one task per batch row runs
+// steps 1-3 back to back (recycle_by_rows: one parallel region, no barrier between the steps,
+// the row's tokens still in cache for its means; 4.9-5.1 against 5.7-6.1 ms for three
+// parallel steps at the bench shape, B=8, 2 threads of an AMD EPYC, `tokenreduce bench --op
+// recycle` alternated); otherwise each step runs over all batch rows in turn:
 //  1. Assignment (skipped when `assign` is given), in (b, block of sources) tasks: the
-//     block's feature rows are read once, a GEMM
-//     tile scores them against the normalised targets, arg-max per source (ties to the
+//     block's feature rows are read once, a GEMM tile scores them against the normalised
+//     targets, arg-max per source (ties to the
 //     smaller target slot). For float features of width >= kScreenMinDim against >=
 //     kScreenMinCols targets the tile is screened by a bfloat16 GEMM first: a source with
 //     one target within the rigorous bound of its screened maximum takes it, the others
@@ -304,23 +305,23 @@ void aggregate(const at::Tensor& x, const at::Tensor& target, const at::Tensor& 
 
 // The whole op for B >= 2 x threads: one task per batch row runs targets, assignment, grouping
 // and means back to back (one parallel region: no barrier between the steps, the row's tokens
-// still in cache for its means). float/half/bf16 x with features of the same dtype.
-template <typename scalar_t, typename fscalar_t>
+// still in cache for its means). x and the features share the dtype scalar_t.
+template <typename scalar_t>
 void recycle_by_rows(const at::Tensor& x, const at::Tensor& feats, const at::Tensor& target,
                      const at::Tensor& source, const at::Tensor& weight, bool include_target, at::Tensor& slot,
                      at::Tensor& out, at::Tensor& count, at::Tensor& wsum, const char* name) {
-  using facc = acc_t<fscalar_t>;
+  using acc = acc_t<scalar_t>;
   const int64_t B = x.size(0), D = x.size(2), T = target.size(1), S = source.size(1), Df = feats.size(2);
-  const bool screen = use_screen<fscalar_t>(Df, T);
-  Targets<facc> tg = empty_targets<facc>(B, T, Df, screen);
+  const bool screen = use_screen<scalar_t>(Df, T);
+  Targets<acc> tg = empty_targets<acc>(B, T, Df, screen);
   const int64_t* sp = source.data_ptr<int64_t>();
   int64_t* slp = slot.data_ptr<int64_t>();
   parallel_for_cost(B, (S + T) * (T * Df + D), [&](int64_t b0, int64_t b1) {
-    BlockAssigner<fscalar_t> as(feats, tg, T, screen, name, std::max<int64_t>(S, 1));
+    BlockAssigner<scalar_t> as(feats, tg, T, screen, name, std::max<int64_t>(S, 1));
     SlotMeans<scalar_t> means(x, target, weight, include_target, out, count, wsum);
     std::vector<int64_t> off(T + 1), mem(std::max<int64_t>(S, 1)), cnt;
     for (int64_t b = b0; b < b1; ++b) {
-      fill_targets<fscalar_t, facc>(feats, target, screen, name, tg, b);
+      fill_targets<scalar_t, acc>(feats, target, screen, name, tg, b);
       if (S > 0) as.run(b, sp + b * S, S, slp + b * S);
       group_row(slp + b * S, sp + b * S, T, S, off.data(), mem.data(), cnt);
       for (int64_t c = 0; c < T; ++c) means.run(b, b * T + c, off.data(), c, mem.data());
@@ -366,8 +367,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recycle_cpu(
     slot = at::empty({B, S}, x_in.options().dtype(at::kLong));
     if (B >= 2 * at::get_num_threads() && feats.scalar_type() == x.scalar_type() && B * T > 0) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "recycle_by_rows", [&] {
-        recycle_by_rows<scalar_t, scalar_t>(x, feats, target, source, weight, include_target, slot, out, count,
-                                            wsum, name);
+        recycle_by_rows<scalar_t>(x, feats, target, source, weight, include_target, slot, out, count, wsum, name);
       });
       return {out, count, slot, wsum};
     }
