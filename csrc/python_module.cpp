@@ -9,6 +9,7 @@
 #include <torch/extension.h>
 
 #include "attention_with_scores/attention_with_scores_plan.h"
+#include "bipartite_merge/bf16_screen.h"
 #include "bipartite_merge/bipartite_merge_plan.h"
 #include "common/launch_plan.h"
 #include "dpp_select/dpp_select_plan.h"
@@ -42,6 +43,17 @@ py::dict build_info() {
 #endif
   info["compiler"] = __VERSION__;
   return info;
+}
+
+// The CPU ops' bf16 screen on this machine (csrc/bipartite_merge/bf16_screen.h): the measured
+// bf16 / float32 GEMM speedup (measured on the first call), the threshold, and the choice now.
+py::dict bf16_screen() {
+  using namespace tokenreduce::screen;
+  py::dict d;
+  d["speedup"] = bf16_speedup();
+  d["min_speedup"] = kMinBf16Speedup;
+  d["on"] = screen_pays();
+  return d;
 }
 
 // Constants of the plan headers, per op (names without the leading k).
@@ -170,6 +182,8 @@ void bind_plans(py::module_& m) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "tokenreduce native ops (registered as torch.ops.tokenreduce.*)";
   m.def("build_info", &build_info, "How the native library was compiled.");
+  m.def("bf16_screen", &bf16_screen,
+        "The CPU ops' bf16 screen: measured bf16/float32 GEMM speedup, threshold, whether it is on.");
   py::module_ plans = m.def_submodule("plans", "CUDA launch plans of the ops (csrc/<op>/<op>_plan.h).");
   bind_plans(plans);
 }

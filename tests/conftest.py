@@ -18,6 +18,14 @@ def gen(request):
     return g
 
 
+@pytest.fixture(params=["on", "off"])
+def bf16_screen(request, monkeypatch):
+    """The CPU ops' bf16 screen forced on, then off (TOKENREDUCE_BF16_SCREEN; unforced, the
+    library measures per machine whether it pays), so both paths run on every machine."""
+    monkeypatch.setenv("TOKENREDUCE_BF16_SCREEN", request.param)
+    return request.param
+
+
 def randn(g, *shape, dtype=torch.float32):
     return torch.randn(*shape, generator=g).to(dtype)
 

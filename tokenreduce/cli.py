@@ -51,8 +51,13 @@ def cmd_info(args: argparse.Namespace, console: Console) -> int:
     about.add_row("torch", torch.__version__)
     about.add_row("python", f"{platform.python_version()} ({sys.executable})")
     about.add_row("platform", env["platform"])
-    build = env["build_info"]
+    build = dict(env["build_info"])
+    screen = build.pop("bf16_screen", None)
     about.add_row("build", ", ".join(f"{k}={v}" for k, v in build.items()))
+    if screen:
+        about.add_row("bf16 screen", f"{'on' if screen['on'] else 'off'} (CPU bipartite_merge / recycle: the bf16 "
+                                     f"GEMM measured {screen['speedup']:.2f}x the float32 one here; on from "
+                                     f"{screen['min_speedup']}x; TOKENREDUCE_BF16_SCREEN=on|off forces it)")
     about.add_row("threads", f"{torch.get_num_threads()} intra-op, "
                              f"{torch.get_num_interop_threads()} inter-op "
                              f"({os.cpu_count()} CPUs)")

@@ -290,6 +290,8 @@ def env_info(n_threads: Optional[int] = None) -> Dict[str, Any]:
 
     try:
         build = dict(_C.build_info())
+        # the CPU ops' bf16 screen: measured bf16 / float32 GEMM speedup here, and its choice
+        build["bf16_screen"] = dict(_C.bf16_screen())
     except Exception as e:  # pragma: no cover
         build = {"error": repr(e)}
     return {

@@ -18,15 +18,28 @@
 // measured rounding errors (about 2^-8 / sqrt(3) for a unit row, against the worst case
 // 2^-8) make the margin about three times tighter than a worst-case bound, so about a
 // third as many columns are rescored.
+//
+// Whether the screen pays is measured, not assumed (`screen_pays`): with AMX, or AVX512-BF16 on
+// an AMD Zen 4, the bf16 GEMM runs 1.5-3x the float32 rate; on a Xeon whose VM hides AMX,
+// oneDNN's AVX512-BF16 path ran 0.5-0.7x the float32 rate (36 against 49-71 GMAC/s), and the
+// screen made recycle and bipartite_merge ~2x slower than their float32 path.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <string>
 #include <type_traits>
+
+#include "../common/cpu_utils.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -127,6 +140,64 @@ inline int64_t bf16_count_at_least(const at::BFloat16* row, int64_t c0, int64_t 
 #pragma omp simd reduction(+ : n)
   for (int64_t c = c0; c < c1; ++c) n += bf16_value(row, c) >= thr;
   return n;
+}
+
+// The bf16 GEMM's speed over the float32 one's on this machine, for the screen's shape of
+// product ([256, 1024] x [1024, 64]^T) on one thread (each task of the ops runs its GEMMs
+// single-threaded, inside a parallel region): best of 5 timed calls each, after a warm-up.
+inline double measure_bf16_speedup() {
+  constexpr int64_t m = 256, n = 64, k = 1024;
+  double speedup = 0;
+  auto time_best = [](auto&& f) {
+    f();
+    double best = std::numeric_limits<double>::infinity();
+    for (int rep = 0; rep < 5; ++rep) {
+      const auto t0 = std::chrono::steady_clock::now();
+      f();
+      best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+    return best;
+  };
+  auto run = [&] {
+    std::vector<float> a(m * k), b(n * k), c(m * n);
+    for (int64_t i = 0; i < m * k; ++i) a[i] = static_cast<float>((i * 7919) % 1000) * 1e-3f - 0.5f;
+    for (int64_t i = 0; i < n * k; ++i) b[i] = static_cast<float>((i * 104729) % 1000) * 1e-3f - 0.5f;
+    std::unique_ptr<at::BFloat16[]> a16(new at::BFloat16[m * k]), b16(new at::BFloat16[n * k]), c16(new at::BFloat16[m * n]);
+    for (int64_t i = 0; i < m * k; ++i) a16[i] = a[i];
+    for (int64_t i = 0; i < n * k; ++i) b16[i] = b[i];
+    const double t32 = time_best([&] { gemm_abt(a.data(), k, b.data(), k, c.data(), n, m, n, k); });
+    const double t16 = time_best([&] { gemm_abt(a16.get(), k, b16.get(), k, c16.get(), n, m, n, k); });
+    speedup = t16 > 0 ? t32 / t16 : 0;
+  };
+  // inside a parallel region (task 0; the others return), so the GEMMs run on one thread
+  const int64_t nt = at::get_num_threads();
+  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t) {
+    if (t0 == 0) run();
+  });
+  return speedup;
+}
+
+// The bf16 screen runs where its GEMM is at least this much faster than the float32 one: the
+// screen also rounds every row to bf16 and rescores its candidates in float32 (~15-20 % of the
+// op where it pays), which the float32 path does not.
+constexpr double kMinBf16Speedup = 1.3;
+
+// Measured once per process (the first wide call of bipartite_merge or recycle, a few ms).
+inline double bf16_speedup() {
+  static const double s = measure_bf16_speedup();
+  return s;
+}
+
+// Whether the ops screen with bf16 on this machine. TOKENREDUCE_BF16_SCREEN=on|off (read per
+// call) forces it, for tests and benchmarks; otherwise bf16_speedup() >= kMinBf16Speedup.
+// Either way the choices are the float32 ones (the bound above is rigorous).
+inline bool screen_pays() {
+  if (const char* env = std::getenv("TOKENREDUCE_BF16_SCREEN")) {
+    const std::string v(env);
+    if (v == "on") return true;
+    if (v == "off") return false;
+  }
+  return bf16_speedup() >= kMinBf16Speedup;
 }
 
 }  // namespace screen

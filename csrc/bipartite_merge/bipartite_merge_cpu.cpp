@@ -75,8 +75,10 @@ void bipartite_merge_cpu_impl(const at::Tensor& x, const at::Tensor& metric, con
     mbs = N * Dm;
   }
   std::vector<macc> inv(B * N);
-  // bf16 screening (float metrics only; double keeps the plain float64 GEMM)
-  const bool screen = std::is_same_v<macc, float> && Dm >= kScreenMinDim && Nb >= kScreenMinCols;
+  // bf16 screening (float metrics only; double keeps the plain float64 GEMM; where the bf16
+  // GEMM is the faster, screen::screen_pays)
+  const bool screen = std::is_same_v<macc, float> && Dm >= kScreenMinDim && Nb >= kScreenMinCols &&
+                      screen::screen_pays();
   std::vector<float> uerr(screen ? B * N : 0);  // rounding error norm of each bf16 unit row
   const float fp_err = screen::fp_err(Dm);
   // batch rows holding a finite row whose squared norm overflows (|x| > ~1e19 in float32):

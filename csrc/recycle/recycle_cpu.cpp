@@ -190,10 +190,11 @@ struct BlockAssigner {
 };
 
 // bf16 screening: float features only (double keeps the plain float64 GEMM), wide enough rows
-// against enough targets
+// against enough targets, on a machine where the bf16 GEMM is the faster (screen::screen_pays)
 template <typename fscalar_t>
 bool use_screen(int64_t Df, int64_t T) {
-  return std::is_same_v<acc_t<fscalar_t>, float> && Df >= kScreenMinDim && T >= kScreenMinCols;
+  return std::is_same_v<acc_t<fscalar_t>, float> && Df >= kScreenMinDim && T >= kScreenMinCols &&
+         screen::screen_pays();
 }
 
 // Slots of every source by similarity, in (b, block of sources) tasks (fewer batch rows than
