@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from tokenreduce import cli
+from tokenreduce import _C, cli
 from tokenreduce.methods import Budget
 from tokenreduce.profile import main_job, report, sweep
 
@@ -49,7 +49,9 @@ def test_the_parts_show_each_method_where_it_saves_time():
     assert not main_job.specs(memory=False)[0].memory
     # the LLaVA part: bfloat16 on a CPU with bfloat16 matmuls unless a dtype is asked for
     assert main_job.llava_dtype("cpu", "float32") == "float32" and main_job.specs(dtype="fp16")[1].dtype == "fp16"
-    assert main_job.llava_dtype("cpu", None) == ("bfloat16" if main_job.cpu_has_bf16_matmul() else None)
+    assert main_job.llava_dtype("cpu", None) == ("bfloat16" if main_job.cpu_bf16_matmul_pays() else None)
+    info = _C.bf16_screen()   # the measured choice, not the CPU flags
+    assert main_job.cpu_bf16_matmul_pays() == (info["speedup"] >= info["min_speedup"])
     assert main_job.llava_dtype("cuda", None) is None and vision.dtype is None
 
 

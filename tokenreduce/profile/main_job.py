@@ -8,9 +8,10 @@ Each method is shown where it can save time, in two parts of one run:
    Llama-7B layers) with its LLM cut to ``LLAVA_LAYERS`` layers and RANDOM weights, one image:
    the projector-stage VisionZip and the LLM-stage FastV (``layer=1``: pruned after the first
    LLM layer, since the cut LLM has only two) at 64 of 576 tokens: time, FLOPs, KV cache.
-   Its fidelity columns are meaningless (random weights) and the table says so. On a CPU with
-   bfloat16 matmuls (AMX / AVX512-BF16) this part runs in bfloat16 (`llava_dtype`): about 4x
-   faster than float32 there, which keeps the main job near a minute on two cores.
+   Its fidelity columns are meaningless (random weights) and the table says so. On a CPU
+   whose bfloat16 matmuls are measured faster than its float32 ones (AMX: ~4x, which keeps the
+   main job near a minute on two cores) this part runs in bfloat16 (`llava_dtype`); where they
+   are not (AVX512-BF16 without AMX on a Xeon VM: 0.5-0.7x) in float32.
 
     parts = specs()                       # [Spec(DINOv2-S ...), Spec(llava-1.5-7b ...)]
     report = run(parts, progress)         # {"main_job": True, "parts": [report, report], ...}
@@ -29,7 +30,7 @@ from ..methods.base import Budget
 from . import sweep
 
 __all__ = ["WORKLOAD_FLAGS", "LLAVA_LAYERS", "is_main_job", "specs", "run", "with_overrides", "llava_dtype",
-           "cpu_has_bf16_matmul"]
+           "cpu_has_bf16_matmul", "cpu_bf16_matmul_pays"]
 
 LLAVA_LAYERS = 2
 # flags that choose the model, methods, budgets or inputs: with any of them the command runs
@@ -61,15 +62,30 @@ def cpu_has_bf16_matmul() -> bool:
     return False
 
 
+def cpu_bf16_matmul_pays() -> bool:
+    """bfloat16 matmuls are measurably faster than float32 ones on this CPU: the native
+    library's one-time measurement (`tokenreduce._C.bf16_screen`, the same choice its CPU ops
+    make); the CPU flags (`cpu_has_bf16_matmul`) only where the library is not built. The flags
+    alone mislead: a Xeon VM without AMX has AVX512-BF16, and its bf16 GEMMs ran 0.5-0.7x the
+    float32 rate (the main job took 2 min 10 s in bfloat16 there, 1 min 46 s in float32)."""
+    try:
+        from .. import _C
+        info = _C.bf16_screen()
+    except Exception:   # pragma: no cover - no native library: the flags
+        return cpu_has_bf16_matmul()
+    return bool(info["speedup"] >= info["min_speedup"])
+
+
 def llava_dtype(device: Optional[str], dtype: Optional[str]) -> Optional[str]:
-    """The LLaVA part's dtype: the one asked for; else on a CPU with bfloat16 matmuls bfloat16
-    (its float32 matmuls there are ~4x slower; the weights are random, so no quality is at
-    stake), else the profiler's default (float32 on the CPU, float16 on CUDA)."""
+    """The LLaVA part's dtype: the one asked for; else on a CPU whose bfloat16 matmuls pay
+    (`cpu_bf16_matmul_pays`) bfloat16 (with AMX its float32 matmuls are ~4x slower; the weights
+    are random, so no quality is at stake), else the profiler's default (float32 on the CPU,
+    float16 on CUDA)."""
     if dtype is not None:
         return dtype
     import torch
     on_cpu = device is None and not torch.cuda.is_available() or device is not None and device.startswith("cpu")
-    return "bfloat16" if on_cpu and cpu_has_bf16_matmul() else None
+    return "bfloat16" if on_cpu and cpu_bf16_matmul_pays() else None
 
 
 def specs(device: Optional[str] = None, dtype: Optional[str] = None, threads: Optional[int] = None,
