@@ -235,11 +235,17 @@ inline void group_row(const int64_t* sl, const int64_t* sp, int64_t T, int64_t S
     if (sl[e] >= 0) mem[cnt[sl[e]]++] = sp[e];
 }
 
-// 3. the weighted means of batch row b's slots, one slot at a time (its sum row stays in L1),
-// members in a fixed order: deterministic, no atomics
+// 3. the weighted means of batch row b's slots, one slot at a time, members in a fixed order
+// (the target first when included, then the sources in `source` order): deterministic, no
+// atomics. The row is summed in chunks of kMeanChunk values that stay in registers while every
+// member's chunk is added (one load per value and member; a whole-row sum in L1 cost a load and
+// a store of the sum as well: the means of a 3 x 3 grid pool, B=16 N=576 D=1024, took
+// 1.2-1.3 ms that way against ~0.85 ms for a register-blocked loop, about a plain read of x).
+// Every value is summed in the same order as before, so the means are unchanged.
 template <typename scalar_t>
 struct SlotMeans {
   using acc = acc_t<scalar_t>;
+  static constexpr int64_t kMeanChunk = 1024 / static_cast<int64_t>(sizeof(acc));  // 16 zmm of floats
   const at::Tensor& x;
   const int64_t* tp;
   const acc* wp;
@@ -247,39 +253,49 @@ struct SlotMeans {
   scalar_t* op;
   int64_t* cp;
   acc* wsp;
-  std::vector<acc> row;
+  std::vector<const scalar_t*> rows;  // the slot's member rows, in order
+  std::vector<acc> ws;                // and their weights
 
   SlotMeans(const at::Tensor& x_, const at::Tensor& target, const at::Tensor& weight, bool inc, at::Tensor& out,
             at::Tensor& count, at::Tensor& wsum)
       : x(x_), tp(target.data_ptr<int64_t>()), wp(weight.defined() ? weight.data_ptr<acc>() : nullptr),
         include_target(inc), op(out.data_ptr<scalar_t>()), cp(count.data_ptr<int64_t>()),
-        wsp(wsum.data_ptr<acc>()), row(x_.size(2)) {}
+        wsp(wsum.data_ptr<acc>()) {}
 
   // slot c of batch row b (flat slot t = b * T + c), members mem[off[c]:off[c + 1])
   void run(int64_t b, int64_t t, const int64_t* off, int64_t c, const int64_t* mem) {
     const int64_t N = x.size(1), D = x.size(2);
     const scalar_t* xb = x.data_ptr<scalar_t>() + b * x.stride(0);
-    std::fill(row.begin(), row.end(), acc(0));
+    rows.clear();
+    ws.clear();
     acc total = 0;
-    auto add = [&](int64_t i) {
+    auto member = [&](int64_t i) {
       const acc w = wp ? wp[b * N + i] : acc(1);
-      const scalar_t* xr = xb + i * x.stride(1);
-      acc* r = row.data();
-#pragma omp simd
-      for (int64_t d = 0; d < D; ++d) r[d] += w * static_cast<acc>(xr[d]);
+      rows.push_back(xb + i * x.stride(1));
+      ws.push_back(w);
       total += w;
     };
-    if (include_target) add(tp[t]);
-    for (int64_t e = off[c]; e < off[c + 1]; ++e) {
-      if (e + 1 < off[c + 1]) prefetch_row(xb + mem[e + 1] * x.stride(1), D);
-      add(mem[e]);
-    }
+    if (include_target) member(tp[t]);
+    for (int64_t e = off[c]; e < off[c + 1]; ++e) member(mem[e]);
     cp[t] = (off[c + 1] - off[c]) + (include_target ? 1 : 0);
     wsp[t] = total;
     const acc inv = total != acc(0) ? acc(1) / total : acc(0);  // empty or zero-weight slot -> 0
     scalar_t* o = op + t * D;
+    const int64_t m = static_cast<int64_t>(rows.size());
+    for (int64_t d0 = 0; d0 < D; d0 += kMeanChunk) {
+      const int64_t n = std::min(kMeanChunk, D - d0);
+      acc sum[kMeanChunk];
 #pragma omp simd
-    for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(row[d] * inv);
+      for (int64_t d = 0; d < n; ++d) sum[d] = acc(0);
+      for (int64_t e = 0; e < m; ++e) {
+        const scalar_t* xr = rows[e] + d0;
+        const acc w = ws[e];
+#pragma omp simd
+        for (int64_t d = 0; d < n; ++d) sum[d] += w * static_cast<acc>(xr[d]);
+      }
+#pragma omp simd
+      for (int64_t d = 0; d < n; ++d) o[d0 + d] = static_cast<scalar_t>(sum[d] * inv);
+    }
   }
 };
 
@@ -330,9 +346,15 @@ void recycle_by_rows(const at::Tensor& x, const at::Tensor& feats, const at::Ten
   });
 }
 
+// the smallest and largest value of idx (one pass: at::aminmax)
+std::pair<int64_t, int64_t> value_range(const at::Tensor& idx) {
+  const auto mm = at::aminmax(idx);
+  return {std::get<0>(mm).item<int64_t>(), std::get<1>(mm).item<int64_t>()};
+}
+
 void check_positions(const char* name, const at::Tensor& idx, int64_t N) {
   if (idx.numel() == 0) return;
-  const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
+  const auto [lo, hi] = value_range(idx);
   TORCH_CHECK_INDEX(lo >= 0 && hi < N, "tokenreduce.recycle: ", name, " holds positions in [", lo,
                     ", ", hi, "], outside [0, N=", N, ")");
 }
@@ -358,7 +380,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recycle_cpu(
   if (assign_in.has_value()) {
     slot = assign_in->contiguous().clone();
     if (slot.numel() > 0) {
-      const int64_t lo = slot.min().item<int64_t>(), hi = slot.max().item<int64_t>();
+      const auto [lo, hi] = value_range(slot);
       TORCH_CHECK_INDEX(lo >= -1 && hi < T, "tokenreduce.recycle: assign holds slots in [", lo, ", ",
                         hi, "], outside [-1, T=", T, ")");
     }
