@@ -238,10 +238,10 @@ inline void group_row(const int64_t* sl, const int64_t* sp, int64_t T, int64_t S
 // 3. the weighted means of batch row b's slots, one slot at a time, members in a fixed order
 // (the target first when included, then the sources in `source` order): deterministic, no
 // atomics. The row is summed in chunks of kMeanChunk values that stay in registers while every
-// member's chunk is added (one load per value and member; a whole-row sum in L1 cost a load and
-// a store of the sum as well: the means of a 3 x 3 grid pool, B=16 N=576 D=1024, took
-// 1.2-1.3 ms that way against ~0.85 ms for a register-blocked loop, about a plain read of x).
-// Every value is summed in the same order as before, so the means are unchanged.
+// member's chunk is added (one load per value and member; a whole-row sum in L1 also loads and
+// stores the sum for every member): 3-6 % of the op at the bench shape (B=8 N=576 D=1024 T=64
+// S=448), `tokenreduce bench --op recycle`, builds alternated.
+// Each value is summed over the members in the same order as a whole-row sum would.
 template <typename scalar_t>
 struct SlotMeans {
   using acc = acc_t<scalar_t>;
