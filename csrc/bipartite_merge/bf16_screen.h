@@ -19,10 +19,11 @@
 // 2^-8) make the margin about three times tighter than a worst-case bound, so about a
 // third as many columns are rescored.
 //
-// Whether the screen pays is measured, not assumed (`screen_pays`): with AMX, or AVX512-BF16 on
-// an AMD Zen 4, the bf16 GEMM runs 1.5-3x the float32 rate; on a Xeon whose VM hides AMX,
-// oneDNN's AVX512-BF16 path ran 0.5-0.7x the float32 rate (36 against 49-71 GMAC/s), and the
-// screen made recycle and bipartite_merge ~2x slower than their float32 path.
+// Whether the screen pays is measured, not assumed (`screen_pays`): with AMX the bf16 GEMMs ran
+// ~4x the float32 rate, with AVX512-BF16 on an AMD Zen 4 1.5-3.4x (the main job's GEMMs); on a
+// Xeon whose VM hides AMX, oneDNN's AVX512-BF16 path ran 0.5-0.7x the float32 rate (36 against
+// 49-71 GMAC/s), and the screen made recycle and bipartite_merge ~1.4-1.5x slower than their
+// float32 path.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -143,7 +144,7 @@ inline int64_t bf16_count_at_least(const at::BFloat16* row, int64_t c0, int64_t 
 }
 
 // The bf16 GEMM's speed over the float32 one's on this machine, for the screen's shape of
-// product ([256, 1024] x [1024, 64]^T) on one thread (each task of the ops runs its GEMMs
+// product ([256, 1024] x [64, 1024]^T) on one thread (each task of the ops runs its GEMMs
 // single-threaded, inside a parallel region): best of 5 timed calls each, after a warm-up.
 inline double measure_bf16_speedup() {
   constexpr int64_t m = 256, n = 64, k = 1024;
